@@ -1,0 +1,50 @@
+# The two entry points: `make demo` (rebuild the default results) and `make test` (the test suite).
+# Both create .venv when missing, install the project, and are safe to re-run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test bench install dataset ui clean
+
+install: $(STAMP)
+
+# torch/torchvision first, pinned: on this project's machines pip takes them from local disk.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's package when running as root on Debian; otherwise say what to do.
+dataset:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Fashion-MNIST (apt-get install dataset-fashion-mnist)"; \
+	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	  else \
+	    echo "Fashion-MNIST not found in $(FMNIST_DIR). Install it with 'sudo apt-get install dataset-fashion-mnist'"; \
+	    echo "(Debian/Ubuntu), or let ssl-ops download it (online), or set data.root in params.yaml to a folder"; \
+	    echo "holding the four IDX files from https://github.com/zalandoresearch/fashion-mnist"; \
+	  fi; \
+	fi
+
+demo: $(STAMP) dataset
+	@start=$$(date +%s); \
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro && \
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ssl-ops report && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) dataset
+	$(BIN)/python -m benchmarks.throughput
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf checkpoints mlruns mlartifacts mlflow.db metrics models reports/summary.md

@@ -1,0 +1,131 @@
+"""``ssl-ops``: one subcommand per pipeline stage. Thin: parse, validate params, call ``ssl_ops.stages``.
+
+Every subcommand takes ``--params PATH`` (default params.yaml) and repeatable ``--set key.path=value``
+overrides, validated like the file. Problems the user can fix print one paragraph and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from ssl_ops.errors import SslOpsError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a param, e.g. --set train.lr=0.1 (repeatable; YAML values)")
+
+
+def _load(args):
+    from ssl_ops.params import load_params
+
+    return load_params(args.params, args.overrides)
+
+
+def cmd_prepare(args) -> None:
+    from ssl_ops.stages import prepare_stage
+
+    params = _load(args)
+    path = prepare_stage(params)
+    out.print(f"prepared [bold]{params.data.name}[/bold] -> {path}")
+
+
+def cmd_split(args) -> None:
+    from ssl_ops.stages import split_stage
+
+    path, split = split_stage(_load(args))
+    out.print(f"split -> {path}: {len(split.labeled)} labeled, {len(split.val)} val, "
+              f"{len(split.unlabeled)} unlabeled (seed {split.seed})")
+
+
+def cmd_train(args) -> None:
+    from ssl_ops.stages import train_stage
+
+    params = _load(args)
+    if args.no_progress:
+        params.train.progress = False
+    res = train_stage(args.method, params, resume=args.resume)
+    out.print(f"trained [bold]{args.method}[/bold] in {res.metrics['train_seconds']:.1f}s, "
+              f"val top-1 {res.metrics.get('val_top1', float('nan')):.2%} (MLflow run {res.run_id})")
+
+
+def cmd_evaluate(args) -> None:
+    from ssl_ops.stages import evaluate_stage
+
+    m = evaluate_stage(args.method, _load(args))
+    out.print(f"[bold]{args.method}[/bold]: test top-1 {m['test_top1']:.2%}, top-5 {m['test_top5']:.2%}, "
+              f"val top-1 {m['val_top1']:.2%} -> metrics/{args.method}.json")
+
+
+def cmd_report(args) -> None:
+    from ssl_ops.stages import report_stage
+    from ssl_ops.tracking import tracking_uri
+
+    params = _load(args)
+    rows = report_stage(params)
+    table = Table(title=f"ssl-ops results: {params.data.name}, labels/class={params.split.labels_per_class}, "
+                        f"seed={params.split.seed}")
+    for col in ("method", "test top-1", "test top-5", "val top-1", "train s"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        table.add_row(r["method"], f"{r['test_top1']:.2%}", f"{r['test_top5']:.2%}", f"{r['val_top1']:.2%}",
+                      f"{r['train_seconds']:.1f}")
+    out.print(table)
+    out.print("written reports/summary.md")
+    uri = tracking_uri(params.tracking)
+    if uri.startswith("sqlite:"):
+        out.print(f"Browse the runs: [bold]mlflow ui --backend-store-uri {uri} --host 127.0.0.1[/bold] "
+                  "then open http://127.0.0.1:5000")
+    else:
+        out.print(f"Runs are on the tracking server {uri}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ssl_ops.methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="ssl-ops", description="Train image classifiers from very few labels; every run tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _common(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    add("prepare", cmd_prepare, "materialise the dataset in params under data/prepared/<name>/")
+    add("split", cmd_split, "write the labeled / val / unlabeled split file under data/splits/")
+    p = add("train", cmd_train, "train a method on the split; writes models/<method>.pt and an MLflow run")
+    p.add_argument("method", choices=sorted(METHODS), help="registered method")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoints/<method>/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    p = add("evaluate", cmd_evaluate, "test/val accuracy of a trained method -> metrics/<method>.json")
+    p.add_argument("method", choices=sorted(METHODS), help="registered method")
+    add("report", cmd_report, "table of every method's metrics -> reports/summary.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except SslOpsError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted; the last finished epoch's checkpoint is kept (resume with --resume)")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Materialise a dataset in the canonical on-disk form every later stage reads.
+
+``data/prepared/<name>/`` holds ``train_x.npy`` (uint8 N×C×H×W), ``train_y.npy`` (int64), the same for
+``test``, optionally ``unlabeled_x.npy`` (unlabeled-only images, e.g. STL-10's 100k), and
+``manifest.json`` with class names, shapes and the sha256 of every array. Readers verify the hashes so a
+file modified after preparation is caught before training, with an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ssl_ops import io
+from ssl_ops.errors import DataIntegrityError
+from ssl_ops.params import DataParams
+
+PREPARED_ROOT = Path("data/prepared")
+ARRAYS = ("train_x", "train_y", "test_x", "test_y", "unlabeled_x")
+
+
+@dataclass
+class PreparedDataset:
+    name: str
+    train_x: np.ndarray  # uint8 N×C×H×W (memory-mapped: pages load on first touch)
+    train_y: np.ndarray  # int64 N
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: list[str]
+    sha256: str  # one hash for the whole prepared dataset (hash of the per-array hashes)
+    mean: list[float]  # per-channel mean of train images, in [0, 1] units
+    std: list[float]
+    unlabeled_x: np.ndarray | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+
+def dataset_hash(array_hashes: dict[str, str]) -> str:
+    return io.sha256_bytes("\n".join(f"{k}:{v}" for k, v in sorted(array_hashes.items())).encode())
+
+
+def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
+    """Read the source dataset and write ``root/<name>/`` atomically (temp dir, then rename)."""
+    from ssl_ops.data.sources import load_source
+
+    raw = load_source(cfg)
+    out = root / cfg.name
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}.", dir=root))
+    try:
+        hashes, shapes = {}, {}
+        for key in ARRAYS:
+            arr = getattr(raw, key)
+            if arr is None:
+                continue
+            np.save(tmp / f"{key}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+            hashes[key] = io.sha256_file(tmp / f"{key}.npy")
+            shapes[key] = list(arr.shape)
+        # per-channel statistics in [0, 1] units, computed in chunks to bound memory on big datasets
+        x = raw.train_x
+        s1 = np.zeros(x.shape[1]); s2 = np.zeros(x.shape[1])
+        for i in range(0, len(x), 4096):
+            chunk = x[i : i + 4096].astype(np.float64) / 255.0
+            s1 += chunk.sum(axis=(0, 2, 3)); s2 += (chunk**2).sum(axis=(0, 2, 3))
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        mean = s1 / count
+        manifest = {
+            "mean": mean.tolist(),
+            "std": np.sqrt(np.maximum(s2 / count - mean**2, 0.0)).tolist(),
+            "name": cfg.name,
+            "classes": list(raw.classes),
+            "shapes": shapes,
+            "sha256": hashes,
+            "dataset_sha256": dataset_hash(hashes),
+        }
+        io.write_json(tmp / "manifest.json", manifest)
+        # Swap in the new directory; the old one is removed only once the new one is in place.
+        old = root / f".{cfg.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_prepared(name: str, root: Path = PREPARED_ROOT, verify: bool = True) -> PreparedDataset:
+    """Open a prepared dataset; with ``verify`` every array's sha256 is checked against the manifest."""
+    folder = root / name
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        raise DataIntegrityError(
+            f"prepared dataset {folder} not found (no manifest.json); run `ssl-ops prepare` (or `dvc repro`) first"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        hashes: dict[str, str] = manifest["sha256"]
+        manifest["classes"], manifest["mean"], manifest["std"]  # noqa: B018 - presence check
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataIntegrityError(f"{manifest_path} is corrupted ({exc}); re-run `ssl-ops prepare`") from None
+    arrays = {}
+    for key, expected in hashes.items():
+        path = folder / f"{key}.npy"
+        if not path.exists():
+            raise DataIntegrityError(f"{path} is missing; re-run `ssl-ops prepare` to rebuild {folder}")
+        if verify and io.sha256_file(path) != expected:
+            raise DataIntegrityError(
+                f"{path} was modified after preparation: its sha256 no longer matches {manifest_path}. "
+                f"Re-run `ssl-ops prepare` (or `dvc checkout {folder}`) to restore it."
+            )
+        try:
+            arrays[key] = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            raise DataIntegrityError(f"{path} is not a valid .npy array ({exc}); re-run `ssl-ops prepare`") from None
+    return PreparedDataset(
+        name=manifest["name"],
+        classes=manifest["classes"],
+        sha256=manifest.get("dataset_sha256") or dataset_hash(hashes),
+        mean=manifest["mean"],
+        std=manifest["std"],
+        **{k: arrays.get(k) for k in ARRAYS},
+    )

@@ -1,0 +1,111 @@
+"""Class-balanced labeled / val / unlabeled splits of the train set.
+
+A split is a JSON file with ``labeled``, ``val`` and ``unlabeled`` (sorted train-set indices), ``seed``
+and ``dataset_sha256``. The three sets are disjoint and cover the train set; the test set is never
+touched. ``val`` is a tiny class-balanced held-out set for model selection (S4L §7: one to five labels per
+class rank hyper-parameters as well as a large validation set). Draws use NumPy's PCG64 generator, whose
+stream is fixed across platforms, and the JSON is written with sorted keys, so the same params give a
+byte-identical file on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ssl_ops import io
+from ssl_ops.errors import DataIntegrityError, SslOpsError
+from ssl_ops.params import SplitParams
+
+SPLITS_ROOT = Path("data/splits")
+
+
+@dataclass(frozen=True)
+class Split:
+    labeled: np.ndarray  # int64 train-set indices
+    val: np.ndarray
+    unlabeled: np.ndarray
+    seed: int
+    dataset_sha256: str
+    sha256: str = ""  # of the split file itself: every MLflow run records it
+
+
+def split_path(dataset: str, cfg: SplitParams, root: Path = SPLITS_ROOT) -> Path:
+    budget = f"{cfg.labels_per_class}pc" if cfg.labels_per_class is not None else f"frac{cfg.label_fraction:g}"
+    return root / f"{dataset}-{budget}-seed{cfg.seed}.json"
+
+
+def make_split(labels: np.ndarray, cfg: SplitParams, dataset_sha256: str) -> Split:
+    """Draw the split; raise a clear error when a class has too few images for the requested budget."""
+    rng = np.random.default_rng(cfg.seed)
+    labels = np.asarray(labels)
+    labeled, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n = cfg.labels_per_class if cfg.labels_per_class is not None else max(1, round(cfg.label_fraction * len(idx)))
+        if n + cfg.val_per_class > len(idx):
+            raise SslOpsError(
+                f"class {int(c)} has {len(idx)} training images, fewer than the {n} labeled + "
+                f"{cfg.val_per_class} val images requested per class; lower split.labels_per_class "
+                f"(or split.label_fraction) or split.val_per_class"
+            )
+        labeled.append(idx[:n])
+        val.append(idx[n : n + cfg.val_per_class])
+    labeled_idx = np.sort(np.concatenate(labeled))
+    val_idx = np.sort(np.concatenate(val))
+    taken = np.zeros(len(labels), dtype=bool)
+    taken[labeled_idx] = taken[val_idx] = True
+    return Split(labeled_idx, val_idx, np.flatnonzero(~taken), cfg.seed, dataset_sha256)
+
+
+def _to_json(split: Split) -> str:
+    obj = {
+        "labeled": split.labeled.tolist(),
+        "val": split.val.tolist(),
+        "unlabeled": split.unlabeled.tolist(),
+        "seed": split.seed,
+        "dataset_sha256": split.dataset_sha256,
+    }
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def write_split(split: Split, path: Path) -> str:
+    """Write atomically; return the file's sha256."""
+    text = _to_json(split)
+    io.write_text(path, text)
+    return io.sha256_bytes(text.encode())
+
+
+def load_split(path: Path, dataset_sha256: str | None = None, n_train: int | None = None) -> Split:
+    """Read a split; refuse one drawn from another dataset or with out-of-range indices."""
+    if not path.exists():
+        raise DataIntegrityError(f"split file {path} not found; run `ssl-ops split` (or `dvc repro`) first")
+    raw = path.read_bytes()
+    try:
+        obj = json.loads(raw)
+        split = Split(
+            np.asarray(obj["labeled"], dtype=np.int64),
+            np.asarray(obj["val"], dtype=np.int64),
+            np.asarray(obj["unlabeled"], dtype=np.int64),
+            int(obj["seed"]),
+            str(obj["dataset_sha256"]),
+            io.sha256_bytes(raw),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DataIntegrityError(f"split file {path} is corrupted ({exc}); re-run `ssl-ops split`") from None
+    if dataset_sha256 is not None and split.dataset_sha256 != dataset_sha256:
+        raise DataIntegrityError(
+            f"split file {path} was drawn from another dataset (dataset_sha256 {split.dataset_sha256[:12]}… "
+            f"!= prepared {dataset_sha256[:12]}…); re-run `ssl-ops split` after `ssl-ops prepare`"
+        )
+    if n_train is not None:
+        every = np.concatenate([split.labeled, split.val, split.unlabeled])
+        if len(every) and (every.min() < 0 or every.max() >= n_train or len(np.unique(every)) != len(every)):
+            raise DataIntegrityError(
+                f"split file {path} has indices outside the train set of {n_train} images or repeated; "
+                "re-run `ssl-ops split`"
+            )
+    return split

@@ -1,0 +1,78 @@
+"""Images held as uint8 tensors on the device, with batch sampling and ordered iteration.
+
+A dataset that fits (``data.max_in_memory_gb``) is copied to the device once as uint8 (Fashion-MNIST's
+60k train images are 47 MB) and batches are gathered by index there. A larger one stays memory-mapped
+on disk and is streamed by a DataLoader with workers that reads whole index batches from the memmap;
+both paths hand the same uint8 batches to the batched augmentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+
+class _MemmapBatches(torch.utils.data.Dataset):
+    """Returns a whole batch per __getitem__ (a list of indices): one memmap read per batch, not per image."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray | None, pool: np.ndarray):
+        self.x, self.y, self.pool = x, y, pool
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, positions: list[int]) -> tuple[Tensor, Tensor]:
+        idx = self.pool[np.asarray(positions)]
+        xb = torch.from_numpy(np.ascontiguousarray(self.x[idx]))
+        yb = torch.from_numpy(np.asarray(self.y[idx])) if self.y is not None else torch.full((len(idx),), -1)
+        return xb, yb
+
+
+class ImageStore:
+    """uint8 images (N, C, H, W) and int64 labels (-1 when unknown), on the device or streamed."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray | None, device: torch.device, max_bytes: float = 4e9,
+                 workers: int = 2):
+        self.device, self.workers = device, workers
+        self.n = len(x)
+        self.in_memory = x.nbytes <= max_bytes
+        if self.in_memory:
+            self.x = torch.from_numpy(np.array(x)).to(device)  # copy: memmaps are read-only
+            labels = np.array(y, dtype=np.int64) if y is not None else np.full(self.n, -1, dtype=np.int64)
+            self.y = torch.from_numpy(labels).to(device)
+        else:
+            self.x_np, self.y_np = x, y
+
+    def sample(self, pool: Tensor, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """A random batch drawn with replacement from ``pool`` (device tensor of indices)."""
+        pick = pool[torch.randint(0, len(pool), (batch_size,), generator=generator, device=pool.device)]
+        return self.x[pick], self.y[pick]
+
+    def stream(self, pool: np.ndarray, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Endless random batches from disk (the path for datasets too big for memory)."""
+        g = torch.Generator().manual_seed(seed)
+        sampler = BatchSampler(RandomSampler(range(len(pool)), generator=g), batch_size, drop_last=True)
+        loader = DataLoader(_MemmapBatches(self.x_np, self.y_np, pool), sampler=sampler, batch_size=None,
+                            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=self.workers > 0)
+        while True:
+            for xb, yb in loader:
+                yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+
+    def iterate(self, indices: np.ndarray, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Ordered batches over ``indices`` (evaluation, feature extraction)."""
+        if self.in_memory:
+            idx = torch.as_tensor(indices, device=self.device)
+            for i in range(0, len(idx), batch_size):
+                j = idx[i : i + batch_size]
+                yield self.x[j], self.y[j]
+            return
+        sampler = BatchSampler(SequentialSampler(range(len(indices))), batch_size, drop_last=False)
+        loader = DataLoader(_MemmapBatches(self.x_np, self.y_np, np.asarray(indices)), sampler=sampler,
+                            batch_size=None, num_workers=self.workers)
+        for xb, yb in loader:
+            yield xb.to(self.device), yb.to(self.device)

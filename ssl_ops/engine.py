@@ -1,0 +1,271 @@
+"""The one training loop every method runs in.
+
+``fit`` owns the device, mixed precision, the optimiser and schedule, per-epoch checkpoints (atomic, with
+all RNG states so that a resumed run equals an uninterrupted one), the NaN/Inf guard, the progress bar and
+metric logging. A method only supplies ``training_step`` (see ``ssl_ops.methods.base``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ssl_ops import augment, io
+from ssl_ops.backbones import build_backbone
+from ssl_ops.data.prepare import PreparedDataset
+from ssl_ops.data.splits import Split
+from ssl_ops.data.store import ImageStore
+from ssl_ops.errors import CheckpointError, TrainingDivergedError
+from ssl_ops.heads import Classifier, Normalize
+from ssl_ops.params import BaseParams, TrainParams
+
+
+def select_device(choice: str = "auto") -> torch.device:
+    """CUDA, else Apple MPS, else CPU; a forced choice that is unavailable is an error, not a silent fallback."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if choice == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if not available[choice]:
+        from ssl_ops.errors import SslOpsError
+
+        raise SslOpsError(f"train.device={choice} but no {choice} device is available; use train.device=auto or cpu")
+    return torch.device(choice)
+
+
+@dataclass
+class RunContext:
+    """Everything a method needs: params, device, data on the device, the split and a seeded generator."""
+
+    params: BaseParams
+    train: TrainParams  # the shared train section with the method's overrides applied
+    device: torch.device
+    data: PreparedDataset
+    split: Split
+    store: ImageStore  # train images (labeled, val and unlabeled are index pools into it)
+    generator: torch.Generator  # every random draw of data and augmentation goes through it (checkpointed)
+    pools: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    def augment(self, x: Tensor) -> Tensor:
+        """Standard training augmentation of a uint8 batch -> float in [0, 1]."""
+        x = augment.weak_augment(x, self.generator, self.train.crop_padding, self.train.hflip)
+        return augment.to_float(x)
+
+    def labeled_batch(self, batch_size: int, augmented: bool = True) -> tuple[Tensor, Tensor]:
+        x, y = self.store.sample(self.pools["labeled"], batch_size, self.generator)
+        return (self.augment(x) if augmented else augment.to_float(x)), y
+
+    def unlabeled_batch(self, batch_size: int) -> Tensor:
+        """Raw uint8 unlabeled images: methods build their own views from them."""
+        return self.store.sample(self.pools["unlabeled"], batch_size, self.generator)[0]
+
+    def build_backbone(self) -> nn.Module:
+        m = self.params.model
+        return build_backbone(m.backbone, self.data.image_shape[0], width=m.width, freeze_blocks=m.freeze_blocks,
+                              image_size=self.data.image_shape[-1])
+
+    def build_classifier(self) -> Classifier:
+        return Classifier(Normalize(self.data.mean, self.data.std), self.build_backbone(), self.num_classes).to(
+            self.device
+        )
+
+
+def make_context(params: BaseParams, train: TrainParams, data: PreparedDataset, split: Split,
+                 device: torch.device | None = None) -> RunContext:
+    device = device or select_device(train.device)
+    torch.manual_seed(train.seed)  # model initialisation
+    store = ImageStore(data.train_x, data.train_y, device, max_bytes=params.data.max_in_memory_gb * 1e9)
+    generator = torch.Generator(device=device).manual_seed(train.seed)
+    pools = {k: torch.as_tensor(getattr(split, k), device=device) for k in ("labeled", "val", "unlabeled")}
+    return RunContext(params, train, device, data, split, store, generator, pools)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# optimisation
+
+
+def lr_lambda(train: TrainParams, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up then cosine / step / constant; a multiplier of the peak lr per optimiser step."""
+    warmup = int(train.warmup_epochs * train.steps_per_epoch)
+    milestones = [int(m * total_steps) for m in train.milestones]
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if train.schedule == "cosine":
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if train.schedule == "step":
+            return train.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return f
+
+
+def make_optimizer(model: nn.Module, train: TrainParams, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    # no weight decay on biases and norm scales (1-D tensors), as in the papers' reference code
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train.lr, momentum=train.momentum, nesterov=train.nesterov and train.momentum > 0,
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, total_steps))
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); a no-op elsewhere."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, store: ImageStore, indices: np.ndarray, batch_size: int,
+                   amp: bool = False) -> tuple[Tensor, Tensor]:
+    """Logits and labels for ``indices`` of ``store``, in order (model in eval mode, restored after)."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    device = next(model.parameters()).device
+    for xb, yb in store.iterate(indices, batch_size):
+        with autocast(device, amp):
+            outs.append(model(augment.to_float(xb)).float())
+        labels.append(yb)
+    model.train(was_training)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
+    k = min(k, logits.shape[1])
+    hit = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    return hit.float().mean().item() if len(labels) else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _rng_state(ctx: RunContext) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "generator": ctx.generator.get_state()}
+    if ctx.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    return state
+
+
+def _set_rng_state(ctx: RunContext, state: dict[str, Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    ctx.generator.set_state(state["generator"])
+    if "cuda" in state and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], ctx.device)
+
+
+@dataclass
+class FitResult:
+    epochs_done: int
+    train_seconds: float
+    history: list[dict[str, float]]
+    run_state: dict[str, Any]
+
+
+def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, config_hash: str = "",
+        log: Callable[[dict[str, float], int], None] | None = None, run_state: dict[str, Any] | None = None,
+        epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+    """Train ``method`` for ``ctx.train.epochs`` epochs of ``steps_per_epoch`` steps.
+
+    ``run_state`` is small plain data saved with each checkpoint (e.g. the MLflow run id) and handed back
+    on resume. ``epoch_end(epoch, metrics)`` is called after each epoch's checkpoint (Optuna reports there).
+    """
+    train, model = ctx.train, method.model
+    total = train.epochs * train.steps_per_epoch
+    optimizer, scheduler = make_optimizer(model, train, total)
+    use_scaler = ctx.device.type == "cuda" and train.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    start_epoch, seconds, history, run_state = 0, 0.0, [], dict(run_state or {})
+
+    if resume and checkpoint.exists():
+        state = io.torch_load(checkpoint, map_location=ctx.device)
+        if state.get("config_hash") != config_hash:
+            raise CheckpointError(
+                f"{checkpoint} was written with other params (config hash differs); it cannot be resumed. "
+                "Run without --resume to start over, or restore the params it was trained with."
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(ctx, state["rng"])
+        start_epoch, seconds, history = state["epoch"], state["train_seconds"], state["history"]
+        run_state.update(state["run_state"])
+
+    from ssl_ops.progress import TrainProgress
+
+    model.train()
+    with TrainProgress(method.name, total, enabled=train.progress, completed=start_epoch * train.steps_per_epoch) as bar:
+        for epoch in range(start_epoch, train.epochs):
+            t0 = time.perf_counter()
+            sums: dict[str, Tensor] = {}
+            for i in range(train.steps_per_epoch):
+                step = epoch * train.steps_per_epoch + i
+                with autocast(ctx.device, train.amp):
+                    out = method.training_step(step)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                if bar.due(step):  # a host sync only every few steps keeps the loop asynchronous
+                    loss = (sums["loss"] / (i + 1)).item()
+                    _guard_finite(loss, epoch, checkpoint)
+                    bar.update(step + 1, loss, method.images_per_step)
+            seconds += time.perf_counter() - t0
+            metrics = {k: (v / train.steps_per_epoch).item() for k, v in sums.items()}
+            _guard_finite(metrics["loss"], epoch, checkpoint)
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["images_per_second"] = train.steps_per_epoch * method.images_per_step / (time.perf_counter() - t0)
+            if len(ctx.split.val):
+                logits, labels = predict_logits(method.classifier(), ctx.store, ctx.split.val, train.eval_batch_size,
+                                                train.amp)
+                metrics["val_top1"] = topk_accuracy(logits, labels, 1)
+            history.append({"epoch": epoch + 1, **metrics})
+            if log:
+                log(metrics, epoch + 1)
+            io.torch_save(checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(ctx),
+                "epoch": epoch + 1, "train_seconds": seconds, "history": history, "config_hash": config_hash,
+                "run_state": run_state,
+            })
+            bar.epoch_done(epoch + 1, metrics, (epoch + 1) * train.steps_per_epoch)
+            if epoch_end:
+                epoch_end(epoch + 1, metrics)
+    return FitResult(train.epochs, seconds, history, run_state)
+
+
+def _guard_finite(loss: float, epoch: int, checkpoint: Path) -> None:
+    if not math.isfinite(loss):
+        kept = f"the last good checkpoint ({checkpoint}, end of epoch {epoch}) is kept" if epoch else "no epoch had finished"
+        raise TrainingDivergedError(
+            f"the training loss became {loss} during epoch {epoch + 1}; {kept}. Lower the learning rate "
+            "(train.lr or the method's lr), add warm-up (train.warmup_epochs), or check the data."
+        )

@@ -1,0 +1,31 @@
+"""Supervised baseline: cross-entropy on the labeled split only, with crop + flip augmentation.
+
+Every semi-supervised method must beat this on the same split (S4L §4.1 and Rebuffi et al. §4 both
+report it as the reference row).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from ssl_ops.methods.base import Method, MethodParams, register_method
+
+
+class SupervisedParams(MethodParams):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+@register_method("supervised")
+class Supervised(Method):
+    Params = SupervisedParams
+
+    def __init__(self, ctx, params: SupervisedParams):
+        super().__init__(ctx, params)
+        self.model = ctx.build_classifier()
+
+    def training_step(self, step: int) -> dict[str, Tensor]:
+        x, y = self.ctx.labeled_batch(self.ctx.train.batch_size)
+        loss = F.cross_entropy(self.model(x), y, label_smoothing=self.params.label_smoothing)
+        return {"loss": loss}

@@ -1,0 +1,200 @@
+"""Typed configuration: ``params.yaml`` plus ``--set key.path=value`` overrides, validated by Pydantic.
+
+The root model has fixed sections (data, split, model, train, tracking, pipeline) and one section per
+registered method, whose model the method declares next to its code (``ssl_ops/methods/<name>.py``).
+Unknown keys are errors everywhere (``extra="forbid"``) so that a typo stops the command before any work,
+with a message naming the key path.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from ssl_ops.errors import ParamsError
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder", "digits")
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(Section):
+    name: Literal[DATASETS] = "fashion_mnist"  # type: ignore[valid-type]
+    # Local directory holding the dataset (IDX files for the MNISTs, torchvision's layout for the
+    # others, one sub-folder per class for imagefolder). None: the standard places, then download.
+    root: Path | None = None
+    download: bool = True  # allow a torchvision download when online (ignored offline: clear error)
+    image_size: int | None = Field(None, gt=0)  # imagefolder only: images are resized to this square size
+    unlabeled_dir: Path | None = None  # imagefolder only: folder of extra unlabeled images
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # imagefolder without train/ and test/ sub-folders
+    # Prepared arrays larger than this stream from disk through a DataLoader instead of living on the device.
+    max_in_memory_gb: float = Field(4.0, gt=0)
+
+
+class SplitParams(Section):
+    """Labeled / val / unlabeled partition of the train set (the test set is never touched)."""
+
+    labels_per_class: int | None = Field(10, gt=0)
+    label_fraction: float | None = Field(None, gt=0, le=1)  # alternative to labels_per_class
+    val_per_class: int = Field(5, ge=0)  # S4L §7: 1-5 labels per class are enough to rank hyper-params
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SplitParams:
+        if (self.labels_per_class is None) == (self.label_fraction is None):
+            raise ValueError("set exactly one of labels_per_class and label_fraction (set the other to null)")
+        return self
+
+
+class ModelParams(Section):
+    backbone: str = "convnet"  # a name from ssl_ops.backbones.BACKBONES
+    width: float = Field(1.0, gt=0)  # channel multiplier
+    freeze_blocks: int = Field(0, ge=0)  # freeze the first K blocks (Rebuffi et al. freeze two)
+
+    @model_validator(mode="after")
+    def _known_backbone(self) -> ModelParams:
+        from ssl_ops.backbones import BACKBONES
+
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}")
+        return self
+
+
+class TrainParams(Section):
+    """Shared optimisation settings; a method's own section may override epochs and lr."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: bool = True  # mixed precision on CUDA only; ignored elsewhere
+    seed: int = Field(0, ge=0)
+    epochs: int = Field(20, gt=0)
+    steps_per_epoch: int = Field(100, gt=0)  # an "epoch" is this many optimiser steps (checkpoint + log period)
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(1024, gt=0)
+    optimizer: Literal["sgd"] = "sgd"
+    lr: float = Field(0.03, gt=0)  # peak learning rate
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up, in epochs
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])  # step schedule, fractions of training
+    gamma: float = Field(0.1, gt=0, le=1)  # step schedule: lr multiplier at each milestone
+    # augmentation of training batches (on the device, whole batches)
+    crop_padding: int = Field(2, ge=0)  # random crop with this much zero padding; 0 disables
+    hflip: bool = True
+    progress: bool = True  # rich progress bar (off in tests / CI logs)
+
+
+class TrackingParams(Section):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "ssl-ops"
+    log_model: bool = True  # log the final model with mlflow.pytorch (with an input signature)
+
+
+class PipelineParams(Section):
+    """What ``dvc repro`` runs: dvc.yaml iterates over these lists."""
+
+    methods: list[str] = Field(default_factory=lambda: ["supervised"])
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> PipelineParams:
+        from ssl_ops.methods import METHODS
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
+        return self
+
+
+class BaseParams(Section):
+    data: DataParams = Field(default_factory=DataParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    pipeline: PipelineParams = Field(default_factory=PipelineParams)
+
+
+@functools.cache
+def params_model() -> type[BaseParams]:
+    """The root model: BaseParams plus one optional section per registered method."""
+    from ssl_ops.methods import METHODS
+
+    fields: dict[str, Any] = {
+        name: (method.Params, Field(default_factory=method.Params)) for name, method in METHODS.items()
+    }
+    return create_model("Params", __base__=BaseParams, **fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (a typo? remove it or check the spelling)"
+        lines.append(f"  {path}: {msg}")
+    return f"invalid params in {source}:\n" + "\n".join(lines)
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"--set {dotted}={raw}: {k!r} is not a section")
+        node = child
+    # YAML parsing gives ints, floats, bools, null and lists the same meaning as in params.yaml
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"--set {item!r}: expected key.path=value, e.g. --set train.lr=0.1")
+        _set_path(tree, key.strip(), value.strip())
+    return tree
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> BaseParams:
+    """Read, override and validate params; raise :class:`ParamsError` with every problem listed."""
+    path = Path(path)
+    if path.exists():
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ParamsError(f"{path} must hold a mapping of sections (data:, split:, ...), got {type(tree).__name__}")
+    elif str(path) == "params.yaml":
+        tree = {}  # defaults only
+    else:
+        raise ParamsError(f"params file {path} does not exist; pass --params PATH to an existing file")
+    apply_overrides(tree, overrides or [])
+    source = str(path) + (" with --set overrides" if overrides else "")
+    try:
+        return params_model().model_validate(tree)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, source)) from None
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the form MLflow params take."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,171 @@
+"""One importable function per pipeline stage; the CLI (and Optuna, and tests) call these.
+
+Outputs by stage (all written atomically):
+- prepare:  data/prepared/<dataset>/                 (arrays + manifest with sha256)
+- split:    data/splits/<dataset>-<budget>-seed<s>.json
+- train:    models/<method>.pt (weights + resolved params), models/<method>.json (MLflow run id, timing),
+            checkpoints/<method>/last.pt (per-epoch, for --resume)
+- evaluate: metrics/<method>.json (test_top1, test_top5, val_top1, train_seconds)
+- report:   reports/summary.md
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_ops import io, tracking
+from ssl_ops.data.prepare import PreparedDataset, load_prepared, prepare
+from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
+from ssl_ops.data.store import ImageStore
+from ssl_ops.engine import RunContext, fit, make_context, predict_logits, topk_accuracy
+from ssl_ops.errors import CheckpointError, DataIntegrityError
+from ssl_ops.methods import METHODS, Method
+from ssl_ops.params import BaseParams, params_model
+
+MODELS, CHECKPOINTS, METRICS, REPORTS = Path("models"), Path("checkpoints"), Path("metrics"), Path("reports")
+
+
+def prepare_stage(params: BaseParams) -> Path:
+    return prepare(params.data)
+
+
+def split_stage(params: BaseParams) -> tuple[Path, Split]:
+    data = load_prepared(params.data.name)
+    split = make_split(data.train_y, params.split, data.sha256)
+    path = split_path(params.data.name, params.split)
+    write_split(split, path)
+    return path, split
+
+
+def load_data(params: BaseParams) -> tuple[PreparedDataset, Split, Path]:
+    """The prepared dataset (hashes verified) and its split (checked to come from this dataset)."""
+    data = load_prepared(params.data.name)
+    path = split_path(params.data.name, params.split)
+    return data, load_split(path, data.sha256, len(data.train_y)), path
+
+
+def _config_hash(resolved: dict[str, Any], method: str) -> str:
+    """What determines a run's trajectory: a checkpoint only resumes under the same values."""
+    keep = {k: resolved[k] for k in ("data", "split", "model", "train", method)}
+    keep["train"] = {k: v for k, v in keep["train"].items() if k != "progress"}
+    return io.sha256_bytes(json.dumps(keep, sort_keys=True, default=str).encode())
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]
+    method: Method
+    ctx: RunContext
+    run_id: str
+
+
+def build_method(name: str, params: BaseParams, data: PreparedDataset, split: Split) -> Method:
+    mparams = getattr(params, name)
+    ctx = make_context(params, mparams.train_params(params.train), data, split)
+    return METHODS[name](ctx, mparams)
+
+
+def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=None,
+                write_outputs: bool = True, run_tags: dict[str, str] | None = None) -> TrainResult:
+    """Train a registered method; returns final metrics and the objects (for Optuna and tests)."""
+    data, split, spath = load_data(params)
+    method = build_method(name, params, data, split)
+    resolved = params.model_dump(mode="json")
+    config_hash = _config_hash(resolved, name)
+    checkpoint = CHECKPOINTS / name / "last.pt"
+    prev_run = None
+    if resume and checkpoint.exists():
+        prev_run = io.torch_load(checkpoint)["run_state"].get("mlflow_run_id")
+    tags = {"method": name, "dataset": params.data.name, "split_file": str(spath), "split_sha256": split.sha256,
+            "dataset_sha256": data.sha256, **(run_tags or {})}
+    with tracking.start_run(params.tracking, run_name=name, params=resolved, tags=tags, run_id=prev_run) as run_id:
+        result = fit(method, method.ctx, checkpoint, resume=resume, config_hash=config_hash,
+                     log=tracking.log_metrics, run_state={"mlflow_run_id": run_id}, epoch_end=epoch_end)
+        metrics = {"train_seconds": result.train_seconds, **{k: v for k, v in result.history[-1].items()
+                                                             if k != "epoch"}}
+        tracking.log_metrics({"train_seconds": result.train_seconds})
+        if write_outputs:
+            model_file = MODELS / f"{name}.pt"
+            io.torch_save(model_file, {
+                "state_dict": method.model.state_dict(), "method": name, "params": resolved,
+                "split_sha256": split.sha256, "dataset_sha256": data.sha256,
+                "train_seconds": result.train_seconds, "mlflow_run_id": run_id,
+            })
+            if params.tracking.log_model:
+                example = torch.zeros((2, *data.image_shape))
+                tracking.log_model(method.classifier(), example)
+            # DVC-tracked pointer from the pipeline to the MLflow run (dvc.lock then pins the run)
+            io.write_json(MODELS / f"{name}.json", {
+                "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri(params.tracking),
+                "train_seconds": result.train_seconds, "split_file": str(spath), "split_sha256": split.sha256,
+            })
+    return TrainResult(metrics, method, method.ctx, run_id)
+
+
+def load_trained(name: str, params: BaseParams) -> tuple[Method, dict[str, Any]]:
+    """Rebuild a trained method from models/<name>.pt with the params it was trained with."""
+    ck = io.torch_load(MODELS / f"{name}.pt")
+    saved = params_model().model_validate(ck["params"])
+    data, split, _ = load_data(saved)
+    if ck["split_sha256"] != split.sha256:
+        raise DataIntegrityError(
+            f"{MODELS / name}.pt was trained on another split than {split_path(saved.data.name, saved.split)} "
+            f"(sha256 differs); re-run `ssl-ops train {name}`"
+        )
+    method = build_method(name, saved, data, split)
+    try:
+        method.model.load_state_dict(ck["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{MODELS / name}.pt does not fit the {name} model: {str(exc)[:300]}") from None
+    return method, ck
+
+
+def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
+    """Test and val accuracy of a trained method -> metrics/<name>.json, also logged to its MLflow run."""
+    method, ck = load_trained(name, params)
+    ctx, model = method.ctx, method.classifier()
+    bs = ctx.train.eval_batch_size
+    test = ImageStore(ctx.data.test_x, ctx.data.test_y, ctx.device, params.data.max_in_memory_gb * 1e9)
+    logits, labels = predict_logits(model, test, torch.arange(len(ctx.data.test_y)).numpy(), bs, ctx.train.amp)
+    val_logits, val_labels = predict_logits(model, ctx.store, ctx.split.val, bs, ctx.train.amp)
+    metrics = {
+        "test_top1": topk_accuracy(logits, labels, 1),
+        "test_top5": topk_accuracy(logits, labels, 5),
+        "val_top1": topk_accuracy(val_logits, val_labels, 1),
+        "train_seconds": float(ck["train_seconds"]),
+    }
+    io.write_json(METRICS / f"{name}.json", metrics)
+    with tracking.start_run(params.tracking, run_name=name, run_id=ck["mlflow_run_id"]):
+        tracking.log_metrics({k: v for k, v in metrics.items() if k != "train_seconds"})
+    return metrics
+
+
+def report_stage(params: BaseParams, metrics_dir: Path = METRICS, out: Path = REPORTS / "summary.md") -> list[dict]:
+    """A table of every method's metrics in ``metrics_dir`` -> reports/summary.md; returns the rows."""
+    rows = []
+    for f in sorted(metrics_dir.glob("*.json")):
+        m = json.loads(f.read_text())
+        if "test_top1" in m:
+            rows.append({"method": f.stem, **m})
+    rows.sort(key=lambda r: -r["test_top1"])
+    budget = (f"{params.split.labels_per_class} labels per class" if params.split.labels_per_class
+              else f"{params.split.label_fraction:.2%} of labels")
+    lines = [
+        f"# Results: {params.data.name}, {budget}, split seed {params.split.seed}",
+        "",
+        "| method | test top-1 | test top-5 | val top-1 | train seconds |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {r['method']} | {r['test_top1']:.2%} | {r['test_top5']:.2%} | {r['val_top1']:.2%} | "
+          f"{r['train_seconds']:.1f} |" for r in rows),
+        "",
+        "Accuracies are fractions of the test set (never used for model selection; val is the split's small "
+        "held-out set). Runs, curves and models: `mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1`.",
+        "",
+    ]
+    io.write_text(out, "\n".join(lines))
+    return rows

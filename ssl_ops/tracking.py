@@ -1,0 +1,100 @@
+"""MLflow, and only here: runs, params, metrics, tags and logged models.
+
+The default tracking URI is a local SQLite file (``sqlite:///mlflow.db``) so the Model Registry works
+with no server; ``MLFLOW_TRACKING_URI`` (or ``tracking.uri`` in params) points everything at a team
+server instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssl_ops.params import TrackingParams, flatten
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(cfg: TrackingParams) -> str:
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _mlflow():
+    import mlflow
+
+    # alembic's migration chatter on a fresh SQLite store is noise to users
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return mlflow
+
+
+@contextlib.contextmanager
+def start_run(cfg: TrackingParams, run_name: str, params: dict[str, Any] | None = None,
+              tags: dict[str, str] | None = None, run_id: str | None = None, nested: bool = False) -> Iterator[str]:
+    """An MLflow run (resumed when ``run_id`` is given); yields its id. Params are flattened ``a.b.c`` keys."""
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    if run_id is None:
+        mlflow.set_experiment(cfg.experiment)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested) as run:
+        if run_id is None:
+            if params:
+                flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+                items = list(flat.items())
+                for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                    mlflow.log_params(dict(items[i : i + 100]))
+                mlflow.log_dict(params, "params.resolved.yaml")
+            mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
+        yield run.info.run_id
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    _mlflow().set_tags(tags)
+
+
+def log_artifact(path: str) -> None:
+    _mlflow().log_artifact(path)
+
+
+def log_model(model: torch.nn.Module, example: torch.Tensor, name: str = "model") -> None:
+    """Log a copy of ``model`` on the CPU with an input signature (float32 images in [0, 1], N×C×H×W).
+
+    Saved in MLflow's ``pt2`` format (``torch.export``): a traced graph plus weights, loadable without
+    unpickling code. ``example`` needs a batch of at least 2 so the batch dimension stays dynamic.
+    """
+    import copy
+
+    from mlflow.models import infer_signature
+
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    with torch.no_grad():
+        out = cpu_model(example.cpu())
+    signature = infer_signature(example.cpu().numpy().astype(np.float32), out.numpy())
+    # explicit requirements: inferring them would re-import the model in a subprocess (slow, and offline-unsafe)
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+    _mlflow().pytorch.log_model(cpu_model, name=name, signature=signature, pip_requirements=reqs,
+                                input_example=example.cpu().numpy().astype(np.float32), serialization_format="pt2")
+
+
+def run_url(cfg: TrackingParams, run_id: str) -> str:
+    return f"{tracking_uri(cfg)} run {run_id}"

@@ -1,0 +1,56 @@
+"""Shared fixtures: a temp working directory with digits prepared and split, and a temp MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ssl_ops.params import load_params
+from ssl_ops.stages import prepare_stage, split_stage
+
+# Tiny but real: scikit-learn's 8x8 digits, a few optimiser steps, no progress bar, no model logging.
+TINY = [
+    "data.name=digits", "train.epochs=2", "train.steps_per_epoch=3", "train.batch_size=16",
+    "train.eval_batch_size=256", "train.progress=false", "train.warmup_epochs=0", "tracking.log_model=false",
+]
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One SQLite store per test session: creating one runs MLflow's migrations (seconds)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """A directory with data/prepared/digits and its split, built once per session."""
+    root = tmp_path_factory.mktemp("digits")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        params = load_params("params.yaml", TINY)
+        prepare_stage(params)
+        split_stage(params)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def workdir(digits_dir, tmp_path, monkeypatch, mlflow_uri) -> Path:
+    """A fresh cwd whose data/ is the session's prepared digits (read-only use)."""
+    (tmp_path / "data").symlink_to(digits_dir / "data")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny():
+    def make(*extra: str):
+        return load_params("params.yaml", [*TINY, *extra])
+
+    return make

@@ -1,0 +1,73 @@
+"""params.yaml validation: errors name the key path and the reason; the CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ssl_ops.errors import ParamsError
+from ssl_ops.params import flatten, load_params
+
+
+def _write(tmp_path, tree) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("tree", "key", "reason"),
+    [
+        ({"train": {"lr": -0.1}}, "train.lr", "greater than 0"),
+        ({"train": {"lrr": 0.1}}, "train.lrr", "unknown key"),
+        ({"data": {"name": "imagenet"}}, "data.name", "fashion_mnist"),
+        ({"split": {"labels_per_class": 0}}, "split.labels_per_class", "greater than 0"),
+        ({"pipeline": {"methods": ["nope"]}}, "pipeline", "unknown method"),
+        ({"model": {"backbone": "vgg"}}, "model", "unknown backbone"),
+        ({"supervised": {"label_smoothing": 2}}, "supervised.label_smoothing", "less than 1"),
+        ({"split": {"labels_per_class": 10, "label_fraction": 0.1}}, "split", "exactly one"),
+        ({"tarin": {}}, "tarin", "unknown key"),
+    ],
+)
+def test_invalid_values_name_key_and_reason(tmp_path, tree, key, reason):
+    with pytest.raises(ParamsError) as exc:
+        load_params(_write(tmp_path, tree))
+    msg = str(exc.value)
+    assert f"  {key}" in msg and reason in msg, msg
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = _write(tmp_path, {})
+    p = load_params(path, ["train.lr=0.5", "split.labels_per_class=25", "train.milestones=[0.3, 0.6]"])
+    assert (p.train.lr, p.split.labels_per_class, p.train.milestones) == (0.5, 25, [0.3, 0.6])
+    with pytest.raises(ParamsError, match="train.epochs"):
+        load_params(path, ["train.epochs=many"])
+    with pytest.raises(ParamsError, match="expected key.path=value"):
+        load_params(path, ["train.lr"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_repo_params_file_is_valid_and_round_trips():
+    p = load_params("params.yaml")
+    again = type(p).model_validate(p.model_dump(mode="json"))
+    assert again == p
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
+
+
+def test_cli_prints_one_paragraph_and_exits_nonzero(tmp_path):
+    path = _write(tmp_path, {"train": {"lr": -1}})
+    proc = subprocess.run([sys.executable, "-m", "ssl_ops.cli", "split", "--params", path],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "Traceback" not in proc.stderr
