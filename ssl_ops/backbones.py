@@ -254,7 +254,9 @@ class ResNet50(Backbone):
 
     def __init__(self, in_channels: int, width: float = 1.0, image_size: int | None = None) -> None:
         if width != 1.0:
-            raise ValueError(f"resnet50 supports only width=1.0 (got {width}); use resnet18_cifar or wrn28_2 to vary width")
+            raise ValueError(
+                f"resnet50 supports only width=1.0 (got {width}); use resnet18_cifar or wrn28_2 to vary the width"
+            )
         from torchvision.models import resnet50  # lazy: importing torchvision is slow and only this backbone needs it
 
         net = resnet50(weights=None)  # never download weights: runs must work offline

@@ -137,7 +137,7 @@ def test_duplicate_registration_rejected():
 
 
 def test_small_image_resnet50_stem():
-    # image_size < 64 switches to the 3x3/1 stem without max-pool, so 32x32 is not reduced to 1x1.
-    model = build_backbone("resnet50", 3, image_size=32).eval()
+    # image_size < 64 switches to the 3x3/1 stem without max-pool: downsampling by 8, not 32 (16x16 -> 2x2).
+    model = build_backbone("resnet50", 1, image_size=16).eval()
     with torch.no_grad():
-        assert model.forward_blocks(torch.randn(2, 3, 32, 32))[-1].shape[-1] == 4
+        assert model.forward_blocks(torch.randn(2, 1, 16, 16))[-1].shape[-2:] == (2, 2)

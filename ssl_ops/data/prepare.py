@@ -9,6 +9,7 @@ file modified after preparation is caught before training, with an error naming 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
     out = root / cfg.name
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}.", dir=root))
+    os.chmod(tmp, 0o777 & ~io.current_umask())  # mkdtemp makes 0700
     try:
         hashes, shapes = {}, {}
         for key in ARRAYS:
@@ -69,10 +71,11 @@ def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
             shapes[key] = list(arr.shape)
         # per-channel statistics in [0, 1] units, computed in chunks to bound memory on big datasets
         x = raw.train_x
-        s1 = np.zeros(x.shape[1]); s2 = np.zeros(x.shape[1])
+        s1, s2 = np.zeros(x.shape[1]), np.zeros(x.shape[1])
         for i in range(0, len(x), 4096):
             chunk = x[i : i + 4096].astype(np.float64) / 255.0
-            s1 += chunk.sum(axis=(0, 2, 3)); s2 += (chunk**2).sum(axis=(0, 2, 3))
+            s1 += chunk.sum(axis=(0, 2, 3))
+            s2 += (chunk**2).sum(axis=(0, 2, 3))
         count = x.shape[0] * x.shape[2] * x.shape[3]
         mean = s1 / count
         manifest = {
