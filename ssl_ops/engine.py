@@ -86,7 +86,8 @@ def make_context(params: BaseParams, train: TrainParams, data: PreparedDataset, 
                  device: torch.device | None = None) -> RunContext:
     device = device or select_device(train.device)
     torch.manual_seed(train.seed)  # model initialisation
-    store = ImageStore(data.train_x, data.train_y, device, max_bytes=params.data.max_in_memory_gb * 1e9)
+    store = ImageStore(data.train_x, data.train_y, device, max_bytes=params.data.max_in_memory_gb * 1e9,
+                       workers=params.data.loader_workers)
     generator = torch.Generator(device=device).manual_seed(train.seed)
     pools = {k: torch.as_tensor(getattr(split, k), device=device) for k in ("labeled", "val", "unlabeled")}
     return RunContext(params, train, device, data, split, store, generator, pools)

@@ -37,6 +37,7 @@ class DataParams(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)  # imagefolder without train/ and test/ sub-folders
     # Prepared arrays larger than this stream from disk through a DataLoader instead of living on the device.
     max_in_memory_gb: float = Field(4.0, gt=0)
+    loader_workers: int = Field(2, ge=0)  # DataLoader worker processes for streamed datasets
 
 
 class SplitParams(Section):

@@ -130,7 +130,8 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
     method, ck = load_trained(name, params)
     ctx, model = method.ctx, method.classifier()
     bs = ctx.train.eval_batch_size
-    test = ImageStore(ctx.data.test_x, ctx.data.test_y, ctx.device, params.data.max_in_memory_gb * 1e9)
+    test = ImageStore(ctx.data.test_x, ctx.data.test_y, ctx.device, params.data.max_in_memory_gb * 1e9,
+                      workers=params.data.loader_workers)
     logits, labels = predict_logits(model, test, torch.arange(len(ctx.data.test_y)).numpy(), bs, ctx.train.amp)
     val_logits, val_labels = predict_logits(model, ctx.store, ctx.split.val, bs, ctx.train.amp)
     metrics = {

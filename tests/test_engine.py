@@ -90,3 +90,14 @@ def test_modified_prepared_file_is_detected(workdir, tiny):
     np.save("data/prepared/digits/train_x.npy", arr)
     with pytest.raises(DataIntegrityError, match=r"train_x\.npy was modified"):
         load_data(src)
+
+
+def test_dataset_too_big_for_memory_streams_from_disk(workdir, tiny):
+    """With a tiny memory budget the same training and evaluation run from the memmap through a DataLoader."""
+    from ssl_ops.stages import evaluate_stage
+
+    result = train_stage("supervised", tiny("data.max_in_memory_gb=1e-6", "data.loader_workers=1", "train.epochs=1",
+                                             "train.steps_per_epoch=4"))
+    assert not result.ctx.store.in_memory
+    metrics = evaluate_stage("supervised", tiny("data.max_in_memory_gb=1e-6", "data.loader_workers=1"))
+    assert 0 <= metrics["test_top1"] <= 1 and math.isfinite(result.metrics["loss"])

@@ -39,6 +39,7 @@ class ImageStore:
                  workers: int = 2):
         self.device, self.workers = device, workers
         self.n = len(x)
+        self._streams: dict[tuple[int, int], Iterator[tuple[Tensor, Tensor]]] = {}
         self.in_memory = x.nbytes <= max_bytes
         if self.in_memory:
             self.x = torch.from_numpy(np.array(x)).to(device)  # copy: memmaps are read-only
@@ -48,14 +49,21 @@ class ImageStore:
             self.x_np, self.y_np = x, y
 
     def sample(self, pool: Tensor, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """A random batch drawn with replacement from ``pool`` (device tensor of indices)."""
+        """A random batch from ``pool`` (tensor of indices): drawn with replacement on the device, or the next
+        batch of a DataLoader stream over the memmap when the data does not fit (one stream per pool and batch
+        size, seeded from ``generator``; streamed runs are reproducible but not resumable to the same batches)."""
+        if not self.in_memory:
+            key = (pool.data_ptr(), batch_size)
+            if key not in self._streams:
+                self._streams[key] = self.stream(pool.cpu().numpy(), batch_size, generator.initial_seed() + len(self._streams))
+            return next(self._streams[key])
         pick = pool[torch.randint(0, len(pool), (batch_size,), generator=generator, device=pool.device)]
         return self.x[pick], self.y[pick]
 
     def stream(self, pool: np.ndarray, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Endless random batches from disk (the path for datasets too big for memory)."""
         g = torch.Generator().manual_seed(seed)
-        sampler = BatchSampler(RandomSampler(range(len(pool)), generator=g), batch_size, drop_last=True)
+        sampler = BatchSampler(RandomSampler(range(len(pool)), generator=g), min(batch_size, len(pool)), drop_last=True)
         loader = DataLoader(_MemmapBatches(self.x_np, self.y_np, pool), sampler=sampler, batch_size=None,
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=self.workers > 0)
