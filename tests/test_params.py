@@ -71,3 +71,13 @@ def test_cli_prints_one_paragraph_and_exits_nonzero(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "train.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_subcommand_has_help():
+    from ssl_ops.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert p.description and "--params" in text and "--set" in text, name
