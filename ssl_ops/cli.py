@@ -72,6 +72,9 @@ def cmd_report(args) -> None:
 
     params = _load(args)
     rows = report_stage(params)
+    if args.quiet:
+        out.print(f"reports/summary.md: {len(rows)} method(s)")
+        return
     table = Table(title=f"ssl-ops results: {params.data.name}, labels/class={params.split.labels_per_class}, "
                         f"seed={params.split.seed}")
     for col in ("method", "test top-1", "test top-5", "val top-1", "train s"):
@@ -110,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p = add("evaluate", cmd_evaluate, "test/val accuracy of a trained method -> metrics/<method>.json")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
-    add("report", cmd_report, "table of every method's metrics -> reports/summary.md")
+    p = add("report", cmd_report, "table of every method's metrics -> reports/summary.md")
+    p.add_argument("--quiet", action="store_true", help="write the file, print no table")
     return parser
 
 
