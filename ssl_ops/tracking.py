@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,24 @@ import torch
 from ssl_ops.params import TrackingParams, flatten
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+_URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+_SECRET_KEY = re.compile(r"password|passwd|secret|token|api_?key|credential", re.IGNORECASE)
+
+
+def mask_secrets(flat: dict[str, Any]) -> dict[str, Any]:
+    """Hide credentials before anything is logged or printed: passwords inside URIs
+    (``postgresql://user:pw@host`` -> ``postgresql://user:***@host``) and values of secret-looking keys."""
+    out = {}
+    for key, value in flat.items():
+        if _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and value not in (None, ""):
+            out[key] = "***"
+        elif isinstance(value, str):
+            out[key] = _URI_PASSWORD.sub(r"\1***\3", value)
+        else:
+            out[key] = value
+    return out
 
 
 def tracking_uri(cfg: TrackingParams) -> str:
@@ -55,13 +74,24 @@ def start_run(cfg: TrackingParams, run_name: str, params: dict[str, Any] | None 
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested) as run:
         if run_id is None:
             if params:
-                flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+                flat = {k: str(v)[:6000] for k, v in mask_secrets(flatten(params)).items()}
                 items = list(flat.items())
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                     mlflow.log_params(dict(items[i : i + 100]))
-                mlflow.log_dict(params, "params.resolved.yaml")
+                mlflow.log_dict(_unflatten(mask_secrets(flatten(params))), "params.resolved.yaml")
             mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
         yield run.info.run_id
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
