@@ -321,3 +321,21 @@ def simclr_views(x: Tensor, generator: torch.Generator, size: int, strength: flo
     v = color_jitter(v, generator, 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength, p=jitter_p)
     v = random_grayscale(v, generator, gray_p)
     return random_gaussian_blur(v, generator, blur_p)
+
+
+def occlude_tiles(tiles: Tensor, generator: torch.Generator, max_occluders: int = 2) -> tuple[Tensor, Tensor]:
+    """Jigsaw++ (Noroozi et al. 2018 §4): in every puzzle replace 0..``max_occluders`` tiles (count uniform,
+    positions random and distinct) by random tiles of other images of the batch. Returns the tiles and
+    the per-puzzle occluder counts."""
+    b, n = tiles.shape[:2]
+    dev = tiles.device
+    if b < 2 or max_occluders <= 0:
+        return tiles, torch.zeros(b, dtype=torch.long, device=dev)
+    counts = torch.randint(0, max_occluders + 1, (b,), generator=generator, device=dev)
+    rank = torch.rand(b, n, generator=generator, device=dev).argsort(1).argsort(1)  # a random rank per position
+    mask = rank < counts[:, None]  # exactly counts[i] distinct positions
+    # another image (never the puzzle's own) and any of its tiles
+    src_img = (torch.arange(b, device=dev)[:, None] + torch.randint(1, b, (b, n), generator=generator, device=dev)) % b
+    src_tile = torch.randint(0, n, (b, n), generator=generator, device=dev)
+    replaced = torch.where(mask.view(b, n, *([1] * (tiles.ndim - 2))), tiles[src_img, src_tile], tiles)
+    return replaced, counts
