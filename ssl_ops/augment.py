@@ -70,23 +70,34 @@ def rand_range(n: int, lo: float, hi: float, generator: torch.Generator, device:
     return lo + (hi - lo) * _uniform(n, generator, device)
 
 
+def _interp_matrix(start: Tensor, length: Tensor, size_in: int, size_out: int) -> Tensor:
+    """(B, size_out, size_in) bilinear weights sampling ``size_out`` points evenly over [start, start+length)
+    (pixel-centre convention, like ``grid_sample(align_corners=False)`` with border padding)."""
+    centres = start[:, None] + (torch.arange(size_out, device=start.device, dtype=start.dtype) + 0.5) * (
+        length[:, None] / size_out) - 0.5
+    centres = centres.clamp(0, size_in - 1)
+    lo = centres.floor().clamp(max=size_in - 1)
+    frac = centres - lo
+    hi = (lo + 1).clamp(max=size_in - 1)
+    m = torch.zeros(start.shape[0], size_out, size_in, device=start.device, dtype=start.dtype)
+    m.scatter_add_(2, lo.long()[..., None], (1 - frac)[..., None])
+    m.scatter_add_(2, hi.long()[..., None], frac[..., None])
+    return m
+
+
 def resized_crop(x: Tensor, boxes: Tensor, size: int | tuple[int, int]) -> Tensor:
     """Crop box ``(top, left, height, width)`` (pixels, float, one row per image) of each image and resize it
-    bilinearly to ``size``: one ``affine_grid`` + ``grid_sample`` for the whole batch. Returns float in [0, 1]
-    (uint8 input is divided by 255). A box equal to the output size at integer offsets is an exact slice.
+    bilinearly to ``size``. Bilinear resampling of an axis-aligned box is separable, so the whole batch is two
+    batched matrix products with (out x in) interpolation matrices. Returns float in [0, 1] (uint8 input is
+    divided by 255). A box equal to the output size at integer offsets is an exact slice.
     """
     out_h, out_w = (size, size) if isinstance(size, int) else size
     b, c, h, w = x.shape
     xf = x.float().div(255.0) if not x.is_floating_point() else x
     top, left, bh, bw = boxes.to(xf.dtype).unbind(1)
-    # normalised coordinates (align_corners=False): pixel edges at -1 and +1, centre of the box
-    theta = torch.zeros(b, 2, 3, device=x.device, dtype=xf.dtype)
-    theta[:, 0, 0] = bw / w
-    theta[:, 0, 2] = (2 * left + bw) / w - 1
-    theta[:, 1, 1] = bh / h
-    theta[:, 1, 2] = (2 * top + bh) / h - 1
-    grid = F.affine_grid(theta, [b, c, out_h, out_w], align_corners=False)
-    return F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    ry = _interp_matrix(top, bh, h, out_h)  # (B, out_h, H)
+    rx = _interp_matrix(left, bw, w, out_w)  # (B, out_w, W)
+    return (ry[:, None] @ xf @ rx[:, None].transpose(-1, -2)).clamp_(0, 1)
 
 
 def random_resized_boxes(b: int, h: int, w: int, generator: torch.Generator, device: torch.device,
@@ -229,17 +240,18 @@ def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    """Separable Gaussian blur with a per-image sigma and reflect padding (torchvision's gaussian_blur):
-    the batch is folded into channels so each image gets its own kernel in one grouped convolution."""
+    """Separable Gaussian blur with a per-image sigma and reflect padding (torchvision's gaussian_blur)."""
     if kernel_size % 2 == 0 or kernel_size < 1:
         raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
     b, c, h, w = x.shape
-    k = gaussian_kernels(sigma, kernel_size).to(x.dtype).repeat_interleave(c, 0)  # (B*C, k)
+    k = gaussian_kernels(sigma, kernel_size).to(x.dtype)  # (B, k)
     pad = kernel_size // 2
-    y = x.reshape(1, b * c, h, w)
-    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
-    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), k[:, None, :, None], groups=b * c)
-    return y.view(b, c, h, w)
+    # a weighted sum of shifted copies: k elementwise multiply-adds beat a B*C-group convolution on CPU
+    kw = k.view(b, 1, 1, 1, kernel_size)
+    y = F.pad(x, (pad, pad, 0, 0), mode="reflect")
+    y = sum(kw[..., i] * y[..., i : i + w] for i in range(kernel_size))
+    y = F.pad(y, (0, 0, pad, pad), mode="reflect")
+    return sum(kw[..., i] * y[..., i : i + h, :] for i in range(kernel_size))
 
 
 def random_gaussian_blur(x: Tensor, generator: torch.Generator, p: float, sigma: tuple[float, float] = (0.1, 2.0),

@@ -126,3 +126,16 @@ def test_grid_tiles_reassemble_and_shuffle():
     assert torch.equal(A.shuffle_tiles(shuffled, perms.argsort(1)), tiles)  # inverse permutation
     norm = A.normalize_per_tile(tiles.float())
     assert norm.mean(dim=(2, 3, 4)).abs().max() < 1e-5
+
+
+def test_resized_crop_equals_bilinear_grid_sample():
+    """The separable matrix form samples exactly where grid_sample(align_corners=False, border) does."""
+    x = torch.randint(0, 256, (16, 3, 20, 20), dtype=torch.uint8, generator=_gen())
+    boxes = A.random_resized_boxes(16, 20, 20, _gen(3), torch.device("cpu"), (0.1, 1.0))
+    top, left, bh, bw = boxes.unbind(1)
+    theta = torch.zeros(16, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = bw / 20, (2 * left + bw) / 20 - 1
+    theta[:, 1, 1], theta[:, 1, 2] = bh / 20, (2 * top + bh) / 20 - 1
+    grid = torch.nn.functional.affine_grid(theta, [16, 3, 12, 12], align_corners=False)
+    ref = torch.nn.functional.grid_sample(x.float() / 255, grid, align_corners=False, padding_mode="border")
+    torch.testing.assert_close(A.resized_crop(x, boxes, 12), ref, atol=1e-5, rtol=0)
