@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(rows[-1]), flush=True)
     env["load_average_1min_end"] = os.getloadavg()[0]
     result = {**env, "dataset": params.data.name, "labels_per_class": params.split.labels_per_class,
-              "split_seed": params.split.seed, "train_seed": params.train.seed, "backbone": params.model.backbone,
+              "split_seed": params.split.seed, "n_train": len(data.train_y), "n_test": len(data.test_y),
+              "n_labeled": len(split.labeled), "train_seed": params.train.seed, "backbone": params.model.backbone,
               "rows": rows}
     bench = REPO / "reports/augment_benchmark.json"
     if bench.exists():
@@ -84,20 +85,20 @@ def render(r: dict) -> str:
         "the end: the 2 cores were shared with other jobs, so wall times are upper bounds.",
         "",
         "Probes on frozen backbone features (global-average-pooled convnet output): weighted k-NN (k=20, cosine, "
-        "T=0.07) and logistic regression, both fit on the 100 labeled images and scored on the 10,000 test images "
-        "(a probe report, not model selection). Pre-training used all 60,000 train images without labels, with "
+        f"T=0.07) and logistic regression, both fit on the {r['n_labeled']} labeled images and scored on the {r['n_test']:,} test images "
+        f"(a probe report, not model selection). Pre-training used all {r['n_train']:,} train images without labels, with "
         "each pretext's default budget from params.yaml.",
         "",
         "| pretext | k-NN test top-1 | linear test top-1 | k-NN val top-1 | final pretext loss | steps x batch | "
-        "pre-training s (wall) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "pre-training s (training loop) | wall s (with probes) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
         steps = f"{row['steps']} x {row['batch_size']}" if "steps" in row else "-"
         loss = f"{row['pretext_loss']:.3f}" if "pretext_loss" in row else "-"
         lines.append(f"| {row['pretext']} | {row['knn_top1']:.2%} | {row['linear_top1']:.2%} | "
                      f"{row.get('knn_val_top1', float('nan')):.2%} | {loss} | {steps} | "
-                     f"{row['train_seconds']:.0f} |")
+                     f"{row['train_seconds']:.0f} | {row.get('wall_seconds', 0):.0f} |")
     if "augment_benchmark" in r:
         b = r["augment_benchmark"]
         lines += ["", f"Augmentation benchmark (`python -m benchmarks.augment_throughput`, {b['date']}, commit "

@@ -18,8 +18,8 @@ from ssl_ops.pretexts.base import Pretext, PretextParams, register_pretext
 
 
 class ExemplarParams(PretextParams):
-    epochs: int | None = Field(15, gt=0)
-    steps_per_epoch: int | None = Field(40, gt=0)
+    epochs: int | None = Field(10, gt=0)
+    steps_per_epoch: int | None = Field(30, gt=0)
     batch_size: int | None = Field(32, gt=0)  # distinct images per step (each one a class)
     lr: float | None = Field(0.05, gt=0)
     instances: int = Field(8, ge=2)  # augmented copies per image (S4L §3.1: 8)

@@ -63,8 +63,8 @@ def load_permutations(n: int, min_hamming: int, seed: int, cache: Path = CACHE) 
 
 
 class JigsawParams(PretextParams):
-    epochs: int | None = Field(15, gt=0)
-    steps_per_epoch: int | None = Field(40, gt=0)
+    epochs: int | None = Field(10, gt=0)
+    steps_per_epoch: int | None = Field(30, gt=0)
     batch_size: int | None = Field(64, gt=0)  # puzzles per step (9 tiles each)
     lr: float | None = Field(0.05, gt=0)
     permutations: int = Field(100, ge=2)  # size of the permutation set (paper: 701)

@@ -16,8 +16,8 @@ from ssl_ops.pretexts.base import Pretext, PretextParams, register_pretext
 
 
 class RotationParams(PretextParams):
-    epochs: int | None = Field(15, gt=0)
-    steps_per_epoch: int | None = Field(40, gt=0)
+    epochs: int | None = Field(10, gt=0)
+    steps_per_epoch: int | None = Field(30, gt=0)
     batch_size: int | None = Field(64, gt=0)  # images per step; the network sees 4x as many views
     lr: float | None = Field(0.05, gt=0)
 

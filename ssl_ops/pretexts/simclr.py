@@ -29,8 +29,8 @@ from ssl_ops.pretexts.base import Pretext, PretextParams, register_pretext
 
 
 class SimclrParams(PretextParams):
-    epochs: int | None = Field(15, gt=0)
-    steps_per_epoch: int | None = Field(40, gt=0)
+    epochs: int | None = Field(10, gt=0)
+    steps_per_epoch: int | None = Field(30, gt=0)
     batch_size: int | None = Field(128, gt=0)  # images per step (2N = 256 views)
     optimizer: Literal["sgd", "lars"] | None = "lars"
     lr: float | None = Field(None, gt=0)  # null: lr_scale * sqrt(batch_size)
