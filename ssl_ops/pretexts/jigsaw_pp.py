@@ -13,6 +13,7 @@ are 15x15 (gaps of up to 3 px); the convnet's global pooling takes 15x15 inputs 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -30,12 +31,17 @@ GRID = 3
 CACHE = Path("checkpoints/pretrain/permutations")
 
 
+@functools.cache
+def _all_permutations(k: int) -> np.ndarray:
+    return np.array(list(itertools.permutations(range(k))), dtype=np.int8)  # 9! x 9 = 3 MB
+
+
 def hamming_permutations(n: int, min_hamming: int = 3, seed: int = 0, grid: int = GRID) -> np.ndarray:
     """``n`` permutations of grid*grid tiles chosen greedily for maximal minimum Hamming distance
     (Noroozi & Favaro 2016, Algorithm 1: the next one maximises its minimum distance to those chosen, ties
     broken by a seeded draw). Raises when the set cannot keep ``min_hamming``. Deterministic in ``seed``."""
     k = grid * grid
-    all_perms = np.array(list(itertools.permutations(range(k))), dtype=np.int8)
+    all_perms = _all_permutations(k)
     rng = np.random.default_rng(seed)
     chosen = [int(rng.integers(len(all_perms)))]
     dmin = (all_perms != all_perms[chosen[0]]).sum(1)
