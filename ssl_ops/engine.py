@@ -206,6 +206,8 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
 
     ``run_state`` is small plain data saved with each checkpoint (e.g. the MLflow run id) and handed back
     on resume. ``epoch_end(epoch, metrics)`` is called after each epoch's checkpoint (Optuna reports there).
+    A method with an ``epoch_metrics()`` method (the pretexts: a k-NN monitor) has its dict merged into each
+    epoch's metrics instead of the val accuracy of ``method.classifier()``.
     """
     train, model = ctx.train, method.model
     total = train.epochs * train.steps_per_epoch
