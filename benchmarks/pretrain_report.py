@@ -130,7 +130,8 @@ def render(r: dict) -> str:
         lines += ["", f"Augmentation benchmark (`python -m benchmarks.augment_throughput`, {b['date']}, commit "
                       f"`{b['git_commit']}`): SimCLR view pipeline batched {b['batched_images_per_s']:,.0f} img/s vs "
                       f"torchvision.transforms.v2 per image with {b['workers']} DataLoader workers "
-                      f"{b['torchvision_per_image_images_per_s']:,.0f} img/s: **{b['ratio']:.1f}x** "
+                      f"{b['torchvision_per_image_images_per_s']:,.0f} img/s: **{b['ratio']:.1f}x** (batched side on "
+                      f"{b.get('batched_threads', b['torch_threads'])} thread) "
                       f"({b['images']} images {b['image_shape']}, one run, load average "
                       f"{b['load_average_1min']:.1f}). Details: reports/augment_benchmark.json."]
     return "\n".join(lines) + "\n"
