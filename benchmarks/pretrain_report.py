@@ -102,7 +102,9 @@ def render(r: dict) -> str:
         f"{r['machine']}, torch {r['torch']} ({r['torch_threads']} threads). Backbone `{r['backbone']}`, split seed "
         f"{r['split_seed']}, train seed {r['train_seed']}, one run per row (no std: one seed fits the CPU budget). "
         f"1-minute load average {r['load_average_1min']:.1f} at the start and {r['load_average_1min_end']:.1f} at "
-        "the end: the 2 cores were shared with other jobs, so wall times are upper bounds.",
+        "the end: the 2 cores were shared with other jobs, so wall times are upper bounds (training ran at 80-240 "
+        "network inputs/s instead of the 800-2000 measured on a free CPU; two torch threads spin-waiting on a "
+        "busy CPU are part of that, see reports/augment_benchmark.json).",
         "",
         "Probes on frozen backbone features (global-average-pooled convnet output): weighted k-NN (k=20, cosine, "
         f"T=0.07) and logistic regression, both fit on the {r['n_labeled']} labeled images and scored on the {r['n_test']:,} test images "
