@@ -122,12 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/<method>/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
-    p = add("evaluate", cmd_evaluate, "test/val accuracy of a trained method -> metrics/<method>.json")
-    p.add_argument("method", choices=sorted(METHODS), help="registered method")
     p = add("pretrain", cmd_pretrain, "self-supervised pre-training on all train images -> models/pretrain/<pretext>.pt")
     p.add_argument("pretext", choices=sorted(PRETEXTS), help="registered pretext")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/pretrain/<pretext>/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    p = add("evaluate", cmd_evaluate, "test/val accuracy of a trained method -> metrics/<method>.json")
+    p.add_argument("method", choices=sorted(METHODS), help="registered method")
     add("report", cmd_report, "table of every method's metrics -> reports/summary.md")
     return parser
 
