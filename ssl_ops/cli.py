@@ -92,8 +92,22 @@ def cmd_report(args) -> None:
         out.print(f"Runs are on the tracking server {uri}")
 
 
+def cmd_pretrain(args) -> None:
+    from ssl_ops.pretrain import model_path, pretrain_stage
+
+    params = _load(args)
+    if args.no_progress:
+        params.train.progress = False
+    res = pretrain_stage(args.pretext, params, resume=args.resume)
+    m = res.metrics
+    out.print(f"pre-trained [bold]{args.pretext}[/bold] in {m['train_seconds']:.1f}s -> {model_path(args.pretext)}: "
+              f"k-NN test top-1 {m['knn_top1']:.2%}, linear probe {m['linear_top1']:.2%} "
+              f"-> metrics/pretrain_{args.pretext}.json (MLflow run {res.run_id})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ssl_ops.methods import METHODS
+    from ssl_ops.pretexts import PRETEXTS
 
     parser = argparse.ArgumentParser(
         prog="ssl-ops", description="Train image classifiers from very few labels; every run tracked in MLflow.")
@@ -110,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "train a method on the split; writes models/<method>.pt and an MLflow run")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/<method>/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    p = add("pretrain", cmd_pretrain, "self-supervised pre-training on all train images -> models/pretrain/<pretext>.pt")
+    p.add_argument("pretext", choices=sorted(PRETEXTS), help="registered pretext")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoints/pretrain/<pretext>/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p = add("evaluate", cmd_evaluate, "test/val accuracy of a trained method -> metrics/<method>.json")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")

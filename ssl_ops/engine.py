@@ -67,6 +67,13 @@ class RunContext:
         x, y = self.store.sample(self.pools["labeled"], batch_size, self.generator)
         return (self.augment(x) if augmented else augment.to_float(x)), y
 
+    def image_batch(self, batch_size: int) -> Tensor:
+        """Raw uint8 images from the whole train set (labeled, val and unlabeled alike, labels unused):
+        what self-supervised pre-training draws from."""
+        if "all" not in self.pools:
+            self.pools["all"] = torch.arange(self.store.n, device=self.device)
+        return self.store.sample(self.pools["all"], batch_size, self.generator)[0]
+
     def unlabeled_batch(self, batch_size: int) -> Tensor:
         """Raw uint8 unlabeled images: methods build their own views from them."""
         return self.store.sample(self.pools["unlabeled"], batch_size, self.generator)[0]
@@ -120,10 +127,16 @@ def make_optimizer(model: nn.Module, train: TrainParams, total_steps: int):
     # no weight decay on biases and norm scales (1-D tensors), as in the papers' reference code
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train.lr, momentum=train.momentum, nesterov=train.nesterov and train.momentum > 0,
-    )
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if train.optimizer == "lars":
+        from ssl_ops.lars import LARS
+
+        # SimCLR reference code: biases and norm scales get neither weight decay nor the trust ratio
+        groups[1]["lars_exclude"] = True
+        opt = LARS(groups, lr=train.lr, momentum=train.momentum)
+    else:
+        opt = torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum,
+                              nesterov=train.nesterov and train.momentum > 0)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, total_steps))
 
 
@@ -194,6 +207,8 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
 
     ``run_state`` is small plain data saved with each checkpoint (e.g. the MLflow run id) and handed back
     on resume. ``epoch_end(epoch, metrics)`` is called after each epoch's checkpoint (Optuna reports there).
+    A method with an ``epoch_metrics()`` method (the pretexts: a k-NN monitor) has its dict merged into each
+    epoch's metrics instead of the val accuracy of ``method.classifier()``.
     """
     train, model = ctx.train, method.model
     total = train.epochs * train.steps_per_epoch
@@ -244,7 +259,9 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
             _guard_finite(metrics["loss"], epoch, checkpoint)
             metrics["lr"] = scheduler.get_last_lr()[0]
             metrics["images_per_second"] = train.steps_per_epoch * method.images_per_step / (time.perf_counter() - t0)
-            if len(ctx.split.val):
+            if hasattr(method, "epoch_metrics"):  # e.g. pretexts: a k-NN monitor instead of a classifier
+                metrics.update(method.epoch_metrics())
+            elif len(ctx.split.val):
                 logits, labels = predict_logits(method.classifier(), ctx.store, ctx.split.val, train.eval_batch_size,
                                                 train.amp)
                 metrics["val_top1"] = topk_accuracy(logits, labels, 1)

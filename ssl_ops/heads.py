@@ -36,3 +36,40 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
+
+
+class ProjectionHead(nn.Module):
+    """SimCLRv2 §2 projection head: ``layers`` linear layers, each followed by BatchNorm, ReLU on all but the
+    last; hidden width = the backbone's feature width, output ``out_dim``. SimCLRv2 fine-tunes from the
+    middle layer of a 3-layer head (``forward(x, upto=1)`` returns that layer's output)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128, layers: int = 3):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"a projection head needs at least one layer, got {layers}")
+        dims = [in_dim] * layers + [out_dim]
+        self.layers = nn.ModuleList()
+        for i in range(layers):
+            last = i == layers - 1
+            block = [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1])]
+            if not last:
+                block.append(nn.ReLU(inplace=True))
+            self.layers.append(nn.Sequential(*block))
+
+    def forward(self, x: Tensor, upto: int | None = None) -> Tensor:
+        for layer in self.layers[:upto]:
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """normalise -> backbone: images in [0, 1] to features (what pre-training trains and probes read)."""
+
+    def __init__(self, normalize: Normalize, backbone: nn.Module):
+        super().__init__()
+        self.normalize = normalize
+        self.backbone = backbone
+        self.feature_dim = backbone.feature_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(self.normalize(x))

@@ -79,7 +79,7 @@ class TrainParams(Section):
     steps_per_epoch: int = Field(100, gt=0)  # an "epoch" is this many optimiser steps (checkpoint + log period)
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(1024, gt=0)
-    optimizer: Literal["sgd"] = "sgd"
+    optimizer: Literal["sgd", "lars"] = "sgd"  # lars: SimCLR's layer-wise adaptive SGD (ssl_ops.lars)
     lr: float = Field(0.03, gt=0)  # peak learning rate
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
@@ -104,14 +104,19 @@ class PipelineParams(Section):
     """What ``dvc repro`` runs: dvc.yaml iterates over these lists."""
 
     methods: list[str] = Field(default_factory=lambda: ["supervised"])
+    pretexts: list[str] = Field(default_factory=list)  # self-supervised pre-training runs (ssl-ops pretrain)
 
     @model_validator(mode="after")
     def _known_methods(self) -> PipelineParams:
         from ssl_ops.methods import METHODS
+        from ssl_ops.pretexts import PRETEXTS
 
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
+        unknown = [m for m in self.pretexts if m not in PRETEXTS]
+        if unknown:
+            raise ValueError(f"unknown pretext(s) {unknown}; registered: {sorted(PRETEXTS)}")
         return self
 
 
@@ -126,11 +131,16 @@ class BaseParams(Section):
 
 @functools.cache
 def params_model() -> type[BaseParams]:
-    """The root model: BaseParams plus one optional section per registered method."""
+    """The root model: BaseParams plus one optional section per registered method and pretext."""
     from ssl_ops.methods import METHODS
+    from ssl_ops.pretexts import PRETEXTS
 
+    clash = set(METHODS) & set(PRETEXTS)
+    if clash:
+        raise ValueError(f"{sorted(clash)} registered both as a method and as a pretext; params sections must differ")
     fields: dict[str, Any] = {
-        name: (method.Params, Field(default_factory=method.Params)) for name, method in METHODS.items()
+        name: (method.Params, Field(default_factory=method.Params))
+        for name, method in {**METHODS, **PRETEXTS}.items()
     }
     return create_model("Params", __base__=BaseParams, **fields)
 

@@ -21,7 +21,7 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)  # a hang guard, not a speed test: the CPU may be shared
 
 
 def test_dvc_repro_on_digits(tmp_path):
@@ -31,6 +31,8 @@ def test_dvc_repro_on_digits(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["name"] = "digits"
     params["train"].update(epochs=3, steps_per_epoch=20, progress=False, warmup_epochs=0)
+    params["pipeline"]["pretexts"] = ["rotation"]  # one pretext, a few steps: the foreach stage runs
+    params["rotation"].update(epochs=1, steps_per_epoch=3, batch_size=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = _env(tmp_path)
     assert _run(["git", "init", "-q"], tmp_path, env).returncode == 0
@@ -60,6 +62,8 @@ def test_dvc_repro_on_digits(tmp_path):
     assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr
     shown = _run([str(BIN / "dvc"), "metrics", "show", "--json"], tmp_path, env)
     assert "test_top1" in shown.stdout
+    assert "linear_top1" in shown.stdout  # metrics/pretrain_rotation.json from the pretrain stage
+    assert (tmp_path / "models/pretrain/rotation.pt").exists()
 
 
 def test_missing_dataset_is_one_paragraph(tmp_path):

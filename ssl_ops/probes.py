@@ -1,0 +1,53 @@
+"""Probes of frozen features: weighted k-NN (cosine) and a linear probe (logistic regression).
+
+They measure representations, they do not select models: the pre-training monitor compares val against
+the labeled split; the final probes fit on the labeled split and report test accuracy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_ops import augment
+from ssl_ops.data.store import ImageStore
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, store: ImageStore, indices: np.ndarray | Tensor,
+                     batch_size: int) -> tuple[Tensor, Tensor]:
+    """Features and labels of ``indices`` of ``store`` (encoder in eval mode, restored after)."""
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    for xb, yb in store.iterate(np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices), batch_size):
+        feats.append(encoder(augment.to_float(xb)).float())
+        labels.append(yb)
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_top1(ref_f: Tensor, ref_y: Tensor, query_f: Tensor, query_y: Tensor, k: int = 20,
+             temperature: float = 0.07) -> float:
+    """Weighted k-NN accuracy (Wu et al. 2018 §3.4): the k most cosine-similar reference points vote for their
+    class with weight exp(similarity / temperature)."""
+    k = min(k, len(ref_y))
+    num_classes = int(max(ref_y.max().item(), query_y.max().item())) + 1
+    sims = F.normalize(query_f, dim=1) @ F.normalize(ref_f, dim=1).T
+    top, idx = sims.topk(k, dim=1)
+    votes = torch.zeros(len(query_y), num_classes, device=sims.device)
+    votes.scatter_add_(1, ref_y[idx], torch.exp(top / temperature))
+    return (votes.argmax(1) == query_y).float().mean().item()
+
+
+def linear_top1(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, c: float = 1.0) -> float:
+    """Linear probe: scikit-learn logistic regression (L2, ``C=c``) on standardised frozen features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+    clf.fit(train_f.cpu().numpy(), train_y.cpu().numpy())
+    return float(clf.score(test_f.cpu().numpy(), test_y.cpu().numpy()))
