@@ -370,8 +370,10 @@ def _read_npy(path: Path, shape: tuple[int, int, int], resize: bool) -> tuple[li
     if x.dtype == np.uint8:
         pass
     elif np.issubdtype(x.dtype, np.floating):
-        if not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
-            raise PredictInputError(f"{path} holds floats in [{np.nanmin(x):g}, {np.nanmax(x):g}]; the model "
+        if not np.isfinite(x).all():
+            raise PredictInputError(f"{path} holds NaN or infinite values; expected pixel values in [0, 1]")
+        if len(x) and not (x.min() >= 0 and x.max() <= 1):
+            raise PredictInputError(f"{path} holds floats in [{x.min():g}, {x.max():g}]; the model "
                                     "expects pixel values in [0, 1] (or uint8 0-255): divide by 255 or save uint8")
     else:
         raise PredictInputError(f"{path} has dtype {x.dtype}; expected uint8 (0-255) or float in [0, 1]")
