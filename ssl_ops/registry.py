@@ -23,9 +23,11 @@ uint8 images and ``N×H×W×C`` arrays and converts them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import os
 import string
 import tempfile
 from dataclasses import dataclass
@@ -51,6 +53,22 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 PREDICT_BATCH = 512  # images per forward pass inside the pyfunc (bounds memory for big requests)
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """MLflow draws a progress bar per artifact copy, even for local files: noise between our own outputs."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,13 +129,15 @@ def log_classifier(model: torch.nn.Module, spec: dict[str, Any], name: str = ART
     reqs = [f"{pkg}=={ver}" for pkg, ver in (("torch", torch.__version__.split("+")[0]), ("numpy", np.__version__),
                                              ("pandas", pd.__version__), ("mlflow", mlflow.__version__),
                                              ("ssl-ops", ssl_ops.__version__))]
-    with tempfile.TemporaryDirectory(prefix="ssl-ops-model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ssl-ops-model-") as tmp, _no_progress_bars():
         weights, spec_file = Path(tmp) / "weights.pt", Path(tmp) / "spec.json"
         io.torch_save(weights, state)
         io.write_json(spec_file, spec)
         mlflow.pyfunc.log_model(
             name=name, python_model=str(MODEL_CODE), artifacts={"weights": str(weights), "spec": str(spec_file)},
             signature=_signature(spec), pip_requirements=reqs,
+            # two mid-grey images: MLflow checks the model loads and predicts, and documents a serving payload
+            input_example=np.full((2, *spec["image_shape"]), 0.5, np.float32),
             metadata={"class_names": spec["classes"], "image_shape": spec["image_shape"],
                       "input": "float32 N x C x H x W, pixel values in [0, 1] (uint8 / 255)",
                       "ssl_ops_format": SPEC_FORMAT},
@@ -216,7 +236,11 @@ def _client(uri: str):
 
 
 def _candidate(client, version) -> Candidate:
-    run = client.get_run(version.run_id)
+    try:
+        run = client.get_run(version.run_id)
+    except MlflowException as exc:
+        raise RegistryError(f"{version.name} v{version.version} points at run {version.run_id}, which cannot be "
+                            f"read ({exc.message[:200]}); move the champion alias with --force") from None
     m = run.data.metrics
     return Candidate(str(version.version), version.run_id, run.data.tags.get("method", "?"),
                      float(m.get("val_top1", float("nan"))), m.get("test_top1"))
@@ -246,7 +270,8 @@ def promote(method: str, uri: str, margin: float, name_pattern: str, run_id: str
         raise RegistryError(f"run {run_id} has no val_top1 metric, which the promotion gate compares; "
                             "train with a val split (split.val_per_class > 0)")
     logged = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}' AND name = '{ARTIFACT_NAME}'",
-                                         experiment_ids=[run.info.experiment_id], output_format="list")
+                                         experiment_ids=[run.info.experiment_id], output_format="list",
+                                         order_by=[{"field_name": "creation_timestamp", "ascending": False}])
     if not logged:
         raise RegistryError(f"run {run_id} has no logged model {ARTIFACT_NAME!r}: train with tracking.log_model=true")
     name = name or default_model_name(name_pattern, run.data.params, method)
@@ -267,6 +292,8 @@ def promote(method: str, uri: str, margin: float, name_pattern: str, run_id: str
 
     if champion is None:
         promoted, reason = True, "no champion yet"
+    elif np.isnan(champion.val_top1):
+        promoted, reason = True, f"champion v{champion.version} has no val_top1 to compare with"
     elif force:
         promoted, reason = True, (f"--force (val top-1 {challenger.val_top1:.4f} vs champion v{champion.version}'s "
                                   f"{champion.val_top1:.4f})")
@@ -302,7 +329,8 @@ def load_model(model_uri: str, uri: str) -> Loaded:
     """A registered (``models:/name@alias``) or logged model, with its input shape and class names."""
     _client(uri)
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        with _no_progress_bars():
+            model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
         raise RegistryError(f"cannot load model {model_uri} from {uri}: {exc.message[:300]}") from None
     meta = model.metadata.metadata or {}
