@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench install dataset ui clean
+.PHONY: demo test bench install dataset ui clean registry-demo
 
 install: $(STAMP)
 
@@ -48,3 +48,7 @@ ui: $(STAMP)
 
 clean:
 	rm -rf checkpoints mlruns mlartifacts mlflow.db metrics models reports/summary.md
+
+# issue 7: promote + predict on 20 Fashion-MNIST test images in a scratch dir -> reports/registry_demo.md
+registry-demo: $(STAMP) dataset
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/registry_demo.py

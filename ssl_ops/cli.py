@@ -105,6 +105,40 @@ def cmd_pretrain(args) -> None:
               f"-> metrics/pretrain_{args.pretext}.json (MLflow run {res.run_id})")
 
 
+def cmd_promote(args) -> None:
+    from ssl_ops.registry import promote
+    from ssl_ops.tracking import tracking_uri
+
+    params = _load(args)
+    res = promote(args.method, tracking_uri(params.tracking), params.registry.margin, params.registry.model_name,
+                  run_id=args.run_id, name=args.name, force=args.force)
+    table = Table(title=f"promotion of {res.name} v{res.challenger.version}")
+    for col in ("", "version", "method", "run", "val top-1 (decides)", "test top-1 (not used)"):
+        table.add_column(col, justify="left" if col in ("", "method", "run") else "right")
+    for role, c in (("challenger", res.challenger), ("champion", res.champion)):
+        if c is None:
+            table.add_row(role, "-", "-", "-", "-", "-")
+        else:
+            test = "-" if c.test_top1 is None else f"{c.test_top1:.2%}"
+            table.add_row(role, f"v{c.version}", c.method, c.run_id[:12], f"{c.val_top1:.2%}", test)
+    out.print(table)
+    verdict = "[bold green]champion moved[/bold green]" if res.promoted else "[bold yellow]champion kept[/bold yellow]"
+    out.print(f"{verdict}: {res.reason}. Aliases: challenger -> v{res.challenger.version}, champion -> "
+              f"v{res.challenger.version if res.promoted else res.champion.version}")
+
+
+def cmd_predict(args) -> None:
+    from pathlib import Path
+
+    from ssl_ops.registry import predict
+    from ssl_ops.tracking import tracking_uri
+
+    params = _load(args)
+    table = predict(args.model, Path(args.path), Path(args.out), tracking_uri(params.tracking), resize=args.resize)
+    counts = table["predicted"].value_counts()
+    out.print(f"{len(table)} images -> {args.out} (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ssl_ops.methods import METHODS
     from ssl_ops.pretexts import PRETEXTS
@@ -133,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
     p = add("report", cmd_report, "table of every method's metrics -> reports/summary.md")
     p.add_argument("--quiet", action="store_true", help="write the file, print no table")
+    p = add("promote", cmd_promote, "register a run's model (alias challenger); make it champion if it wins on val")
+    p.add_argument("method", help="method whose models/<method>.json names the run (unless --run-id)")
+    p.add_argument("--run-id", help="MLflow run to promote (default: the one in models/<method>.json)")
+    p.add_argument("--name", help="registered model name (default: registry.model_name from params)")
+    p.add_argument("--force", action="store_true", help="make it champion whatever its val accuracy")
+    p = add("predict", cmd_predict, "class probabilities for a folder of images or a .npy array -> CSV")
+    p.add_argument("path", help="folder of images (png, jpg, ...) or .npy array (N,C,H,W / N,H,W,C / N,H,W)")
+    p.add_argument("--model", required=True, help="model URI, e.g. models:/ssl-ops-fashion_mnist-10pc@champion")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    p.add_argument("--resize", action="store_true", help="resize images of another size to the model's (bilinear)")
     return parser
 
 

@@ -32,3 +32,11 @@ class TrainingDivergedError(SslOpsError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class RegistryError(SslOpsError):
+    """The MLflow Model Registry cannot do what was asked (no such run, model, alias or logged model)."""
+
+
+class PredictInputError(SslOpsError):
+    """Images given to ``ssl-ops predict`` do not match the model's input signature (channels, size, dtype)."""

@@ -1,6 +1,6 @@
 """Typed configuration: ``params.yaml`` plus ``--set key.path=value`` overrides, validated by Pydantic.
 
-The root model has fixed sections (data, split, model, train, tracking, pipeline) and one section per
+The root model has fixed sections (data, split, model, train, tracking, registry, pipeline) and one section per
 registered method, whose model the method declares next to its code (``ssl_ops/methods/<name>.py``).
 Unknown keys are errors everywhere (``extra="forbid"``) so that a typo stops the command before any work,
 with a message naming the key path.
@@ -97,7 +97,28 @@ class TrainParams(Section):
 class TrackingParams(Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "ssl-ops"
-    log_model: bool = True  # log the final model with mlflow.pytorch (with an input signature)
+    log_model: bool = True  # log the final model as an MLflow pyfunc (ssl_ops.registry; input signature, class names)
+
+
+class RegistryParams(Section):
+    """``ssl-ops promote``: where a run's model is registered and when it becomes the champion."""
+
+    # Registered model name; placeholders: {dataset}, {budget} ("10pc" = 10 labels per class, "1pct" = 1% of
+    # labels) and {method}. One name per task, so every method's model competes for the same champion alias.
+    model_name: str = "ssl-ops-{dataset}-{budget}"
+    # The champion alias moves only if challenger val top-1 > champion val top-1 + margin (val, never test).
+    margin: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _known_placeholders(self) -> RegistryParams:
+        import string
+
+        fields = {f for _, f, _, _ in string.Formatter().parse(self.model_name) if f is not None}
+        unknown = fields - {"dataset", "budget", "method"}
+        if unknown:
+            raise ValueError(f"model_name has unknown placeholder(s) {sorted(unknown)}; use {{dataset}}, "
+                             "{budget} and {method}")
+        return self
 
 
 class PipelineParams(Section):
@@ -126,6 +147,7 @@ class BaseParams(Section):
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
     pipeline: PipelineParams = Field(default_factory=PipelineParams)
 
 

@@ -97,8 +97,10 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
                 "train_seconds": result.train_seconds, "mlflow_run_id": run_id,
             })
             if params.tracking.log_model:
-                example = torch.zeros((2, *data.image_shape))
-                tracking.log_model(method.classifier(), example)
+                from ssl_ops import registry  # imports mlflow: only when a model is logged
+
+                registry.log_classifier(method.classifier(), registry.model_spec(
+                    params.model.backbone, params.model.width, data.image_shape, data.classes))
             # DVC-tracked pointer from the pipeline to the MLflow run (dvc.lock then pins the run)
             io.write_json(MODELS / f"{name}.json", {
                 "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri(params.tracking),

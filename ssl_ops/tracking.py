@@ -1,4 +1,4 @@
-"""MLflow, and only here: runs, params, metrics, tags and logged models.
+"""MLflow runs, params, metrics and tags (models: ssl_ops/registry.py, the only other module importing mlflow).
 
 The default tracking URI is a local SQLite file (``sqlite:///mlflow.db``) so the Model Registry works
 with no server; ``MLFLOW_TRACKING_URI`` (or ``tracking.uri`` in params) points everything at a team
@@ -14,9 +14,6 @@ import re
 import subprocess
 from collections.abc import Iterator
 from typing import Any
-
-import numpy as np
-import torch
 
 from ssl_ops.params import TrackingParams, flatten
 
@@ -104,26 +101,6 @@ def set_tags(tags: dict[str, str]) -> None:
 
 def log_artifact(path: str) -> None:
     _mlflow().log_artifact(path)
-
-
-def log_model(model: torch.nn.Module, example: torch.Tensor, name: str = "model") -> None:
-    """Log a copy of ``model`` on the CPU with an input signature (float32 images in [0, 1], N×C×H×W).
-
-    Saved in MLflow's ``pt2`` format (``torch.export``): a traced graph plus weights, loadable without
-    unpickling code. ``example`` needs a batch of at least 2 so the batch dimension stays dynamic.
-    """
-    import copy
-
-    from mlflow.models import infer_signature
-
-    cpu_model = copy.deepcopy(model).cpu().eval()
-    with torch.no_grad():
-        out = cpu_model(example.cpu())
-    signature = infer_signature(example.cpu().numpy().astype(np.float32), out.numpy())
-    # explicit requirements: inferring them would re-import the model in a subprocess (slow, and offline-unsafe)
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-    _mlflow().pytorch.log_model(cpu_model, name=name, signature=signature, pip_requirements=reqs,
-                                input_example=example.cpu().numpy().astype(np.float32), serialization_format="pt2")
 
 
 def run_url(cfg: TrackingParams, run_id: str) -> str:
