@@ -294,8 +294,10 @@ def run_study(method: str, params: BaseParams, *, trials: int | None = 20, timeo
             study.optimize(objective, n_trials=trials, timeout=timeout, catch=(Exception,), callbacks=callbacks)
         wall = time.perf_counter() - t0
         best_file = write_best(study, method, url) if _has_complete(study) else None
-        plots = save_plots(study, TUNING / name / "plots")
-        tracking.log_artifacts([str(p) for p in plots], artifact_path="plots")
+        # redrawn only after a call that ran trials (drawing costs seconds; --trials 0 only reports)
+        plots = save_plots(study, TUNING / name / "plots") if trials else sorted((TUNING / name / "plots").glob("*.png"))
+        if trials:
+            tracking.log_artifacts([str(p) for p in plots], artifact_path="plots")
         if best_file:
             tracking.log_artifacts([str(best_file)])
         counts = _counts(study)
