@@ -12,7 +12,7 @@ evaluated once the study is over.
 Only one method (``supervised``) is registered when this was written, so the two set-ups are supervised
 with two backbones widths and two search spaces (optimisation vs augmentation/schedule).
 
-    python -m benchmarks.tuning_report                     # ~15 min on 2 CPU cores
+    python -m benchmarks.tuning_report                     # ~10-15 min on 2 shared CPU cores
     python -m benchmarks.tuning_report --trials 2 --epochs 2 --seeds 0 --out /tmp/smoke.md   # smoke run
 """
 

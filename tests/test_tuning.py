@@ -185,6 +185,13 @@ def test_diverging_trial_fails_and_study_goes_on(workdir, mlflow_uri):
     assert run.data.tags["optuna.state"] == "FAIL" and "loss became" in run.data.tags["optuna.fail_reason"]
 
 
+def test_call_whose_every_trial_fails_is_an_error(workdir):
+    params = _params(workdir, space={"train.lr": {"type": "categorical", "choices": [1.0e10]}})
+    with pytest.raises(TuningError, match=r"all 1 trials of this call failed; the first: TrainingDivergedError"):
+        run_study("supervised", params, trials=1, study_name="allfail")
+    assert [t.state.name for t in _trials("allfail")] == ["FAIL"]
+
+
 def test_interrupted_study_resumes_with_earlier_trials(workdir, mlflow_uri, monkeypatch):
     params = _params(workdir)
     real = tuning.train_stage
@@ -213,6 +220,18 @@ def test_interrupted_study_resumes_with_earlier_trials(workdir, mlflow_uri, monk
     assert res.study.user_attrs["mlflow_parent_run_id"] == first[0].user_attrs.get(
         "mlflow_parent_run_id", res.study.user_attrs["mlflow_parent_run_id"])
     assert len({r.data.tags["mlflow.parentRunId"] for r in _trial_runs(mlflow_uri, "resume").values()}) == 1
+
+
+def test_cli_ctrl_c_exits_130_with_resume_hint(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tuning, "run_study", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "supervised"])
+    assert exc.value.code == 130
+    assert "Run the same command again to resume" in capsys.readouterr().err
 
 
 def test_resume_under_other_params_is_refused(workdir):
