@@ -139,6 +139,33 @@ def cmd_predict(args) -> None:
     out.print(f"{len(table)} images -> {args.out} (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")")
 
 
+def cmd_tune(args) -> None:
+    from ssl_ops.tuning import apply_best, nest, run_study, top_trials_table
+
+    params = _load(args)
+    try:
+        res = run_study(args.method, params, trials=args.trials, timeout=args.timeout, storage=args.storage,
+                        study_name=args.study)
+    except KeyboardInterrupt:
+        err.print("interrupted: the running trial is marked FAIL (interrupted); the finished trials are kept in the "
+                  "study. Run the same command again to resume it.")
+        sys.exit(130)
+    out.print(top_trials_table(res.study))
+    if res.best_file is None:
+        out.print(f"no complete trial yet in study {res.study.study_name}; nothing to write")
+        if args.apply:
+            raise SslOpsError("--apply: the study has no complete trial to apply")
+        return
+    best = res.study.best_trial
+    out.print(f"best: trial {best.number}, val top-1 {best.value:.2%} -> {res.best_file} "
+              f"(this call: {res.wall_seconds:.1f}s; plots in {res.plots[0].parent if res.plots else '-'})")
+    if args.apply:
+        diff = apply_best(args.params, nest(best.params))
+        out.print(diff or f"{args.params} already holds these values", highlight=False, markup=False)
+        if diff:
+            out.print(f"applied to {args.params}: `dvc repro` now trains with them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ssl_ops.methods import METHODS
     from ssl_ops.pretexts import PRETEXTS
@@ -177,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model URI, e.g. models:/ssl-ops-fashion_mnist-10pc@champion")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--resize", action="store_true", help="resize images of another size to the model's (bilinear)")
+    p = add("tune", cmd_tune, "Optuna study of a method's tune.spaces on the val split, tracked in MLflow")
+    p.add_argument("method", choices=sorted(METHODS), help="registered method")
+    p.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20; 0: only report)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="start no trial after S seconds")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="sqlite:///tuning/optuna.db (default), postgresql://..., or journal:PATH for parallel workers")
+    p.add_argument("--study", default=None, metavar="NAME", help="study name (default: <method>-<dataset>)")
+    p.add_argument("--apply", action="store_true", help="write the best values into the params file (shows the diff)")
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -141,6 +141,126 @@ class PipelineParams(Section):
         return self
 
 
+# ---------------------------------------------------------------------------------------------------------
+# tuning (``ssl-ops tune``, see ssl_ops/tuning.py): search spaces are checked here, at load time
+
+
+class FloatSpace(Section):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False  # sample log-uniformly (learning rates, weight decay)
+    step: float | None = Field(None, gt=0)  # discretise: low, low+step, ... (not with log)
+
+    @model_validator(mode="after")
+    def _range(self) -> FloatSpace:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("step and log cannot be combined (Optuna samples one or the other)")
+        return self
+
+    def values(self) -> list[Any]:
+        return [self.low, self.high]
+
+
+class IntSpace(Section):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, gt=0)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> IntSpace:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and (self.low <= 0 or self.step != 1):
+            raise ValueError("a log-scale int range needs low > 0 and step 1")
+        return self
+
+    def values(self) -> list[Any]:
+        return [self.low, self.high]
+
+
+class CategoricalSpace(Section):
+    type: Literal["categorical"]
+    choices: list[bool | int | float | str | None] = Field(min_length=1)
+
+    def values(self) -> list[Any]:
+        return list(self.choices)
+
+
+Space = Annotated[FloatSpace | IntSpace | CategoricalSpace, Field(discriminator="type")]
+
+
+class PrunerParams(Section):
+    """Stops hopeless trials from their per-epoch val accuracy (an Optuna "step" is one ssl-ops epoch)."""
+
+    kind: Literal["median", "hyperband", "threshold", "none"] = "median"
+    n_startup_trials: int = Field(3, ge=0)  # median: finished trials before any pruning
+    n_warmup_steps: int = Field(1, ge=0)  # median, threshold: epochs a trial always runs
+    min_resource: int = Field(1, gt=0)  # hyperband: epochs of the smallest bracket
+    reduction_factor: int = Field(3, ge=2)  # hyperband: keep 1/reduction_factor of trials per rung
+    lower: float | None = None  # threshold: prune a trial whose val top-1 is below this after warm-up
+
+    @model_validator(mode="after")
+    def _threshold(self) -> PrunerParams:
+        if self.kind == "threshold" and self.lower is None:
+            raise ValueError("pruner kind threshold needs lower (the val top-1 below which a trial stops)")
+        return self
+
+
+class TuneParams(Section):
+    """``tune.spaces.<method>`` maps params key paths (``train.lr``) to the range a trial samples from."""
+
+    sampler: Literal["tpe", "random"] = "tpe"
+    # The sampler is seeded with seed + the number of trials already in the study, so a resumed study does
+    # not replay its first suggestions. Workers started together on one storage need different seeds.
+    seed: int | None = Field(0, ge=0)
+    pruner: PrunerParams = Field(default_factory=PrunerParams)
+    keep_checkpoints: bool = False  # keep tuning/<study>/trial-<n>.pt (e.g. to test each trial afterwards)
+    spaces: dict[str, dict[str, Space]] = Field(default_factory=dict)
+
+
+# Sections a trial may change: the model and optimisation, never what is measured (data, split) or where
+# it is recorded (tracking, pipeline); plus the tuned method's own section.
+TUNABLE_SECTIONS = ("train", "model")
+
+
+def _space_problems(params: BaseModel, method: str, key: str, space: Any) -> list[str]:
+    """Why ``key`` cannot be tuned for ``method`` (empty if it can): it must be a leaf of a tunable section,
+    and every value the space can produce must be valid for that field."""
+    where = f"tune.spaces.{method}.{key}"
+    parts = key.split(".")
+    if parts[0] not in (*TUNABLE_SECTIONS, method):
+        allowed = ", ".join(f"{s}.*" for s in (*TUNABLE_SECTIONS, method))
+        return [f"{where}: {parts[0]!r} cannot be tuned for {method}; only {allowed} can"]
+    owner: Any = params
+    for i, part in enumerate(parts):
+        fields = type(owner).model_fields
+        if part not in fields:
+            section = ".".join(parts[:i]) or "params"
+            return [f"{where}: {section} has no key {part!r} (known: {', '.join(sorted(fields))})"]
+        if i < len(parts) - 1:
+            owner = getattr(owner, part)
+            if not isinstance(owner, BaseModel):
+                return [f"{where}: {'.'.join(parts[: i + 1])} is a value, not a section"]
+    leaf = parts[-1]
+    problems = []
+    if parts[0] == "train" and len(parts) == 2 and getattr(getattr(params, method), leaf, None) is not None:
+        problems.append(f"{where}: {method}.{leaf} is set and overrides train.{leaf}; tune {method}.{leaf} "
+                        f"instead or set {method}.{leaf} to null")
+    for value in space.values():
+        try:  # validate the owning section with this value (the same rules as the params file)
+            type(owner).model_validate({**owner.model_dump(), leaf: value})
+        except ValidationError as err:
+            problems.append(f"{where}: {value!r} is not a valid {key}: {err.errors()[0]['msg']}")
+    return problems
+
+
 class BaseParams(Section):
     data: DataParams = Field(default_factory=DataParams)
     split: SplitParams = Field(default_factory=SplitParams)
@@ -149,6 +269,22 @@ class BaseParams(Section):
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     pipeline: PipelineParams = Field(default_factory=PipelineParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
+
+    @model_validator(mode="after")
+    def _tunable_spaces(self) -> BaseParams:
+        from ssl_ops.methods import METHODS
+
+        problems = []
+        for method, space in self.tune.spaces.items():
+            if method not in METHODS:
+                problems.append(f"tune.spaces.{method}: unknown method; registered: {sorted(METHODS)}")
+                continue
+            for key, dist in space.items():
+                problems += _space_problems(self, method, key, dist)
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
 
 
 @functools.cache
@@ -170,11 +306,11 @@ def params_model() -> type[BaseParams]:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        path = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (a typo? remove it or check the spelling)"
-        lines.append(f"  {path}: {msg}")
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")  # root-level messages name their own paths
     return f"invalid params in {source}:\n" + "\n".join(lines)
 
 
@@ -219,6 +355,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         return params_model().model_validate(tree)
     except ValidationError as err:
         raise ParamsError(_format_errors(err, source)) from None
+
+
+def with_overrides(params: BaseParams, overrides: list[str], source: str = "params") -> BaseParams:
+    """``params`` with ``--set``-style overrides applied, validated exactly like the params file."""
+    tree = apply_overrides(params.model_dump(mode="json"), overrides)
+    try:
+        return params_model().model_validate(tree)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, f"{source} with overrides {overrides}")) from None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

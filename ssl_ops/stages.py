@@ -71,19 +71,25 @@ def build_method(name: str, params: BaseParams, data: PreparedDataset, split: Sp
 
 
 def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=None,
-                write_outputs: bool = True, run_tags: dict[str, str] | None = None) -> TrainResult:
-    """Train a registered method; returns final metrics and the objects (for Optuna and tests)."""
+                write_outputs: bool = True, run_tags: dict[str, str] | None = None, nested: bool = False,
+                checkpoint: Path | None = None) -> TrainResult:
+    """Train a registered method; returns final metrics and the objects (for Optuna and tests).
+
+    ``nested`` makes the MLflow run a child of the active one (an Optuna trial under its study's run);
+    ``checkpoint`` replaces checkpoints/<name>/last.pt (trials must not overwrite the train stage's).
+    """
     data, split, spath = load_data(params)
     method = build_method(name, params, data, split)
     resolved = params.model_dump(mode="json")
     config_hash = _config_hash(resolved, name)
-    checkpoint = CHECKPOINTS / name / "last.pt"
+    checkpoint = checkpoint or CHECKPOINTS / name / "last.pt"
     prev_run = None
     if resume and checkpoint.exists():
         prev_run = io.torch_load(checkpoint)["run_state"].get("mlflow_run_id")
     tags = {"method": name, "dataset": params.data.name, "split_file": str(spath), "split_sha256": split.sha256,
             "dataset_sha256": data.sha256, **(run_tags or {})}
-    with tracking.start_run(params.tracking, run_name=name, params=resolved, tags=tags, run_id=prev_run) as run_id:
+    with tracking.start_run(params.tracking, run_name=name, params=resolved, tags=tags, run_id=prev_run,
+                            nested=nested) as run_id:
         result = fit(method, method.ctx, checkpoint, resume=resume, config_hash=config_hash,
                      log=tracking.log_metrics, run_state={"mlflow_run_id": run_id}, epoch_end=epoch_end)
         metrics = {"train_seconds": result.train_seconds, **{k: v for k, v in result.history[-1].items()

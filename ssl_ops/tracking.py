@@ -69,6 +69,8 @@ def start_run(cfg: TrackingParams, run_name: str, params: dict[str, Any] | None 
     if run_id is None:
         mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested) as run:
+        global _last_started
+        _last_started = run.info.run_id
         if run_id is None:
             if params:
                 flat = {k: str(v)[:6000] for k, v in mask_secrets(flatten(params)).items()}
@@ -101,6 +103,45 @@ def set_tags(tags: dict[str, str]) -> None:
 
 def log_artifact(path: str) -> None:
     _mlflow().log_artifact(path)
+
+
+def log_artifacts(paths: list[str], artifact_path: str | None = None) -> None:
+    """Log files to the active run (under ``artifact_path``)."""
+    for path in paths:
+        _mlflow().log_artifact(path, artifact_path=artifact_path)
+
+
+_last_started: str | None = None
+
+
+def last_run_id() -> str | None:
+    """The id of the run most recently started by :func:`start_run` in this process (also after it ended)."""
+    return _last_started
+
+
+def active_run_id() -> str | None:
+    run = _mlflow().active_run()
+    return run.info.run_id if run else None
+
+
+def run_exists(cfg: TrackingParams, run_id: str) -> bool:
+    mlflow = _mlflow()
+    try:
+        mlflow.MlflowClient(tracking_uri(cfg)).get_run(run_id)
+        return True
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def finish_run(cfg: TrackingParams, run_id: str, tags: dict[str, str], status: str | None = None) -> None:
+    """Tag an ended run and optionally correct its status (an Optuna-pruned trial ended by an exception,
+    which MLflow records as FAILED, but it is a normal outcome: FINISHED)."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v)[:5000])
+    if status:
+        client.set_terminated(run_id, status=status)
 
 
 def run_url(cfg: TrackingParams, run_id: str) -> str:

@@ -1,0 +1,262 @@
+"""ssl-ops tune: search-space validation, a small study on digits, pruning, failures, interruption and resume,
+two concurrent worker processes on one storage, and --apply editing params.yaml only when asked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from conftest import TINY
+
+from ssl_ops import tuning
+from ssl_ops.cli import main
+from ssl_ops.errors import ParamsError
+from ssl_ops.params import apply_overrides, load_params
+from ssl_ops.tuning import TuningError, as_override, run_study
+
+SPACE = {
+    "train.lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True},
+    "supervised.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+}
+BIN = Path(sys.executable).parent
+
+
+def _write_params(path: Path, space=None, **tune) -> None:
+    tune = {"pruner": {"kind": "none"}, **tune, "spaces": {"supervised": space or SPACE}}
+    path.write_text(yaml.safe_dump({"tune": tune}))
+
+
+def _params(workdir: Path, *extra: str, space=None, **tune):
+    _write_params(workdir / "params.yaml", space, **tune)
+    return load_params("params.yaml", [*TINY, *extra])
+
+
+def _trials(study_name: str, storage: str = tuning.DEFAULT_STORAGE) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study_name, storage=tuning.make_storage(storage)[0]).trials
+
+
+def _trial_runs(uri: str, study: str) -> dict[int, mlflow.entities.Run]:
+    runs = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.get_experiment_by_name("ssl-ops").experiment_id], f"tags.`optuna.study` = '{study}'")
+    return {int(r.data.tags["optuna.trial_number"]): r for r in runs if "optuna.trial_number" in r.data.tags}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# search-space validation (at params load, before any work)
+
+
+@pytest.mark.parametrize(
+    ("space", "extra", "expected"),
+    [
+        ({"train.lrr": {"type": "float", "low": 0.1, "high": 1}}, {}, "tune.spaces.supervised.train.lrr: train has no key 'lrr'"),
+        ({"data.name": {"type": "categorical", "choices": ["mnist"]}}, {}, "'data' cannot be tuned for supervised"),
+        ({"split.seed": {"type": "int", "low": 0, "high": 3}}, {}, "'split' cannot be tuned"),
+        ({"train.lr": {"type": "float", "low": 0.0, "high": 1}}, {}, "0.0 is not a valid train.lr: Input should be greater than 0"),
+        ({"train.momentum": {"type": "float", "low": 0.5, "high": 1.5}}, {}, "1.5 is not a valid train.momentum"),
+        ({"model.backbone": {"type": "categorical", "choices": ["convnet", "vgg"]}}, {}, "'vgg' is not a valid model.backbone"),
+        ({"model.backbone.depth": {"type": "int", "low": 1, "high": 3}}, {}, "model.backbone is a value, not a section"),
+        ({"train.lr": {"type": "float", "low": 0.01, "high": 0.1}}, {"supervised": {"lr": 0.05}},
+         "supervised.lr is set and overrides train.lr"),
+        ({"train.lr": {"type": "float", "low": 0.3, "high": 0.1}}, {}, "low (0.3) must be below high (0.1)"),
+        ({"train.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, {}, "a log-scale range needs low > 0"),
+        ({"train.lr": {"type": "uniform", "low": 0.0, "high": 0.1}}, {}, "tune.spaces.supervised.train.lr"),
+    ],
+)
+def test_invalid_search_space_names_the_key(tmp_path, space, extra, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"tune": {"spaces": {"supervised": space}}, **extra}))
+    with pytest.raises(ParamsError) as exc:
+        load_params(path)
+    assert expected in str(exc.value), str(exc.value)
+
+
+def test_unknown_method_and_threshold_pruner_errors(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"tune": {"spaces": {"fixmatch2": {}}}}))
+    with pytest.raises(ParamsError, match=r"tune.spaces.fixmatch2: unknown method"):
+        load_params(path)
+    path.write_text(yaml.safe_dump({"tune": {"pruner": {"kind": "threshold"}}}))
+    with pytest.raises(ParamsError, match=r"tune.pruner: .*needs lower"):
+        load_params(path)
+
+
+def test_method_without_space_is_a_clear_error(workdir, tiny):
+    with pytest.raises(TuningError, match=r"no search space for supervised: add tune.spaces.supervised"):
+        run_study("supervised", tiny(), trials=1)
+    assert not Path("tuning/optuna.db").exists()
+
+
+@pytest.mark.parametrize("value", [1e-05, 0.03, 3, True, None, "convnet", "1.0", 0.0])
+def test_trial_values_survive_the_set_syntax(value):
+    key, _, raw = as_override("a.b", value).partition("=")
+    assert apply_overrides({}, [f"{key}={raw}"]) == {"a": {"b": value}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# studies on digits
+
+
+def test_four_trial_study_completes_and_writes_best(workdir, mlflow_uri):
+    params = _params(workdir)
+    res = run_study("supervised", params, trials=4)
+    trials = res.study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    # the objective's value is the last epoch's val top-1, reported each epoch
+    for t in trials:
+        assert sorted(t.intermediate_values) == [1, 2] and t.value == t.intermediate_values[2]
+        assert 0.01 <= t.params["train.lr"] <= 0.3 and 0 <= t.params["supervised.label_smoothing"] <= 0.2
+    assert res.study.best_value == max(t.value for t in trials)
+
+    best = yaml.safe_load(Path("tuning/supervised.best.yaml").read_text())
+    assert best == {"train": {"lr": res.study.best_params["train.lr"]},
+                    "supervised": {"label_smoothing": res.study.best_params["supervised.label_smoothing"]}}
+    # the best values load as params (the shape of params sections)
+    tuned = load_params("params.yaml", [*TINY, f"train.lr={best['train']['lr']!r}"])
+    assert tuned.train.lr == best["train"]["lr"]
+    assert {p.name for p in res.plots} == {"history.png", "parallel_coordinate.png", "importances.png"}
+    assert not list(Path("tuning/supervised-digits").glob("trial-*.pt"))  # keep_checkpoints: false
+
+    # MLflow: one parent run with the plots; a nested run per trial with its values, curve, state and number
+    parent = res.study.user_attrs["mlflow_parent_run_id"]
+    client = mlflow.MlflowClient(mlflow_uri)
+    assert {a.path for a in client.list_artifacts(parent, "plots")} == {f"plots/{p.name}" for p in res.plots}
+    assert client.get_run(parent).data.metrics["best_val_top1"] == res.study.best_value
+    runs = _trial_runs(mlflow_uri, "supervised-digits")
+    assert sorted(runs) == [0, 1, 2, 3]
+    for t in trials:
+        run = runs[t.number]
+        assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["optuna.state"] == "COMPLETE"
+        assert float(run.data.params["train.lr"]) == t.params["train.lr"]
+        curve = client.get_metric_history(run.info.run_id, "val_top1")
+        assert [m.value for m in sorted(curve, key=lambda m: m.step)] == [t.intermediate_values[s] for s in (1, 2)]
+
+    # the CLI: --trials 0 only reports; params.yaml changes only with --apply, and then to the best values
+    before = Path("params.yaml").read_text()
+    sets = [x for s in TINY for x in ("--set", s)]
+    assert main(["tune", "supervised", "--trials", "0", *sets]) == 0
+    assert Path("params.yaml").read_text() == before
+    assert main(["tune", "supervised", "--trials", "0", "--apply", *sets]) == 0
+    applied = load_params("params.yaml")
+    assert applied.train.lr == best["train"]["lr"]
+    assert applied.supervised.label_smoothing == best["supervised"]["label_smoothing"]
+
+
+def test_pruner_prunes(workdir, mlflow_uri):
+    # a threshold no accuracy can reach: every trial must stop after its warm-up epoch
+    params = _params(workdir, pruner={"kind": "threshold", "lower": 1.01, "n_warmup_steps": 1})
+    res = run_study("supervised", params, trials=2, study_name="prune")
+    assert [t.state.name for t in res.study.trials] == ["PRUNED", "PRUNED"]
+    assert all(t.last_step == 1 and list(t.intermediate_values) == [1] for t in res.study.trials)
+    assert res.best_file is None
+    runs = _trial_runs(mlflow_uri, "prune")
+    assert {r.data.tags["optuna.state"] for r in runs.values()} == {"PRUNED"}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("median", optuna.pruners.MedianPruner),
+                                           ("hyperband", optuna.pruners.HyperbandPruner),
+                                           ("none", optuna.pruners.NopPruner)])
+def test_pruner_kinds(kind, cls, tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"tune": {"pruner": {"kind": kind}}}))
+    assert isinstance(tuning.make_pruner(load_params(path).tune.pruner, epochs=5), cls)
+
+
+def test_diverging_trial_fails_and_study_goes_on(workdir, mlflow_uri):
+    # lr 1e10 turns the loss into NaN/Inf in the first epoch (TrainingDivergedError); lr 0.05 trains
+    params = _params(workdir, space={"train.lr": {"type": "categorical", "choices": [0.05, 1.0e10]}})
+    store, _ = tuning.make_storage(tuning.DEFAULT_STORAGE)
+    study = optuna.create_study(storage=store, study_name="nan", direction="maximize")
+    study.enqueue_trial({"train.lr": 1.0e10})
+    study.enqueue_trial({"train.lr": 0.05})
+    res = run_study("supervised", params, trials=2, study_name="nan")
+    failed, ok = res.study.trials
+    assert failed.state.name == "FAIL" and "TrainingDivergedError" in failed.user_attrs["fail_reason"]
+    assert "loss became" in failed.user_attrs["fail_reason"]
+    assert ok.state.name == "COMPLETE" and res.study.best_trial.number == 1
+    assert yaml.safe_load(Path("tuning/supervised.best.yaml").read_text()) == {"train": {"lr": 0.05}}
+    run = _trial_runs(mlflow_uri, "nan")[0]
+    assert run.data.tags["optuna.state"] == "FAIL" and "loss became" in run.data.tags["optuna.fail_reason"]
+
+
+def test_call_whose_every_trial_fails_is_an_error(workdir):
+    params = _params(workdir, space={"train.lr": {"type": "categorical", "choices": [1.0e10]}})
+    with pytest.raises(TuningError, match=r"all 1 trials of this call failed; the first: TrainingDivergedError"):
+        run_study("supervised", params, trials=1, study_name="allfail")
+    assert [t.state.name for t in _trials("allfail")] == ["FAIL"]
+
+
+def test_interrupted_study_resumes_with_earlier_trials(workdir, mlflow_uri, monkeypatch):
+    params = _params(workdir)
+    real = tuning.train_stage
+
+    def ctrl_c_in_trial_1(name, p, epoch_end, **kw):
+        def interrupting(epoch, metrics):
+            if kw["run_tags"]["optuna.trial_number"] == "1":
+                raise KeyboardInterrupt  # what Ctrl-C raises in the middle of training
+            epoch_end(epoch, metrics)
+        return real(name, p, epoch_end=interrupting, **kw)
+
+    monkeypatch.setattr(tuning, "train_stage", ctrl_c_in_trial_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_study("supervised", params, trials=3, study_name="resume")
+    first = _trials("resume")
+    assert [t.state.name for t in first] == ["COMPLETE", "FAIL"]
+    assert first[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    assert _trial_runs(mlflow_uri, "resume")[1].data.tags["optuna.state"] == "FAIL"
+
+    monkeypatch.setattr(tuning, "train_stage", real)
+    res = run_study("supervised", params, trials=2, study_name="resume")
+    again = res.study.trials
+    assert [t.state.name for t in again] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert again[0].params == first[0].params and again[0].value == first[0].value
+    assert again[2].params != again[0].params  # the resumed sampler does not replay the first suggestions
+    assert res.study.user_attrs["mlflow_parent_run_id"] == first[0].user_attrs.get(
+        "mlflow_parent_run_id", res.study.user_attrs["mlflow_parent_run_id"])
+    assert len({r.data.tags["mlflow.parentRunId"] for r in _trial_runs(mlflow_uri, "resume").values()}) == 1
+
+
+def test_cli_ctrl_c_exits_130_with_resume_hint(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tuning, "run_study", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "supervised"])
+    assert exc.value.code == 130
+    assert "Run the same command again to resume" in capsys.readouterr().err
+
+
+def test_resume_under_other_params_is_refused(workdir):
+    run_study("supervised", _params(workdir), trials=0, study_name="fixed")
+    with pytest.raises(TuningError, match=r"other params \(train.epochs: 2 -> 3\)"):
+        run_study("supervised", _params(workdir, "train.epochs=3"), trials=0, study_name="fixed")
+
+
+def test_two_workers_share_one_study(workdir, mlflow_uri):
+    """Two `ssl-ops tune` processes started together on one journal storage: the study holds the union."""
+    storage = f"journal:{workdir}/tuning/study.log"
+    params = _params(workdir)
+    run_study("supervised", params, trials=0, storage=storage, study_name="par")  # MLflow store migrated once
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow_uri}
+    sets = [x for s in TINY for x in ("--set", s)]
+    procs = [subprocess.Popen([str(BIN / "ssl-ops"), "tune", "supervised", "--trials", "3", "--storage", storage,
+                               "--study", "par", *sets, "--set", f"tune.seed={seed}"], cwd=workdir, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (0, 100)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+
+    trials = _trials("par", storage)
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    ran = [{int(line.split()[1]) for line in err.splitlines() if line.startswith("trial ")} for _, err in outs]
+    assert len(ran[0]) == len(ran[1]) == 3 and ran[0].isdisjoint(ran[1]) and ran[0] | ran[1] == set(range(6))
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # different seeds: no repeated points
+    assert sorted(_trial_runs(mlflow_uri, "par")) == list(range(6))
