@@ -52,3 +52,14 @@ def weak_augment(x: Tensor, generator: torch.Generator, padding: int, hflip: boo
     if hflip:
         x = random_hflip(x, generator)
     return x
+
+
+def rotate90(x: Tensor, k: int | Tensor) -> Tensor:
+    """Rotate counter-clockwise by k x 90 degrees: the whole batch when ``k`` is an int, image i by ``k[i]``
+    when it is a (B,) tensor (square images; the four rotations are formed once and each image picks its own)."""
+    if isinstance(k, int):
+        return torch.rot90(x, k % 4, dims=(-2, -1))
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"per-image rotate90 needs square images, got {tuple(x.shape[-2:])}")
+    every = torch.stack([torch.rot90(x, r, dims=(-2, -1)) for r in range(4)])  # (4, B, C, H, W)
+    return every[k.long() % 4, torch.arange(x.shape[0], device=x.device)]
