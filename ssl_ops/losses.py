@@ -56,7 +56,11 @@ def vat_perturbation(logits_fn, x: Tensor, clean_logits: Tensor, eps: float, xi:
     for _ in range(iterations):
         d = (xi * _unit(d)).requires_grad_(True)
         dist = kl_div_logits(p, logits_fn(x.detach() + d))
-        d = torch.autograd.grad(dist, d)[0]
+        grad = torch.autograd.grad(dist, d)[0]
+        # A saturated prediction (p ~ one-hot) can give a gradient that (nearly) underflows in float32: such a
+        # sample keeps its current direction, so that every perturbation still has norm eps.
+        dead = grad.flatten(1).norm(dim=1) < 1e-12
+        d = torch.where(dead.view(-1, *([1] * (d.ndim - 1))), d.detach(), grad)
     return (eps * _unit(d)).detach()
 
 
