@@ -21,6 +21,8 @@ from ssl_ops.methods.base import register_method
 
 
 class MeanTeacherParams(JointParams):
+    unlabeled_weight: float = Field(10.0, ge=0)  # as pi_model: the reference's 100 on class-averaged MSE
+    rampup_epochs: float = Field(5.0, ge=0)
     ema_decay: float = Field(0.99, ge=0, lt=1)  # Tarvainen & Valpola: 0.99 during ramp-up, 0.999 after
     evaluate_teacher: bool = True  # False: evaluate / export the student instead
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from ssl_ops.losses import softmax_mse
@@ -16,7 +17,9 @@ from ssl_ops.methods.base import register_method
 
 
 class PiModelParams(JointParams):
-    pass
+    # Laine & Aila: w_max = 100 on the class-averaged squared error = 10 on our class-summed one (10 classes)
+    unlabeled_weight: float = Field(10.0, ge=0)
+    rampup_epochs: float = Field(5.0, ge=0)  # Laine & Aila ramp up over 80 of 300 epochs; a quarter of 20 here
 
 
 @register_method("pi_model")

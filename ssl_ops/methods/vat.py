@@ -30,7 +30,7 @@ class VatParams(JointParams):
     # on 28 x 28 images) recovers the sensitive direction far better.
     xi: float = Field(1e-2, gt=0)
     power_iterations: int = Field(1, ge=1)  # Miyato et al.: one iteration suffices
-    entmin_weight: float = Field(0.0, ge=0)  # EntMin weight on the same images; 0: plain VAT
+    entmin_weight: float = Field(0.3, ge=0)  # EntMin weight on the same images (S4L §5: 0.3); 0: plain VAT
     augment_unlabeled: bool = True  # crop + flip the unlabeled images as the labeled ones
 
 
