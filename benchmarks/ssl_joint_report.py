@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -76,6 +77,8 @@ def write_report(rows: list[dict], args, meta: dict) -> None:
         f"Seeds (split and training): {args.seeds}. Backbone: {meta['backbone']}. Machine: {meta['machine']}. "
         f"torch {meta['torch']}. Git SHA: `{meta['git_sha']}`. Date: {meta['date']}.",
         f"Command: `{meta['command']}`",
+        *([f"Resumed (--resume): the runs already recorded were made by `{meta['resumed_from']['command']}` at "
+           f"{meta['resumed_from']['date']}, git SHA `{meta['resumed_from']['git_sha']}`."] if "resumed_from" in meta else []),
         "",
         "Test top-1 of the model at the end of training (no selection on test), mean ± std over seeds (population "
         "std). Val has 5 images per class (50 in all), so its accuracy moves in steps of 2%. Train seconds: wall "
@@ -107,6 +110,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--init", default=None, help="pre-trained backbone for the '+ init' rows of " + ", ".join(WITH_INIT))
     ap.add_argument("--set", nargs="*", default=[], help="extra --set overrides for every run")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in reports/ssl_joint.json (same method and seed) and do only the rest; "
+                         "pass the same budget options as the interrupted run")
     args = ap.parse_args()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp()}/bench.db")
     params = load_params(args.params, args.set)
@@ -117,11 +123,16 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m benchmarks.ssl_joint_report " + " ".join(sys.argv[1:])}
     rows = []
+    if args.resume and OUT_JSON.exists():
+        previous = json.loads(OUT_JSON.read_text())
+        rows = previous["rows"]
+        meta["resumed_from"] = {k: previous["meta"][k] for k in ("command", "date", "git_sha")}
+    done = {(r["method"], r["seed"]) for r in rows}
     for seed in range(args.seeds):
         for method in args.methods:
-            rows.append(run_one(method, seed, args, None))
-            if args.init and method in WITH_INIT:
-                rows.append(run_one(method, seed, args, args.init))
+            for init in [None, args.init] if args.init and method in WITH_INIT else [None]:
+                if (method + (" + init" if init else ""), seed) not in done:
+                    rows.append(run_one(method, seed, args, init))
             write_report(rows, args, meta)  # after every run: a partial report survives an interruption
             io.write_json(OUT_JSON, {"meta": meta, "rows": rows})
     print(f"-> {OUT_MD}")
