@@ -77,8 +77,8 @@ def write_report(rows: list[dict], args, meta: dict) -> None:
         f"Seeds (split and training): {args.seeds}. Backbone: {meta['backbone']}. Machine: {meta['machine']}. "
         f"torch {meta['torch']}. Git SHA: `{meta['git_sha']}`. Date: {meta['date']}.",
         f"Command: `{meta['command']}`",
-        *([f"Resumed (--resume): the runs already recorded were made by `{meta['resumed_from']['command']}` at "
-           f"{meta['resumed_from']['date']}, git SHA `{meta['resumed_from']['git_sha']}`."] if "resumed_from" in meta else []),
+        *([f"Resumed (--resume): the runs already recorded were made by `{prev['command']}` at {prev['date']}, "
+           f"git SHA `{prev['git_sha']}`."] if (prev := meta.get("resumed_from")) else []),
         "",
         "Test top-1 of the model at the end of training (no selection on test), mean ± std over seeds (population "
         "std). Val has 5 images per class (50 in all), so its accuracy moves in steps of 2%. Train seconds: wall "
@@ -91,8 +91,9 @@ def write_report(rows: list[dict], args, meta: dict) -> None:
         rs = [r for r in rows if r["method"] == n]
         test = [r["test_top1"] for r in rs]
         diff = (f"{statistics.mean(test) - statistics.mean(base):+.2%}" if base and n != "supervised" else "")
+        seconds = statistics.mean(r["train_seconds"] for r in rs)
         lines.append(f"| {n} | {_mean_std(test)} | {diff} | {_mean_std([r['val_top1'] for r in rs])} | "
-                     f"{rs[0]['steps']} x {rs[0]['batch_size']} | {statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+                     f"{rs[0]['steps']} x {rs[0]['batch_size']} | {seconds:.0f} |")
     lines += ["", "Per run (final-epoch training losses):", "",
               *(f"- {r['method']}, seed {r['seed']}: test {r['test_top1']:.4f}, val {r['val_top1']:.4f}, "
                 f"{r['train_seconds']:.0f} s, " + ", ".join(f"{k} {v:.4g}" for k, v in r["final_losses"].items())
@@ -108,7 +109,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override every method's epochs")
     ap.add_argument("--steps-per-epoch", type=int, default=None, help="override every method's steps per epoch")
     ap.add_argument("--methods", nargs="+", default=METHODS)
-    ap.add_argument("--init", default=None, help="pre-trained backbone for the '+ init' rows of " + ", ".join(WITH_INIT))
+    ap.add_argument("--init", default=None,
+                    help="pre-trained backbone for the '+ init' rows of " + ", ".join(WITH_INIT))
     ap.add_argument("--set", nargs="*", default=[], help="extra --set overrides for every run")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in reports/ssl_joint.json (same method and seed) and do only the rest; "

@@ -35,7 +35,8 @@ class JointMethod(Method):
         return self.ctx.train.batch_size + self.unlabeled_batch_size
 
     def unlabeled_weight(self, step: int) -> float:
-        return self.params.unlabeled_weight * sigmoid_rampup(step, self.params.rampup_epochs * self.ctx.train.steps_per_epoch)
+        length = self.params.rampup_epochs * self.ctx.train.steps_per_epoch
+        return self.params.unlabeled_weight * sigmoid_rampup(step, length)
 
     def draw(self) -> tuple[Tensor, Tensor, Tensor]:
         """An augmented labeled batch (float), its labels, and a raw uint8 unlabeled batch."""
