@@ -5,8 +5,9 @@ iteration inside an L2 ball of radius ``eps`` (losses.vat_perturbation), plus w_
 
 Perturbations live in the network's input space, images in [0, 1] (before per-channel normalisation), so
 ``eps`` is an L2 norm in that space. S4L's heuristic: keep it below half the distance between neighbouring
-images. For Fashion-MNIST (28 x 28) that distance is several units, so eps = 2 is well inside; Miyato et
-al. use eps = 2.0 on MNIST as well.
+images. On Fashion-MNIST (28 x 28) the nearest-neighbour L2 distance of 200 train images among 20k others
+has median 3.6 and 10% quantile 2.4 (measured on the prepared data), hence eps = 1.5 by default; Miyato et
+al. use eps = 2.0 on MNIST.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ssl_ops.methods.base import register_method
 
 class VatParams(JointParams):
     # unlabeled_weight (inherited) is w_vat; Miyato et al. use 1 (alpha in eq. (10))
-    eps: float = Field(2.0, gt=0)  # L2 radius of the perturbation, in [0, 1] pixel units
+    eps: float = Field(1.5, gt=0)  # L2 radius of the perturbation, in [0, 1] pixel units
     # finite-difference scale of the power iteration. Miyato et al. use 1e-6; in float32 the gradient then
     # underflows for confident predictions (tests/test_joint.py's toy model), 1e-2 (still ~4e-4 per pixel
     # on 28 x 28 images) recovers the sensitive direction far better.
