@@ -60,6 +60,15 @@ def test_ema_update_equals_formula():
             assert torch.equal(v, live[k]), k  # num_batches_tracked is copied
     assert not any(p.requires_grad for p in ema.parameters())
     assert not ema.train().module.training  # always eval mode
+    own = EMA(model, decay=0.5, buffers=False)  # weights only: the running statistics stay its own
+    with torch.no_grad():
+        own.module[1].running_mean.fill_(7.0)
+        for p in model.parameters():
+            p.add_(1.0)
+    expected = {k: 0.5 * v + 0.5 * model.state_dict()[k] for k, v in own.module.named_parameters()}
+    own.update(model)
+    assert torch.all(own.module[1].running_mean == 7.0)
+    assert all(torch.allclose(v, expected[k]) for k, v in own.module.named_parameters())
     ema_update_(ema.module, model, 0.0)  # decay 0 copies the model
     assert all(torch.equal(ema.module.state_dict()[k], v) for k, v in model.state_dict().items())
 

@@ -4,7 +4,11 @@ difference between its prediction and the teacher's on a differently augmented v
 
 The teacher is the evaluated and exported model by default (the paper reports the better of the two, and
 the EMA model is usually it). As in the reference code, the decay is ``min(ema_decay, 1 - 1/(step + 1))``
-so that the teacher is not dominated by the random initialisation early on.
+so that the teacher is not dominated by the random initialisation early on, only the weights are averaged,
+and the teacher computes its targets in train mode: its BatchNorm layers normalise with batch statistics and
+keep running statistics of their own, which match the averaged weights. (Averaging the student's running
+statistics instead, with the teacher in eval mode, gave a teacher far worse than the student on val:
+46% against the supervised baseline's 64% after 300 steps on Fashion-MNIST, 10 labels per class.)
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class MeanTeacher(JointMethod):
     def __init__(self, ctx, params: MeanTeacherParams):
         super().__init__(ctx, params)
         student = self.build_classifier()
-        self.model = nn.ModuleDict({"student": student, "teacher": EMA(student, params.ema_decay)})
+        self.model = nn.ModuleDict({"student": student, "teacher": EMA(student, params.ema_decay, buffers=False)})
 
     def classifier(self) -> nn.Module:
         return self.model["teacher"].module if self.params.evaluate_teacher else self.model["student"]
@@ -43,8 +47,11 @@ class MeanTeacher(JointMethod):
         x, y, u = self.draw()
         n = len(x)
         logits = self.model["student"](torch.cat([x, self.ctx.augment(u)]))
+        teacher = self.model["teacher"].module
         with torch.no_grad():
-            target = self.model["teacher"](self.ctx.augment(u))
+            teacher.train()  # batch statistics, and its own running statistics move (see the module docstring)
+            target = teacher(self.ctx.augment(u))
+            teacher.eval()
         sup = F.cross_entropy(logits[:n], y)
         cons = softmax_mse(logits[n:], target)
         w = self.unlabeled_weight(step)
