@@ -266,9 +266,11 @@ def random_gaussian_blur(x: Tensor, generator: torch.Generator, p: float, sigma:
     return _apply_where(_uniform(b, generator, x.device) < p, blurred, x)
 
 
-def rot90(x: Tensor, k: Tensor) -> Tensor:
-    """Rotate image i counter-clockwise by ``k[i]`` x 90 degrees (square images): the four rotations of the
-    batch are formed once and each image picks its own."""
+def rot90(x: Tensor, k: int | Tensor) -> Tensor:
+    """Rotate counter-clockwise by ``k`` x 90 degrees: the whole batch when ``k`` is an int, image i by ``k[i]``
+    when it is a (B,) tensor (square images: the four rotations are formed once and each image picks its own)."""
+    if isinstance(k, int):
+        return torch.rot90(x, k % 4, dims=(-2, -1))
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"rot90 needs square images, got {tuple(x.shape[-2:])}")
     all_rot = torch.stack([torch.rot90(x, r, dims=(-2, -1)) for r in range(4)])  # (4, B, C, H, W)
@@ -351,3 +353,4 @@ def occlude_tiles(tiles: Tensor, generator: torch.Generator, max_occluders: int 
     src_tile = torch.randint(0, n, (b, n), generator=generator, device=dev)
     replaced = torch.where(mask.view(b, n, *([1] * (tiles.ndim - 2))), tiles[src_img, src_tile], tiles)
     return replaced, counts
+

@@ -248,6 +248,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                method.after_step(step)  # e.g. an EMA update of the weights just stepped
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
                 if bar.due(step):  # a host sync only every few steps keeps the loop asynchronous

@@ -8,11 +8,14 @@ progress, tracking. No deep hierarchy: this base class holds defaults only.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 from torch import Tensor, nn
 
+from ssl_ops import io
+from ssl_ops.errors import CheckpointError, ParamsError
 from ssl_ops.params import Section, TrainParams
 
 if TYPE_CHECKING:
@@ -42,6 +45,11 @@ class MethodParams(Section):
     batch_size: int | None = Field(None, gt=0)
     lr: float | None = Field(None, gt=0)
     weight_decay: float | None = Field(None, ge=0)
+    # Start from a pre-trained backbone (Rebuffi et al. §4.1 "with T.L."): a file holding
+    # {"backbone": state_dict}, as the pretrain stage writes to models/pretrain/<pretext>.pt. None: from scratch.
+    # The file is read whenever the method is built (training and evaluation), so keep it in place.
+    init: Path | None = None
+    freeze_blocks: int | None = Field(None, ge=0)  # freeze the first K backbone blocks; None: model.freeze_blocks
 
     def train_params(self, base: TrainParams) -> TrainParams:
         """The shared train section with this method's non-null overrides applied."""
@@ -64,9 +72,42 @@ class Method:
         """Images the step consumes (for throughput); override when a step draws more than one batch."""
         return self.ctx.train.batch_size
 
+    def build_classifier(self) -> nn.Module:
+        """A fresh classifier on the device, its backbone loaded from ``params.init`` and frozen as asked."""
+        clf = self.ctx.build_classifier()
+        if self.params.init is not None:
+            load_backbone(clf.backbone, self.params.init)
+        if self.params.freeze_blocks is not None:
+            try:
+                clf.backbone.freeze(self.params.freeze_blocks)
+            except ValueError as exc:
+                raise ParamsError(f"{self.name}.freeze_blocks: {exc}") from None
+        return clf
+
+    def after_step(self, step: int) -> None:
+        """Called by the engine after each optimiser step (e.g. to update an EMA of the weights)."""
+
     def classifier(self) -> nn.Module:
         """The network evaluated and exported: float images in [0, 1] -> logits."""
         return self.model
 
     def training_step(self, step: int) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+def load_backbone(backbone: nn.Module, path: Path) -> None:
+    """Load ``{"backbone": state_dict}`` from ``path`` into ``backbone`` (strict), with a clear error otherwise."""
+    state = io.torch_load(path)  # CheckpointError when missing or unreadable
+    if not isinstance(state, dict) or "backbone" not in state:
+        keys = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"init checkpoint {path} has no 'backbone' entry (found {keys}); expected {{'backbone': state_dict}} "
+            "as written by `ssl-ops pretrain` (models/pretrain/<pretext>.pt)"
+        )
+    try:
+        backbone.load_state_dict(state["backbone"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"init checkpoint {path} does not fit this backbone ({type(backbone).__name__}); was it pre-trained "
+            f"with the same model.backbone and model.width? {str(exc).splitlines()[0][:300]}"
+        ) from None

@@ -23,7 +23,7 @@ class Supervised(Method):
 
     def __init__(self, ctx, params: SupervisedParams):
         super().__init__(ctx, params)
-        self.model = ctx.build_classifier()
+        self.model = self.build_classifier()
 
     def training_step(self, step: int) -> dict[str, Tensor]:
         x, y = self.ctx.labeled_batch(self.ctx.train.batch_size)

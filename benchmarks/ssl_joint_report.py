@@ -1,0 +1,144 @@
+"""Accuracy of the joint semi-supervised methods (issue 4) against the supervised baseline on the same splits.
+
+    python -m benchmarks.ssl_joint_report [--seeds 3] [--epochs E] [--steps-per-epoch S] [--methods ...]
+                                          [--init models/pretrain/rotation.pt]
+
+For each seed s the split is drawn with ``split.seed = s`` and every method trains with ``train.seed = s``,
+so within a seed all methods see the same labeled, val and unlabeled images. Each method trains for its
+params.yaml budget unless ``--epochs`` / ``--steps-per-epoch`` override it for all methods alike. The model
+evaluated is the one at the end of training: no selection on test (val is reported beside it, and is the
+only split any choice may look at). With ``--init``, pi_model, mean_teacher and s4l_rotation are also run
+from that pre-trained backbone ("+ init" rows). Writes ``reports/ssl_joint.md`` and ``reports/ssl_joint.json``
+(per-run numbers, CPU wall time of training, machine, torch, git SHA, date, command line).
+Needs the prepared dataset (``ssl-ops prepare``); runs log to a throw-away MLflow store unless
+MLFLOW_TRACKING_URI is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ssl_ops import io, tracking
+from ssl_ops.data.store import ImageStore
+from ssl_ops.engine import predict_logits, topk_accuracy
+from ssl_ops.params import load_params
+from ssl_ops.stages import split_stage, train_stage
+
+METHODS = ["supervised", "pseudo_label", "vat", "pi_model", "mean_teacher", "s4l_rotation"]
+WITH_INIT = ["pi_model", "mean_teacher", "s4l_rotation"]
+OUT_MD, OUT_JSON = Path("reports/ssl_joint.md"), Path("reports/ssl_joint.json")
+
+
+def run_one(method: str, seed: int, args, init: str | None) -> dict:
+    sets = [f"split.seed={seed}", f"train.seed={seed}", "train.progress=false", "tracking.log_model=false",
+            f"split.labels_per_class={args.labels_per_class}", *args.set]
+    if args.epochs:
+        sets += [f"train.epochs={args.epochs}", f"{method}.epochs=null"]
+    if args.steps_per_epoch:
+        sets += [f"train.steps_per_epoch={args.steps_per_epoch}", f"{method}.steps_per_epoch=null"]
+    if init:
+        sets.append(f"{method}.init={init}")
+    params = load_params(args.params, sets)
+    split_stage(params)
+    result = train_stage(method, params, write_outputs=False, run_tags={"benchmark": "ssl_joint"})
+    ctx, model = result.ctx, result.method.classifier()
+    test = ImageStore(ctx.data.test_x, ctx.data.test_y, ctx.device)
+    logits, labels = predict_logits(model, test, np.arange(len(ctx.data.test_y)), ctx.train.eval_batch_size)
+    row = {"method": method + (" + init" if init else ""), "seed": seed, "test_top1": topk_accuracy(logits, labels, 1),
+           "val_top1": result.metrics.get("val_top1", float("nan")), "train_seconds": result.metrics["train_seconds"],
+           "steps": ctx.train.epochs * ctx.train.steps_per_epoch, "batch_size": ctx.train.batch_size,
+           "final_losses": {k: v for k, v in result.metrics.items() if k.startswith(("loss", "w_", "kept", "pseudo"))}}
+    print(f"{row['method']:>22} seed {seed}: test {row['test_top1']:.4f} val {row['val_top1']:.4f} "
+          f"{row['train_seconds']:.0f}s  {row['final_losses']}", flush=True)
+    return row
+
+
+def _mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.2%} ± {statistics.pstdev(xs):.2%}" if len(xs) > 1 else f"{xs[0]:.2%}"
+
+
+def write_report(rows: list[dict], args, meta: dict) -> None:
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    base = [r["test_top1"] for r in rows if r["method"] == "supervised"]
+    lines = [
+        f"# Joint semi-supervised methods: {meta['dataset']}, {args.labels_per_class} labels per class",
+        "",
+        f"Seeds (split and training): {args.seeds}. Backbone: {meta['backbone']}. Machine: {meta['machine']}. "
+        f"torch {meta['torch']}. Git SHA: `{meta['git_sha']}`. Date: {meta['date']}.",
+        f"Command: `{meta['command']}`",
+        *([f"Resumed (--resume): the runs already recorded were made by `{prev['command']}` at {prev['date']}, "
+           f"git SHA `{prev['git_sha']}`."] if (prev := meta.get("resumed_from")) else []),
+        "",
+        "Test top-1 of the model at the end of training (no selection on test), mean ± std over seeds (population "
+        "std). Val has 5 images per class (50 in all), so its accuracy moves in steps of 2%. Train seconds: wall "
+        "time of `fit` on the CPU (a shared machine: other jobs were running, so times are upper bounds).",
+        "",
+        "| method | test top-1 | vs supervised | val top-1 | steps x batch | train seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for n in names:
+        rs = [r for r in rows if r["method"] == n]
+        test = [r["test_top1"] for r in rs]
+        diff = (f"{statistics.mean(test) - statistics.mean(base):+.2%}" if base and n != "supervised" else "")
+        seconds = statistics.mean(r["train_seconds"] for r in rs)
+        lines.append(f"| {n} | {_mean_std(test)} | {diff} | {_mean_std([r['val_top1'] for r in rs])} | "
+                     f"{rs[0]['steps']} x {rs[0]['batch_size']} | {seconds:.0f} |")
+    lines += ["", "Per run (final-epoch training losses):", "",
+              *(f"- {r['method']}, seed {r['seed']}: test {r['test_top1']:.4f}, val {r['val_top1']:.4f}, "
+                f"{r['train_seconds']:.0f} s, " + ", ".join(f"{k} {v:.4g}" for k, v in r["final_losses"].items())
+                for r in rows), ""]
+    io.write_text(OUT_MD, "\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--labels-per-class", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=None, help="override every method's epochs")
+    ap.add_argument("--steps-per-epoch", type=int, default=None, help="override every method's steps per epoch")
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--init", default=None,
+                    help="pre-trained backbone for the '+ init' rows of " + ", ".join(WITH_INIT))
+    ap.add_argument("--set", nargs="*", default=[], help="extra --set overrides for every run")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in reports/ssl_joint.json (same method and seed) and do only the rest; "
+                         "pass the same budget options as the interrupted run")
+    args = ap.parse_args()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp()}/bench.db")
+    params = load_params(args.params, args.set)
+    meta = {"dataset": params.data.name, "backbone": params.model.backbone,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+                       f"torch threads {torch.get_num_threads()}",
+            "torch": torch.__version__, "git_sha": tracking.git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m benchmarks.ssl_joint_report " + " ".join(sys.argv[1:])}
+    rows = []
+    if args.resume and OUT_JSON.exists():
+        previous = json.loads(OUT_JSON.read_text())
+        rows = previous["rows"]
+        meta["resumed_from"] = {k: previous["meta"][k] for k in ("command", "date", "git_sha")}
+    done = {(r["method"], r["seed"]) for r in rows}
+    for seed in range(args.seeds):
+        for method in args.methods:
+            for init in [None, args.init] if args.init and method in WITH_INIT else [None]:
+                if (method + (" + init" if init else ""), seed) not in done:
+                    rows.append(run_one(method, seed, args, init))
+            write_report(rows, args, meta)  # after every run: a partial report survives an interruption
+            io.write_json(OUT_JSON, {"meta": meta, "rows": rows})
+    print(f"-> {OUT_MD}")
+
+
+if __name__ == "__main__":
+    main()

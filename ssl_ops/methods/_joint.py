@@ -1,0 +1,44 @@
+"""What the joint semi-supervised methods share: L = L_l(D_l) + w(t) · L_u(D_u) (S4L §3).
+
+Each optimiser step draws one labeled and one unlabeled mini-batch (equal sizes by default, as S4L does).
+Training length is counted in optimiser steps: an "epoch" is ``steps_per_epoch`` steps (the engine's
+definition, the checkpoint and logging period), not a pass over the labeled or the unlabeled set.
+w(t) = unlabeled_weight · sigmoid_rampup(t, rampup_epochs · steps_per_epoch).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from ssl_ops.methods.base import Method, MethodParams
+from ssl_ops.schedules import sigmoid_rampup
+
+
+class JointParams(MethodParams):
+    unlabeled_batch_size: int | None = Field(None, gt=0)  # None: the labeled batch size (S4L: equal sizes)
+    unlabeled_weight: float = Field(1.0, ge=0)  # w, the weight of the unlabeled loss after ramp-up
+    rampup_epochs: float = Field(0.0, ge=0)  # sigmoid ramp-up of w over this many epochs; 0: none
+
+
+class JointMethod(Method):
+    """Adds the unlabeled batch size, the ramped weight and a labeled + unlabeled draw to :class:`Method`."""
+
+    params: JointParams
+
+    @property
+    def unlabeled_batch_size(self) -> int:
+        return self.params.unlabeled_batch_size or self.ctx.train.batch_size
+
+    @property
+    def images_per_step(self) -> int:
+        return self.ctx.train.batch_size + self.unlabeled_batch_size
+
+    def unlabeled_weight(self, step: int) -> float:
+        length = self.params.rampup_epochs * self.ctx.train.steps_per_epoch
+        return self.params.unlabeled_weight * sigmoid_rampup(step, length)
+
+    def draw(self) -> tuple[Tensor, Tensor, Tensor]:
+        """An augmented labeled batch (float), its labels, and a raw uint8 unlabeled batch."""
+        x, y = self.ctx.labeled_batch(self.ctx.train.batch_size)
+        return x, y, self.ctx.unlabeled_batch(self.unlabeled_batch_size)

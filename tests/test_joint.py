@@ -1,0 +1,223 @@
+"""The joint semi-supervised pieces (issue 4): losses against their formulas, the EMA update, the sigmoid
+ramp-up, the VAT perturbation's properties, pseudo-label thresholding, rotations, and starting any method
+from a pre-training checkpoint. (Two steps + evaluation of every method: tests/test_methods.py.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_ops import io
+from ssl_ops.augment import rot90
+from ssl_ops.ema import EMA, ema_update_
+from ssl_ops.engine import predict_logits
+from ssl_ops.errors import CheckpointError, ParamsError
+from ssl_ops.losses import entropy, kl_div_logits, select_pseudo_labels, softmax_mse, vat_perturbation
+from ssl_ops.methods.s4l_rotation import RotationAveraged
+from ssl_ops.schedules import sigmoid_rampup
+from ssl_ops.stages import MODELS, build_method, load_data, train_stage
+
+LN3 = math.log(3.0)
+
+
+def test_entropy_equals_formula():
+    # p = (1/2, 1/2) and (3/4, 1/4)
+    logits = torch.tensor([[0.0, 0.0], [LN3, 0.0]])
+    h = [math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
+    assert entropy(logits).item() == pytest.approx(sum(h) / 2, rel=1e-6)
+
+
+def test_consistency_and_kl_equal_formulas():
+    a = torch.tensor([[0.0, 0.0], [LN3, 0.0]])  # (1/2, 1/2), (3/4, 1/4)
+    b = torch.tensor([[LN3, 0.0], [LN3, 0.0]])  # (3/4, 1/4) twice
+    # squared L2 distance of the softmax vectors, mean over the batch: ((1/4)^2 + (1/4)^2 + 0) / 2
+    assert softmax_mse(a, b).item() == pytest.approx(0.0625, rel=1e-6)
+    # KL(p || q) row 1: 1/2 ln((1/2)/(3/4)) + 1/2 ln((1/2)/(1/4)); row 2: 0
+    kl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert kl_div_logits(a, b).item() == pytest.approx(kl / 2, rel=1e-6)
+    assert kl_div_logits(b, b).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_ema_update_equals_formula():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.train()(torch.randn(8, 3))  # moves the BN running stats and its batch counter
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema.update(model)
+    after, live = ema.module.state_dict(), model.state_dict()
+    for k, v in after.items():
+        if v.dtype.is_floating_point:
+            assert torch.allclose(v, 0.9 * before[k] + 0.1 * live[k], atol=1e-7), k
+        else:
+            assert torch.equal(v, live[k]), k  # num_batches_tracked is copied
+    assert not any(p.requires_grad for p in ema.parameters())
+    assert not ema.train().module.training  # always eval mode
+    own = EMA(model, decay=0.5, buffers=False)  # weights only: the running statistics stay its own
+    with torch.no_grad():
+        own.module[1].running_mean.fill_(7.0)
+        for p in model.parameters():
+            p.add_(1.0)
+    expected = {k: 0.5 * v + 0.5 * model.state_dict()[k] for k, v in own.module.named_parameters()}
+    own.update(model)
+    assert torch.all(own.module[1].running_mean == 7.0)
+    assert all(torch.allclose(v, expected[k]) for k, v in own.module.named_parameters())
+    ema_update_(ema.module, model, 0.0)  # decay 0 copies the model
+    assert all(torch.equal(ema.module.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_sigmoid_rampup_values():
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(80, 100) == pytest.approx(math.exp(-0.2))
+    assert sigmoid_rampup(100, 100) == 1.0 and sigmoid_rampup(250, 100) == 1.0
+    assert sigmoid_rampup(0, 0) == 1.0  # no ramp-up
+
+
+def _trained_toy_model() -> tuple[nn.Module, torch.Tensor]:
+    """An MLP trained on 16-d inputs whose class depends only on the first two coordinates: a few directions
+    matter, so a random direction is mostly wasted and the adversarial one is not."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert (model(x).argmax(1) == y).float().mean() > 0.95
+    return model, x[:64]
+
+
+def test_vat_perturbation_has_norm_eps_and_beats_a_random_direction():
+    model, x = _trained_toy_model()
+    eps = 0.5
+    clean = model(x)
+    r_adv = vat_perturbation(model, x, clean, eps=eps, iterations=1, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(r_adv.norm(dim=1), torch.full((len(x),), eps), rtol=1e-5)
+    assert not r_adv.requires_grad
+    with torch.no_grad():
+        kl_adv = kl_div_logits(clean, model(x + r_adv)).item()
+        g = torch.Generator().manual_seed(2)
+        kl_rand = []
+        for _ in range(10):
+            d = torch.randn(x.shape, generator=g)
+            kl_rand.append(kl_div_logits(clean, model(x + eps * d / d.norm(dim=1, keepdim=True))).item())
+    assert kl_adv > 2 * max(kl_rand), (kl_adv, kl_rand)
+
+
+def test_vat_perturbation_norm_on_image_batches():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x = torch.rand(5, 1, 8, 8)
+    r = vat_perturbation(model, x, model(x), eps=2.0, xi=1e-6, iterations=2)
+    assert r.shape == x.shape
+    assert torch.allclose(r.flatten(1).norm(dim=1), torch.full((5,), 2.0), rtol=1e-5)
+
+
+def test_pseudo_label_threshold_keeps_exactly_those_above():
+    probs = torch.tensor([[0.625, 0.375], [0.25, 0.75], [0.5, 0.5], [0.0, 1.0], [0.875, 0.125]])
+    labels, keep = select_pseudo_labels(probs, threshold=0.625)
+    assert labels.tolist() == [0, 1, 0, 1, 0]
+    assert keep.tolist() == [False, True, False, True, True]  # 0.625 is not above 0.625
+    assert select_pseudo_labels(probs, 0.0)[1].all()  # threshold 0 keeps every prediction
+
+
+def test_pseudo_label_method_labels_with_the_teacher(workdir, tiny):
+    """With the supervised checkpoint as teacher, the stored pseudo-labels are its argmax predictions where
+    its confidence is above the threshold, and -1 elsewhere."""
+    train_stage("supervised", tiny("train.epochs=1", "train.steps_per_epoch=15"))
+    params = tiny("train.epochs=1", "train.steps_per_epoch=1", "pseudo_label.teacher=models/supervised.pt",
+                  "pseudo_label.threshold=0.2")
+    method = train_stage("pseudo_label", params).method
+    teacher, _ = build_method("supervised", params, *load_data(params)[:2]), None
+    teacher.model.load_state_dict(io.torch_load(MODELS / "supervised.pt")["state_dict"])
+    logits, _ = predict_logits(teacher.model, method.ctx.store, method.ctx.split.unlabeled, 256)
+    conf, pred = F.softmax(logits, 1).max(1)
+    expected = torch.where(conf > 0.2, pred, torch.full_like(pred, -1))
+    stored = method.model["pseudo"].labels
+    assert 0 < (stored >= 0).sum() < len(stored)  # the threshold bites on this under-trained teacher
+    assert torch.equal(stored, expected)
+
+
+def test_rot90_per_image_and_rotation_averaging_is_rotation_invariant():
+    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).view(2, 1, 3, 3)
+    k = torch.tensor([1, 3])
+    out = rot90(x, k)
+    assert torch.equal(out[0], torch.rot90(x[0], 1, (-2, -1))) and torch.equal(out[1], torch.rot90(x[1], 3, (-2, -1)))
+    assert torch.equal(rot90(x, 2), torch.rot90(x, 2, (-2, -1)))
+    torch.manual_seed(0)
+    tta = RotationAveraged(nn.Sequential(nn.Flatten(), nn.Linear(9, 4)))
+    logp = tta(x)
+    assert torch.allclose(logp.exp().sum(1), torch.ones(2))
+    assert torch.allclose(tta(rot90(x, 1)), logp, atol=1e-6)  # the 4 rotations of a rotated image are the same set
+
+
+def test_any_method_starts_from_a_pretrained_backbone(workdir, tiny, tmp_path):
+    params = tiny()
+    data, split, _ = load_data(params)
+    donor = build_method("supervised", params, data, split).model.backbone
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(1.0)  # unlike any fresh initialisation
+    ck = tmp_path / "rotation.pt"
+    io.torch_save(ck, {"backbone": donor.state_dict()})
+    for name in ("pi_model", "s4l_rotation"):
+        method = build_method(name, tiny(f"{name}.init={ck}", f"{name}.freeze_blocks=2"), data, split)
+        backbone = method.classifier().backbone
+        for k, v in donor.state_dict().items():
+            assert torch.equal(backbone.state_dict()[k], v), (name, k)
+        assert [all(not p.requires_grad for p in b.parameters()) for b in backbone.blocks] == [True, True, False]
+
+
+def test_bad_init_checkpoints_are_clear_errors(workdir, tiny, tmp_path):
+    data, split, _ = load_data(tiny())
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_method("vat", tiny(f"vat.init={tmp_path / 'missing.pt'}"), data, split)
+    io.torch_save(tmp_path / "nobackbone.pt", {"state_dict": {}})
+    with pytest.raises(CheckpointError, match="no 'backbone' entry"):
+        build_method("vat", tiny(f"vat.init={tmp_path / 'nobackbone.pt'}"), data, split)
+    wide = build_method("supervised", tiny("model.width=2.0"), data, split).model.backbone
+    io.torch_save(tmp_path / "wide.pt", {"backbone": wide.state_dict()})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        build_method("vat", tiny(f"vat.init={tmp_path / 'wide.pt'}"), data, split)
+    with pytest.raises(ParamsError, match="freeze_blocks"):
+        build_method("vat", tiny("vat.freeze_blocks=7"), data, split)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_pseudo_label_resume_reuses_the_stored_labels(workdir, tiny, monkeypatch):
+    """The pseudo-labels travel in the checkpoint: a resumed run does not redo the teacher phase and ends
+    exactly where an uninterrupted run ends."""
+    from ssl_ops.methods.pseudo_label import PseudoLabel
+    from ssl_ops.stages import CHECKPOINTS
+
+    params = tiny("train.epochs=2", "train.steps_per_epoch=2", "pseudo_label.teacher_epochs=1")
+    full = train_stage("pseudo_label", params)
+    reference = {k: v.clone() for k, v in full.method.model.state_dict().items()}
+
+    def die(epoch, metrics):
+        if epoch == 1:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train_stage("pseudo_label", params, epoch_end=die)
+    assert io.torch_load(CHECKPOINTS / "pseudo_label" / "last.pt")["epoch"] == 1
+    calls = []
+    original = PseudoLabel._make_pseudo_labels
+    monkeypatch.setattr(PseudoLabel, "_make_pseudo_labels", lambda self: calls.append(1) or original(self))
+    resumed = train_stage("pseudo_label", params, resume=True)
+    assert calls == []
+    for k, v in resumed.method.model.state_dict().items():
+        assert torch.equal(v, reference[k]), k
