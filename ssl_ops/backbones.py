@@ -23,19 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_ops.registries import registrar
+
 BACKBONES: dict[str, Callable[..., Backbone]] = {}
 
 
-def register_backbone(name: str) -> Callable[[Callable[..., Backbone]], Callable[..., Backbone]]:
-    """Decorator: register a builder ``f(in_channels, width, image_size) -> Backbone`` under ``name``."""
-
-    def decorator(builder: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        if name in BACKBONES:
-            raise ValueError(f"backbone {name!r} is already registered (by {BACKBONES[name]!r})")
-        BACKBONES[name] = builder
-        return builder
-
-    return decorator
+# @register_backbone(name) registers a builder f(in_channels, width, image_size) -> Backbone
+register_backbone = registrar(BACKBONES, "backbone")
 
 
 def build_backbone(

@@ -28,6 +28,7 @@ from urllib.error import URLError
 import numpy as np
 
 from ssl_ops.errors import DatasetNotFoundError, ParamsError, SslOpsError
+from ssl_ops.registries import registrar
 
 if TYPE_CHECKING:
     from ssl_ops.params import DataParams
@@ -63,16 +64,8 @@ Reader = Callable[["DataParams"], RawDataset]
 SOURCES: dict[str, Reader] = {}
 
 
-def register_source(name: str) -> Callable[[Reader], Reader]:
-    """Decorator: register a reader under ``name`` (a value of ``DataParams.name``)."""
-
-    def decorator(fn: Reader) -> Reader:
-        if name in SOURCES:
-            raise ValueError(f"dataset source {name!r} is registered twice")
-        SOURCES[name] = fn
-        return fn
-
-    return decorator
+# @register_source(name) registers a reader for a value of DataParams.name
+register_source = registrar(SOURCES, "dataset source")
 
 
 def load_source(cfg: DataParams) -> RawDataset:

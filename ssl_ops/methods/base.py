@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ssl_ops import io
 from ssl_ops.errors import CheckpointError, ParamsError
 from ssl_ops.params import Section, TrainParams
+from ssl_ops.registries import registrar
 
 if TYPE_CHECKING:
     from ssl_ops.engine import RunContext
@@ -24,17 +25,7 @@ if TYPE_CHECKING:
 METHODS: dict[str, type[Method]] = {}
 
 
-def register_method(name: str):
-    """Class decorator: ``@register_method("supervised")``."""
-
-    def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice ({METHODS[name].__module__} and {cls.__module__})")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return deco
+register_method = registrar(METHODS, "method", set_name=True)  # @register_method("supervised")
 
 
 class MethodParams(Section):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ssl_ops import probes
 from ssl_ops.heads import Encoder, Normalize
 from ssl_ops.methods.base import Method, MethodParams
+from ssl_ops.registries import registrar
 
 if TYPE_CHECKING:
     from ssl_ops.engine import RunContext
@@ -24,17 +25,7 @@ if TYPE_CHECKING:
 PRETEXTS: dict[str, type[Pretext]] = {}
 
 
-def register_pretext(name: str):
-    """Class decorator: ``@register_pretext("rotation")``."""
-
-    def deco(cls: type[Pretext]) -> type[Pretext]:
-        if name in PRETEXTS:
-            raise ValueError(f"pretext {name!r} is already registered (by {PRETEXTS[name]!r})")
-        cls.name = name
-        PRETEXTS[name] = cls
-        return cls
-
-    return deco
+register_pretext = registrar(PRETEXTS, "pretext", set_name=True)  # @register_pretext("rotation")
 
 
 class PretextParams(MethodParams):
