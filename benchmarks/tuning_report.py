@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SETUPS = {
     "A": {
+        "method": "supervised",
         "label": "convnet width 1.0, optimisation space (lr, weight decay, label smoothing)",
         "overrides": [],
         "space": {
@@ -48,6 +49,7 @@ SETUPS = {
         },
     },
     "B": {
+        "method": "supervised",
         "label": "convnet width 0.5, augmentation + schedule space (lr, crop padding, flip, schedule)",
         "overrides": ["model.width=0.5"],
         "space": {
@@ -55,6 +57,16 @@ SETUPS = {
             "train.crop_padding": {"type": "int", "low": 0, "high": 4},
             "train.hflip": {"type": "categorical", "choices": [True, False]},
             "train.schedule": {"type": "categorical", "choices": ["cosine", "constant"]},
+        },
+    },
+    "V": {
+        "method": "vat",
+        "label": "VAT + EntMin (S4L §3.2), convnet width 1.0: lr, eps, EntMin weight",
+        "overrides": [],
+        "space": {
+            "train.lr": {"type": "float", "low": 0.003, "high": 0.3, "log": True},
+            "vat.eps": {"type": "float", "low": 0.5, "high": 4.0, "log": True},
+            "vat.entmin_weight": {"type": "float", "low": 0.0, "high": 1.0},
         },
     },
 }
@@ -71,7 +83,7 @@ def test_top1(method, params) -> float:
     return topk_accuracy(logits, labels, 1)
 
 
-def trial_test_accuracy(study: optuna.Study, params, name: str) -> list[tuple[int, str, int, float, float]]:
+def trial_test_accuracy(study: optuna.Study, params, name: str, method_name: str = "supervised") -> list[tuple[int, str, int, float, float]]:
     """(trial, state, epochs run, val top-1 at its last epoch, test top-1 of that same model) for every trial with a
     checkpoint; after the study, for this report only."""
     from ssl_ops import io
@@ -86,21 +98,21 @@ def trial_test_accuracy(study: optuna.Study, params, name: str) -> list[tuple[in
         if t.last_step is None or not ckpt.exists():
             continue
         p = with_overrides(params, [as_override(k, v) for k, v in t.params.items()])
-        method = build_method("supervised", p, data, split)
+        method = build_method(method_name, p, data, split)
         method.model.load_state_dict(io.torch_load(ckpt)["model"])
         rows.append((t.number, t.state.name, t.last_step, t.intermediate_values[t.last_step],
                      test_top1(method, p)))
     return rows
 
 
-def retrain_test(params, overrides: list[str], seeds: list[int]) -> list[float]:
+def retrain_test(params, overrides: list[str], seeds: list[int], method_name: str = "supervised") -> list[float]:
     from ssl_ops.params import with_overrides
     from ssl_ops.stages import train_stage
 
     accs = []
     for seed in seeds:
         p = with_overrides(params, [*overrides, f"train.seed={seed}"])
-        res = train_stage("supervised", p, write_outputs=False, checkpoint=Path("checkpoints/bench/last.pt"),
+        res = train_stage(method_name, p, write_outputs=False, checkpoint=Path("checkpoints/bench/last.pt"),
                           run_tags={"benchmark": "tuning_report"})
         accs.append(test_top1(res.method, p))
     return accs
@@ -142,16 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for key in args.setups:
         setup = SETUPS[key]
-        base["tune"]["spaces"] = {"supervised": setup["space"]}
+        base["tune"]["spaces"] = {setup["method"]: setup["space"]}
         Path("params.yaml").write_text(yaml.safe_dump(base))
         params = load_params("params.yaml", [*common, *setup["overrides"]])
         prepare_stage(params)
         split_stage(params)
         name = f"bench-{key}"
         t0 = time.perf_counter()
-        res = run_study("supervised", params, trials=args.trials, study_name=name, quiet=True)
+        res = run_study(setup["method"], params, trials=args.trials, study_name=name, quiet=True)
         wall = time.perf_counter() - t0
-        pairs = trial_test_accuracy(res.study, params, name)
+        pairs = trial_test_accuracy(res.study, params, name, setup["method"])
         val, test = [p[3] for p in pairs], [p[4] for p in pairs]
         done = [p for p in pairs if p[1] == "COMPLETE"]
         rho_all = spearmanr(val, test).statistic if len(pairs) > 2 else float("nan")
@@ -160,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         from ssl_ops.tuning import as_override
 
         tuned = [as_override(k, v) for k, v in best.params.items()]
-        default_acc = retrain_test(params, [], args.seeds)
-        tuned_acc = retrain_test(params, tuned, args.seeds)
+        default_acc = retrain_test(params, [], args.seeds, setup["method"])
+        tuned_acc = retrain_test(params, tuned, args.seeds, setup["method"])
         states = {s: sum(t.state.name == s for t in res.study.trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
         results.append(dict(key=key, setup=setup, wall=wall, pairs=pairs, rho_all=rho_all, rho_done=rho_done,
                             best=best, default=default_acc, tuned=tuned_acc, states=states))
@@ -180,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         f"optuna {optuna.__version__}; total {total / 60:.1f} min.",
         "",
         f"Split: 10 labels per class (100 labeled images), 5 val images per class (50), split seed 0; training "
-        f"budget per run: {budget}, supervised cross-entropy. Studies: TPE sampler (seed 0), median pruner "
-        f"(3 start-up trials, 2 warm-up epochs), {args.trials} trials scored on **val** top-1 only. Only the "
-        "`supervised` method is registered so far, so the two set-ups are two backbone widths with two different "
-        "search spaces (not two methods).",
+        f"budget per run: {budget}. Studies: TPE sampler (seed 0), median pruner "
+        f"(3 start-up trials, 2 warm-up epochs), {args.trials} trials scored on **val** top-1 only. Set-ups "
+        f"{', '.join(args.setups)}: " + "; ".join(f"{k} = `{SETUPS[k]['method']}`, {SETUPS[k]['label']}" for k in args.setups)
+        + ".",
         "",
         "Default = params.yaml values; tuned = the study's best trial. Both retrained with train seeds "
         f"{', '.join(map(str, args.seeds))} (the study used seed 0) and tested on the 10,000 test images: "
