@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    args.out = str(Path(args.out).resolve())  # resolved before the chdir into the scratch directory
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ssl-ops-tuning-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
