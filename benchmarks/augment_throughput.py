@@ -12,7 +12,6 @@ than the Fashion-MNIST default (no blur), so neither side is flattered by skippi
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

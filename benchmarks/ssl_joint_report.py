@@ -26,12 +26,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ssl_ops import io, tracking
-from ssl_ops.data.store import ImageStore
-from ssl_ops.engine import predict_logits, topk_accuracy
+from ssl_ops.engine import test_accuracy
 from ssl_ops.params import load_params
 from ssl_ops.stages import split_stage, train_stage
 
@@ -53,9 +51,7 @@ def run_one(method: str, seed: int, args, init: str | None) -> dict:
     split_stage(params)
     result = train_stage(method, params, write_outputs=False, run_tags={"benchmark": "ssl_joint"})
     ctx, model = result.ctx, result.method.classifier()
-    test = ImageStore(ctx.data.test_x, ctx.data.test_y, ctx.device)
-    logits, labels = predict_logits(model, test, np.arange(len(ctx.data.test_y)), ctx.train.eval_batch_size)
-    row = {"method": method + (" + init" if init else ""), "seed": seed, "test_top1": topk_accuracy(logits, labels, 1),
+    row = {"method": method + (" + init" if init else ""), "seed": seed, "test_top1": test_accuracy(model, ctx)[0],
            "val_top1": result.metrics.get("val_top1", float("nan")), "train_seconds": result.metrics["train_seconds"],
            "steps": ctx.train.epochs * ctx.train.steps_per_epoch, "batch_size": ctx.train.batch_size,
            "final_losses": {k: v for k, v in result.metrics.items() if k.startswith(("loss", "w_", "kept", "pseudo"))}}

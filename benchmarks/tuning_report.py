@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import optuna
 import torch
 import yaml
@@ -73,14 +72,9 @@ SETUPS = {
 
 
 def test_top1(method, params) -> float:
-    from ssl_ops.data.store import ImageStore
-    from ssl_ops.engine import predict_logits, topk_accuracy
+    from ssl_ops.engine import test_accuracy
 
-    ctx = method.ctx
-    store = ImageStore(ctx.data.test_x, ctx.data.test_y, ctx.device, params.data.max_in_memory_gb * 1e9)
-    logits, labels = predict_logits(method.classifier(), store, np.arange(len(ctx.data.test_y)),
-                                    ctx.train.eval_batch_size, ctx.train.amp)
-    return topk_accuracy(logits, labels, 1)
+    return test_accuracy(method.classifier(), method.ctx)[0]
 
 
 def trial_test_accuracy(study: optuna.Study, params, name: str, method_name: str = "supervised") -> list[tuple[int, str, int, float, float]]:

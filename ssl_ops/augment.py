@@ -295,7 +295,6 @@ def grid_tiles(x: Tensor, grid: int, tile: int, offsets: Tensor) -> Tensor:
     cell = min(h, w) // grid
     if tile > cell:
         raise ValueError(f"tile {tile} is larger than the cell {cell} of a {grid}x{grid} grid on {h}x{w} images")
-    n = grid * grid
     cell_r = torch.arange(grid, device=x.device).repeat_interleave(grid) * cell  # (n,)
     cell_c = torch.arange(grid, device=x.device).repeat(grid) * cell
     r0 = cell_r[None, :] + offsets[..., 0].long()  # (B, n)

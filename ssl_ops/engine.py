@@ -78,6 +78,12 @@ class RunContext:
         """Raw uint8 unlabeled images: methods build their own views from them."""
         return self.store.sample(self.pools["unlabeled"], batch_size, self.generator)[0]
 
+    def test_store(self) -> ImageStore:
+        """The test images (reported, never used for model selection)."""
+        d = self.params.data
+        return ImageStore(self.data.test_x, self.data.test_y, self.device, d.max_in_memory_gb * 1e9,
+                          workers=d.loader_workers)
+
     def build_backbone(self) -> nn.Module:
         m = self.params.model
         return build_backbone(m.backbone, self.data.image_shape[0], width=m.width, freeze_blocks=m.freeze_blocks,
@@ -166,6 +172,13 @@ def predict_logits(model: nn.Module, store: ImageStore, indices: np.ndarray, bat
         labels.append(yb)
     model.train(was_training)
     return torch.cat(outs), torch.cat(labels)
+
+
+def test_accuracy(model: nn.Module, ctx: RunContext) -> tuple[float, float]:
+    """(top-1, top-5) of ``model`` on the whole test set."""
+    logits, labels = predict_logits(model, ctx.test_store(), np.arange(len(ctx.data.test_y)),
+                                    ctx.train.eval_batch_size, ctx.train.amp)
+    return topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5)
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:

@@ -366,6 +366,18 @@ def with_overrides(params: BaseParams, overrides: list[str], source: str = "para
         raise ParamsError(_format_errors(err, f"{source} with overrides {overrides}")) from None
 
 
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}: the shape of params sections (inverse of :func:`flatten`)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}: the form MLflow params take."""
     out: dict[str, Any] = {}

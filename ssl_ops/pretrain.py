@@ -53,10 +53,8 @@ def build_pretext(name: str, params: BaseParams, data, split) -> Pretext:
 def probe_encoder(encoder: nn.Module, ctx: RunContext, knn_k: int = 20, knn_temperature: float = 0.07) -> dict[str, float]:
     """k-NN and linear-probe test accuracy of frozen ``encoder`` features, references = the labeled split;
     plus the k-NN monitor's val accuracy. The test set is only reported, never used to choose anything."""
-    from ssl_ops.data.store import ImageStore
-
     bs = ctx.train.eval_batch_size
-    test = ImageStore(ctx.data.test_x, ctx.data.test_y, ctx.device, ctx.params.data.max_in_memory_gb * 1e9)
+    test = ctx.test_store()
     ref_f, ref_y = probes.extract_features(encoder, ctx.store, ctx.split.labeled, bs)
     test_f, test_y = probes.extract_features(encoder, test, np.arange(len(ctx.data.test_y)), bs)
     out = {

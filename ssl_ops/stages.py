@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ssl_ops import io, tracking
 from ssl_ops.data.prepare import PreparedDataset, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
-from ssl_ops.data.store import ImageStore
-from ssl_ops.engine import RunContext, fit, make_context, predict_logits, topk_accuracy
+from ssl_ops.engine import RunContext, fit, make_context, predict_logits, test_accuracy, topk_accuracy
 from ssl_ops.errors import CheckpointError, DataIntegrityError
 from ssl_ops.methods import METHODS, Method
 from ssl_ops.params import BaseParams, params_model
@@ -138,13 +136,11 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
     method, ck = load_trained(name, params)
     ctx, model = method.ctx, method.classifier()
     bs = ctx.train.eval_batch_size
-    test = ImageStore(ctx.data.test_x, ctx.data.test_y, ctx.device, params.data.max_in_memory_gb * 1e9,
-                      workers=params.data.loader_workers)
-    logits, labels = predict_logits(model, test, torch.arange(len(ctx.data.test_y)).numpy(), bs, ctx.train.amp)
+    test_top1, test_top5 = test_accuracy(model, ctx)
     val_logits, val_labels = predict_logits(model, ctx.store, ctx.split.val, bs, ctx.train.amp)
     metrics = {
-        "test_top1": topk_accuracy(logits, labels, 1),
-        "test_top5": topk_accuracy(logits, labels, 5),
+        "test_top1": test_top1,
+        "test_top5": test_top5,
         "val_top1": topk_accuracy(val_logits, val_labels, 1),
         "train_seconds": float(ck["train_seconds"]),
     }

@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
-from ssl_ops.params import TrackingParams, flatten
+from ssl_ops.params import TrackingParams, flatten, unflatten
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -77,20 +77,9 @@ def start_run(cfg: TrackingParams, run_name: str, params: dict[str, Any] | None 
                 items = list(flat.items())
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                     mlflow.log_params(dict(items[i : i + 100]))
-                mlflow.log_dict(_unflatten(mask_secrets(flatten(params))), "params.resolved.yaml")
+                mlflow.log_dict(unflatten(mask_secrets(flatten(params))), "params.resolved.yaml")
             mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
         yield run.info.run_id
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -54,7 +54,7 @@ from rich.table import Table
 from ssl_ops import io, tracking
 from ssl_ops.errors import ParamsError, SslOpsError
 from ssl_ops.params import (BaseParams, CategoricalSpace, FloatSpace, IntSpace, PrunerParams, TuneParams,
-                            flatten, params_model, with_overrides)
+                            flatten, params_model, unflatten, with_overrides)
 from ssl_ops.stages import train_stage
 
 TUNING = Path("tuning")
@@ -164,16 +164,7 @@ def as_override(key: str, value: Any) -> str:
     return f"{key}={text.removesuffix('...').strip()}"
 
 
-def nest(values: dict[str, Any]) -> dict[str, Any]:
-    """{"train.lr": 0.1} -> {"train": {"lr": 0.1}}: the shape of params sections."""
-    tree: dict[str, Any] = {}
-    for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+nest = unflatten  # {"train.lr": 0.1} -> {"train": {"lr": 0.1}}: trial params in the shape of params sections
 
 
 @dataclass
