@@ -184,11 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("split", cmd_split, "write the labeled / val / unlabeled split file under data/splits/")
     p = add("train", cmd_train, "train a method on the split; writes models/<method>.pt and an MLflow run")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
-    p.add_argument("--resume", action="store_true", help="continue from checkpoints/<method>/last.pt")
+    p.add_argument("--resume", action="store_true", help="insist on continuing from checkpoints/<method>/last.pt (other params: an error). "
+                   "Without it an unfinished checkpoint of the same params is resumed anyway")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p = add("pretrain", cmd_pretrain, "self-supervised pre-training on all train images -> models/pretrain/<pretext>.pt")
     p.add_argument("pretext", choices=sorted(PRETEXTS), help="registered pretext")
-    p.add_argument("--resume", action="store_true", help="continue from checkpoints/pretrain/<pretext>/last.pt")
+    p.add_argument("--resume", action="store_true", help="insist on continuing from checkpoints/pretrain/<pretext>/last.pt (an unfinished "
+                   "checkpoint of the same params is resumed anyway)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p = add("evaluate", cmd_evaluate, "test/val accuracy of a trained method -> metrics/<method>.json")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted; the last finished epoch's checkpoint is kept (resume with --resume)")
+        err.print("interrupted; the last finished epoch's checkpoint is kept: run the same command again to resume")
         return 130
     return 0
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ssl_ops import augment, io
+from ssl_ops import augment, faults, io
 from ssl_ops.backbones import build_backbone
 from ssl_ops.data.prepare import PreparedDataset
 from ssl_ops.data.splits import Split
@@ -254,6 +254,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
             sums: dict[str, Tensor] = {}
             for i in range(train.steps_per_epoch):
                 step = epoch * train.steps_per_epoch + i
+                faults.point("step")  # reliability tests only (SSL_OPS_FAULT); a no-op otherwise
                 with autocast(ctx.device, train.amp):
                     out = method.training_step(step)
                 optimizer.zero_grad(set_to_none=True)
@@ -288,6 +289,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
                 "epoch": epoch + 1, "train_seconds": seconds, "history": history, "config_hash": config_hash,
                 "run_state": run_state,
             })
+            faults.point("checkpoint")
             bar.epoch_done(epoch + 1, metrics, (epoch + 1) * train.steps_per_epoch)
             if epoch_end:
                 epoch_end(epoch + 1, metrics)

@@ -40,3 +40,26 @@ class RegistryError(SslOpsError):
 
 class PredictInputError(SslOpsError):
     """Images given to ``ssl-ops predict`` do not match the model's input signature (channels, size, dtype)."""
+
+
+class WriteFailedError(SslOpsError):
+    """A file could not be written (disk full, no permission, ...); the previous version is kept."""
+
+    def __init__(self, path, exc: OSError):
+        import errno
+        import os
+
+        hint = {
+            errno.ENOSPC: "the disk is full: free space (or point the run at another disk) and re-run",
+            errno.EDQUOT: "the disk quota is exhausted: free space and re-run",
+            errno.EACCES: "permission denied: make the folder writable for this user and re-run",
+            errno.EPERM: "operation not permitted: make the folder writable for this user and re-run",
+            errno.EROFS: "the file system is read-only: run from a writable folder",
+        }.get(exc.errno, "fix the cause and re-run")
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        super().__init__(
+            f"could not write {path}: {reason} (errno {exc.errno}); {hint}. Its previous version, if any, is "
+            "unchanged and nothing half-written was left in its place; the same command resumes from the last "
+            "checkpoint."
+        )
+        self.errno = exc.errno

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssl_ops.errors import CheckpointError
+from ssl_ops import faults
+from ssl_ops.errors import CheckpointError, WriteFailedError
 
 
 @contextlib.contextmanager
@@ -34,6 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp_path
+        faults.point("write")  # a kill here leaves only the temp file: the target keeps its old content
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -46,11 +48,17 @@ def current_umask() -> int:
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    """Write ``data`` to ``path`` atomically. A failing write (full disk, no permission, read-only or missing
+    mount) raises :class:`WriteFailedError` naming the file; ``path`` keeps its previous content and no
+    temp file is left behind."""
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as exc:
+        raise WriteFailedError(path, exc) from None
 
 
 def write_text(path: str | Path, text: str) -> None:

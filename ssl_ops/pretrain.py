@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssl_ops import io, probes, tracking
+from ssl_ops import io, probes, recovery, tracking
 from ssl_ops.engine import RunContext, fit, make_context
 from ssl_ops.errors import CheckpointError
 from ssl_ops.params import BaseParams
@@ -75,7 +75,7 @@ def pretrain_stage(name: str, params: BaseParams, resume: bool = False, write_ou
     resolved = params.model_dump(mode="json")
     config_hash = _config_hash(resolved, name)
     checkpoint = CHECKPOINTS / "pretrain" / name / "last.pt"
-    prev_run = io.torch_load(checkpoint)["run_state"].get("mlflow_run_id") if resume and checkpoint.exists() else None
+    resume, prev_run = recovery.resume_from(checkpoint, config_hash, ctx.train.epochs, explicit=resume)
     tags = {"pretext": name, "stage": "pretrain", "dataset": params.data.name, "split_file": str(spath),
             "split_sha256": split.sha256, "dataset_sha256": data.sha256}
     with tracking.start_run(params.tracking, run_name=f"pretrain-{name}", params=resolved, tags=tags,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from ssl_ops import io, tracking
+from ssl_ops import io, recovery, tracking
 from ssl_ops.data.prepare import PreparedDataset, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
 from ssl_ops.engine import RunContext, fit, make_context, predict_logits, test_accuracy, topk_accuracy
@@ -81,9 +81,8 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
     resolved = params.model_dump(mode="json")
     config_hash = _config_hash(resolved, name)
     checkpoint = checkpoint or CHECKPOINTS / name / "last.pt"
-    prev_run = None
-    if resume and checkpoint.exists():
-        prev_run = io.torch_load(checkpoint)["run_state"].get("mlflow_run_id")
+    # kill -9 / dvc repro: the same command resumes a matching unfinished checkpoint (ssl_ops/recovery.py)
+    resume, prev_run = recovery.resume_from(checkpoint, config_hash, method.ctx.train.epochs, explicit=resume)
     tags = {"method": name, "dataset": params.data.name, "split_file": str(spath), "split_sha256": split.sha256,
             "dataset_sha256": data.sha256, **(run_tags or {})}
     with tracking.start_run(params.tracking, run_name=name, params=resolved, tags=tags, run_id=prev_run,

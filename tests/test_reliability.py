@@ -1,0 +1,210 @@
+"""Reliability (issue 10): `kill -9` of training and pre-training at several points, then the same command
+again, equals an uninterrupted run exactly (CPU, fixed seeds) and loses no MLflow metric; failing writes
+(full disk, permission denied) keep the previous checkpoint and metrics intact and leave nothing half-written.
+
+Kills are deterministic: ``SSL_OPS_FAULT=<point>:<n>`` (ssl_ops/faults.py) makes the process SIGKILL itself.
+reports/reliability.md maps each fault row to the test here that proves it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import TINY
+
+from ssl_ops import io
+from ssl_ops.cli import main
+from ssl_ops.errors import WriteFailedError
+from ssl_ops.params import load_params
+from ssl_ops.pretrain import model_path, pretrain_stage
+from ssl_ops.stages import CHECKPOINTS, METRICS, MODELS, evaluate_stage, train_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [*TINY, "train.epochs=4"]  # 4 epochs x 3 steps
+PRETRAIN = [*TINY, "rotation.epochs=3", "rotation.steps_per_epoch=2", "rotation.batch_size=8"]
+
+
+def ssl_ops(*args: str, fault: str | None = None, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """Run the real CLI in a child process (with a fault to inject, if any)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    full_env.pop("SSL_OPS_FAULT", None)
+    if fault:
+        full_env["SSL_OPS_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "ssl_ops.cli", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _curve(checkpoint: Path) -> list[tuple]:
+    """Everything of an epoch's record but its wall-clock throughput."""
+    return [tuple(sorted((k, v) for k, v in h.items() if k != "images_per_second"))
+            for h in io.torch_load(checkpoint)["history"]]
+
+
+def _metric_points(run_id: str, key: str) -> set[tuple[int, float]]:
+    return {(m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+
+
+@pytest.fixture(scope="module")
+def reference(digits_dir, mlflow_uri, tmp_path_factory):
+    """Uninterrupted runs (in this process) of the same commands the tests kill."""
+    cwd, root = os.getcwd(), tmp_path_factory.mktemp("reference")
+    (root / "data").symlink_to(digits_dir / "data")
+    os.chdir(root)
+    try:
+        train = train_stage("supervised", load_params("params.yaml", TRAIN))
+        pre = pretrain_stage("rotation", load_params("params.yaml", PRETRAIN))
+        return {
+            "state": io.torch_load(MODELS / "supervised.pt")["state_dict"],
+            "curve": _curve(CHECKPOINTS / "supervised" / "last.pt"),
+            "val_top1": train.metrics["val_top1"],
+            "loss_points": _metric_points(train.run_id, "loss"),
+            "pre_model": io.torch_load(model_path("rotation"))["model"],
+            "pre_curve": _curve(CHECKPOINTS / "pretrain" / "rotation" / "last.pt"),
+            "pre_metrics": {k: v for k, v in pre.metrics.items() if k != "train_seconds"},
+        }
+    finally:
+        os.chdir(cwd)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# (fault, epochs in the checkpoint left by the kill): mid-epoch 2 (step 5 of 12), just after epoch 2's
+# checkpoint, and inside epoch 3's checkpoint write (temp file complete, not yet renamed)
+KILLS = [("step:5", 1), ("checkpoint:2", 2), ("write:3", 2)]
+
+
+@pytest.mark.parametrize(("fault", "kept_epochs"), KILLS)
+def test_train_killed_then_rerun_equals_uninterrupted(workdir, reference, fault, kept_epochs, capsys):
+    cmd = ["train", "supervised", "--no-progress", *sets(TRAIN)]
+    killed = ssl_ops(*cmd, fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ck = CHECKPOINTS / "supervised" / "last.pt"
+    state = io.torch_load(ck)  # the last complete checkpoint, loadable
+    assert state["epoch"] == kept_epochs and not (MODELS / "supervised.pt").exists()
+    run_id = state["run_state"]["mlflow_run_id"]
+
+    assert main(cmd) == 0  # the same command (in this process: cheaper), no --resume: what `dvc repro` runs
+    assert f"epoch {kept_epochs}/4 done" in capsys.readouterr().err
+    _assert_same_state(io.torch_load(MODELS / "supervised.pt")["state_dict"], reference["state"])
+    assert _curve(ck) == reference["curve"]
+    assert json.loads((MODELS / "supervised.json").read_text())["mlflow_run_id"] == run_id  # one run, continued
+    # every epoch's loss is in the MLflow run once (write:3 logs epoch 3 twice, with the same value)
+    assert _metric_points(run_id, "loss") == reference["loss_points"]
+    assert not list(ck.parent.glob(".*.tmp"))  # the killed write's temp file was cleared on resume
+
+
+def test_pretrain_killed_then_rerun_equals_uninterrupted(workdir, reference, capsys):
+    cmd = ["pretrain", "rotation", "--no-progress", *sets(PRETRAIN)]
+    killed = ssl_ops(*cmd, fault="checkpoint:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert io.torch_load(CHECKPOINTS / "pretrain" / "rotation" / "last.pt")["epoch"] == 2
+    assert main(cmd) == 0
+    assert "epoch 2/3 done" in capsys.readouterr().err
+    _assert_same_state(io.torch_load(model_path("rotation"))["model"], reference["pre_model"])
+    assert _curve(CHECKPOINTS / "pretrain" / "rotation" / "last.pt") == reference["pre_curve"]
+    metrics = json.loads((METRICS / "pretrain_rotation.json").read_text())
+    assert {k: v for k, v in metrics.items() if k != "train_seconds"} == reference["pre_metrics"]
+
+
+def test_explicit_resume_of_finished_or_other_params_checkpoint(workdir, tiny):
+    """Without --resume a checkpoint of other params is overwritten (a fresh run); with it, refused."""
+    train_stage("supervised", tiny("train.epochs=1"))
+    assert main(["train", "supervised", "--no-progress", *sets([*TINY, "train.epochs=1", "train.lr=0.2"]),
+                 "--resume"]) == 2
+    res = train_stage("supervised", tiny("train.epochs=1", "train.lr=0.2"))
+    assert io.torch_load(CHECKPOINTS / "supervised" / "last.pt")["epoch"] == 1 and res.metrics["lr"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# failing writes
+
+
+def _failing_open(errno_: int, fail_on: int):
+    """An ``open`` for ssl_ops.io that fails the ``fail_on``-th file write half-way (the disk fills up)."""
+    calls = {"n": 0}
+
+    class HalfWriter:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(errno_, os.strerror(errno_))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def fake_open(path, mode="r", *args, **kw):
+        f = open(path, mode, *args, **kw)
+        if "w" in mode:
+            calls["n"] += 1
+            if calls["n"] == fail_on:
+                return HalfWriter(f)
+        return f
+
+    return fake_open
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES, errno.EROFS])
+def test_failing_checkpoint_write_keeps_previous_checkpoint(workdir, tiny, monkeypatch, err):
+    from ssl_ops import io as ssl_io
+
+    with monkeypatch.context() as m:
+        m.setattr(ssl_io, "open", _failing_open(err, fail_on=2), raising=False)  # epoch 2's checkpoint
+        with pytest.raises(WriteFailedError, match=f"could not write checkpoints/supervised/last.pt: {os.strerror(err)}"):
+            train_stage("supervised", tiny("train.epochs=3"))
+    ck = CHECKPOINTS / "supervised" / "last.pt"
+    assert io.torch_load(ck)["epoch"] == 1  # the previous checkpoint, intact and loadable
+    assert sorted(p.name for p in ck.parent.iterdir()) == ["last.pt"]  # the half-written temp file is gone
+    assert not (MODELS / "supervised.pt").exists()
+    train_stage("supervised", tiny("train.epochs=3"))  # the same call, disk fixed: resumes from epoch 1
+    assert [h["epoch"] for h in io.torch_load(ck)["history"]] == [1, 2, 3]
+
+
+def test_failing_metrics_write_keeps_previous_metrics_and_cli_says_why(workdir, tiny, monkeypatch, capsys):
+    from ssl_ops import io as ssl_io
+
+    train_stage("supervised", tiny("train.epochs=1"))
+    evaluate_stage("supervised", tiny("train.epochs=1"))
+    before = (METRICS / "supervised.json").read_bytes()
+    monkeypatch.setattr(ssl_io, "open", _failing_open(errno.ENOSPC, fail_on=1), raising=False)
+    assert main(["evaluate", "supervised", *sets([*TINY, "train.epochs=1"])]) == 2
+    err = capsys.readouterr().err
+    assert "could not write metrics/supervised.json: No space left on device" in err and "Traceback" not in err
+    assert (METRICS / "supervised.json").read_bytes() == before
+    assert sorted(p.name for p in METRICS.iterdir()) == ["supervised.json"]
+
+
+def test_unwritable_folder_is_a_clear_error(workdir, monkeypatch):
+    """mkstemp itself refused (EACCES on the folder; root ignores chmod, so the refusal is injected)."""
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(WriteFailedError, match="could not write out/x.json: Permission denied .*make the folder writable"):
+        io.write_json("out/x.json", {"a": 1})
