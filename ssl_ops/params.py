@@ -222,6 +222,11 @@ class TuneParams(Section):
     seed: int | None = Field(0, ge=0)
     pruner: PrunerParams = Field(default_factory=PrunerParams)
     keep_checkpoints: bool = False  # keep tuning/<study>/trial-<n>.pt (e.g. to test each trial afterwards)
+    # RDB storages (sqlite, postgresql, mysql): a worker killed mid-trial (kill -9, OOM, lost machine) stops
+    # sending heartbeats; the next worker to start a trial marks it FAIL once grace_period has passed (null:
+    # twice the interval) and retries its values once, from the trial's last epoch checkpoint (issue 10).
+    heartbeat_interval: int = Field(60, gt=0)  # seconds
+    grace_period: int | None = Field(None, gt=0)  # seconds
     spaces: dict[str, dict[str, Space]] = Field(default_factory=dict)
 
 

@@ -70,9 +70,14 @@ class TuningError(SslOpsError):
 # study set-up
 
 
-def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
+def make_storage(url: str | None, tune: TuneParams | None = None) -> tuple[optuna.storages.BaseStorage, str]:
     """An Optuna storage from ``--storage``: an RDB URL (sqlite:///, postgresql://, mysql://) or
-    ``journal:PATH`` (an append-only file, safe for several processes on one machine)."""
+    ``journal:PATH`` (an append-only file, safe for several processes on one machine).
+
+    With ``tune``, an RDB storage runs heartbeats: a trial whose worker died is failed by the next worker
+    after ``tune.grace_period`` and retried once with the same values (``RetryHeartbeatStaleTrialCallback``);
+    :class:`Objective` resumes the retry from the dead trial's checkpoint. The journal storage has no
+    heartbeat in Optuna: there a killed worker's trial stays RUNNING (shown as such), the study goes on."""
     url = url or DEFAULT_STORAGE
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
@@ -86,7 +91,13 @@ def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return optuna.storages.RDBStorage(url), url
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            beat = {} if tune is None else {
+                "heartbeat_interval": tune.heartbeat_interval, "grace_period": tune.grace_period,
+                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=1, inherit_intermediate_values=True)}
+            return optuna.storages.RDBStorage(url, **beat), url
     except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server: say which
         raise TuningError(f"cannot open Optuna storage {url}: {type(exc).__name__}: {exc}") from None
 
@@ -191,7 +202,13 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}: val top-1 {metrics['val_top1']:.4f}")
 
-        ckpt = self.checkpoint(trial.number)
+        # a retry of a trial whose worker died continues from that trial's last epoch checkpoint
+        # (train_stage resumes a matching unfinished checkpoint by itself)
+        retried = _retried_trial(trial)
+        ckpt = self.checkpoint(trial.number if retried is None else retried)
+        if retried is not None:
+            tags["optuna.retry_of_trial"] = str(retried)
+            trial.set_user_attr("retry_of_trial", retried)
         try:
             params = with_overrides(self.base, [*(as_override(k, v) for k, v in values.items()),
                                                 "train.progress=false"], source=f"trial {trial.number}")
@@ -212,7 +229,8 @@ class Objective:
                 ckpt.unlink(missing_ok=True)
         trial.set_user_attr("mlflow_run_id", res.run_id)
         trial.set_user_attr("train_seconds", res.metrics["train_seconds"])
-        self._finish(before, {"optuna.state": "COMPLETE"})
+        self._finish(before, {"optuna.state": "COMPLETE", **({} if retried is None else {
+            "optuna.trial_number": str(trial.number), "optuna.retry_of_trial": str(retried)})})
         return res.metrics["val_top1"]
 
     def _finish(self, before: str | None, tags: dict[str, str], status: str | None = None) -> None:
@@ -220,6 +238,15 @@ class Objective:
         run_id = tracking.last_run_id()
         if run_id and run_id not in (before, self.parent_run_id):
             tracking.finish_run(self.base.tracking, run_id, tags, status)
+
+
+def _retried_trial(trial: optuna.Trial) -> int | None:
+    """The number of the dead trial this one retries (set by RetryHeartbeatStaleTrialCallback), else None."""
+    running = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    frozen = next(t for t in running if t.number == trial.number)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +283,7 @@ def run_study(method: str, params: BaseParams, *, trials: int | None = 20, timeo
         raise TuningError(f"--trials must be >= 0, got {trials}")
     search_space(params, method)
     name = study_name or f"{method}-{params.data.name}"
-    store, url = make_storage(storage)
+    store, url = make_storage(storage, params.tune)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=store, study_name=name, direction="maximize", load_if_exists=True)
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:

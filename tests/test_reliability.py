@@ -208,3 +208,41 @@ def test_unwritable_folder_is_a_clear_error(workdir, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(WriteFailedError, match="could not write out/x.json: Permission denied .*make the folder writable"):
         io.write_json("out/x.json", {"a": 1})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tuning: a worker killed mid-trial
+
+
+def test_tune_worker_killed_mid_trial_fails_it_and_the_study_goes_on(workdir, capsys):
+    """SIGKILL after the first epoch of trial 1: the next call fails it (heartbeat), retries its values from
+    its checkpoint, and the retry's val top-1 equals trial 1 of an uninterrupted study."""
+    import time
+
+    import optuna
+    import yaml
+
+    from ssl_ops import tuning
+
+    space = {"train.lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True}}
+    tune = {"pruner": {"kind": "none"}, "heartbeat_interval": 1, "grace_period": 2, "spaces": {"supervised": space}}
+    Path("params.yaml").write_text(yaml.safe_dump({"tune": tune}))
+    cmd = ["tune", "supervised", "--trials", "2", *sets(TINY)]
+
+    def trials(study: str) -> list[optuna.trial.FrozenTrial]:
+        return optuna.load_study(study_name=study, storage=tuning.make_storage(None)[0]).trials
+
+    assert main([*cmd, "--study", "reference"]) == 0  # uninterrupted: trials 0 and 1
+    ref = trials("reference")
+    killed = ssl_ops(*cmd, fault="checkpoint:3")  # 2 epochs per trial: trial 1 after its epoch 1
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [t.state.name for t in trials("supervised-digits")] == ["COMPLETE", "RUNNING"]
+    assert (tuning.TUNING / "supervised-digits" / "trial-1.pt").exists()
+    time.sleep(2.5)  # > grace_period since the dead worker's last heartbeat
+    assert main(cmd) == 0  # the same command again
+    after = trials("supervised-digits")
+    assert [t.state.name for t in after] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    retry = after[2]
+    assert retry.user_attrs["retry_of_trial"] == 1 and retry.params == ref[1].params
+    assert retry.value == ref[1].value and after[0].value == ref[0].value and after[0].params == ref[0].params
+    assert not (tuning.TUNING / "supervised-digits" / "trial-1.pt").exists()
