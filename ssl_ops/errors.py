@@ -63,3 +63,7 @@ class WriteFailedError(SslOpsError):
             "checkpoint."
         )
         self.errno = exc.errno
+
+
+class TrackingUnavailableError(SslOpsError):
+    """The MLflow tracking server cannot be reached; the run stops with its last checkpoint kept."""

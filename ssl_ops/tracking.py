@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
+from ssl_ops.errors import SslOpsError, TrackingUnavailableError
 from ssl_ops.params import TrackingParams, flatten, unflatten
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -60,30 +61,89 @@ def _mlflow():
     return mlflow
 
 
+# Server outage policy (issue 10; docs/reliability.md): stop, do not buffer. A metric that cannot be sent
+# stops the run before that epoch's checkpoint is written, so the checkpoint and the server agree; the same
+# command, once the server is back, resumes from the checkpoint into the same MLflow run and logs the epochs
+# from there on. Everything logged before the outage stays on the server.
+_UNREACHABLE = ("Max retries exceeded", "Failed to establish", "Connection refused", "Connection aborted",
+                "Read timed out", "RemoteDisconnected", "503", "502", "504")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in _UNREACHABLE)
+
+
+def _outage(uri: str, doing: str, exc: BaseException) -> TrackingUnavailableError:
+    first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return TrackingUnavailableError(
+        f"the MLflow tracking server {mask_uri(uri)} is unreachable while {doing} ({first}). The run stopped: "
+        "everything logged before is kept on the server and the checkpoint of the last finished epoch is kept. "
+        "When the server is back, run the same command again: it resumes from the checkpoint and continues the "
+        "same MLflow run (MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT set how long to wait)."
+    )
+
+
+def mask_uri(uri: str) -> str:
+    """``scheme://user:pw@host`` -> ``scheme://user:***@host`` (for anything printed or logged)."""
+    return _URI_PASSWORD.sub(r"\1***\3", uri)
+
+
 @contextlib.contextmanager
 def start_run(cfg: TrackingParams, run_name: str, params: dict[str, Any] | None = None,
               tags: dict[str, str] | None = None, run_id: str | None = None, nested: bool = False) -> Iterator[str]:
-    """An MLflow run (resumed when ``run_id`` is given); yields its id. Params are flattened ``a.b.c`` keys."""
+    """An MLflow run (resumed when ``run_id`` is given); yields its id. Params are flattened ``a.b.c`` keys.
+    An unreachable tracking server raises :class:`TrackingUnavailableError` (see the outage policy above)."""
+    global _last_started
+    mlflow, uri = _mlflow(), tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with _reachable(uri, "starting the run"):
+            if run_id is None:
+                mlflow.set_experiment(cfg.experiment)
+            active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
+        with active as run:
+            _last_started = run.info.run_id
+            if run_id is None:
+                with _reachable(uri, "logging the run's params"):
+                    _log_params_and_tags(mlflow, params, tags)
+            yield run.info.run_id
+    except mlflow.exceptions.MlflowException as exc:
+        if not _unreachable(exc):
+            raise
+        # ending the run failed too (the server is gone): report what stopped the run, not the failed end
+        cause = exc.__context__
+        while cause is not None and not isinstance(cause, SslOpsError):
+            cause = cause.__context__
+        raise (cause or _outage(uri, "ending the run", exc)) from None
+
+
+def _log_params_and_tags(mlflow, params: dict[str, Any] | None, tags: dict[str, str] | None) -> None:
+    if params:
+        flat = {k: str(v)[:6000] for k, v in mask_secrets(flatten(params)).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            mlflow.log_params(dict(items[i : i + 100]))
+        mlflow.log_dict(unflatten(mask_secrets(flatten(params))), "params.resolved.yaml")
+    mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
+
+
+@contextlib.contextmanager
+def _reachable(uri: str, doing: str) -> Iterator[None]:
+    """Turn MLflow's connection failures into one clear :class:`TrackingUnavailableError`."""
     mlflow = _mlflow()
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    if run_id is None:
-        mlflow.set_experiment(cfg.experiment)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested) as run:
-        global _last_started
-        _last_started = run.info.run_id
-        if run_id is None:
-            if params:
-                flat = {k: str(v)[:6000] for k, v in mask_secrets(flatten(params)).items()}
-                items = list(flat.items())
-                for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-                    mlflow.log_params(dict(items[i : i + 100]))
-                mlflow.log_dict(unflatten(mask_secrets(flatten(params))), "params.resolved.yaml")
-            mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
-        yield run.info.run_id
+    try:
+        yield
+    except mlflow.exceptions.MlflowException as exc:
+        if _unreachable(exc):
+            raise _outage(uri, doing, exc) from None
+        raise
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    mlflow = _mlflow()
+    with _reachable(mlflow.get_tracking_uri(), f"logging the metrics of step {step}"):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def set_tags(tags: dict[str, str]) -> None:

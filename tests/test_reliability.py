@@ -246,3 +246,79 @@ def test_tune_worker_killed_mid_trial_fails_it_and_the_study_goes_on(workdir, ca
     assert retry.user_attrs["retry_of_trial"] == 1 and retry.params == ref[1].params
     assert retry.value == ref[1].value and after[0].value == ref[0].value and after[0].params == ref[0].params
     assert not (tuning.TUNING / "supervised-digits" / "trial-1.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the MLflow tracking server goes away mid-run
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts), waited for until healthy."""
+    import time
+    import urllib.request
+
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+           "--artifacts-destination", str(root / "artifacts")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "ab"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return proc
+        except OSError:
+            assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("mlflow server did not start in 120 s")
+
+
+def test_tracking_server_lost_mid_run_stops_clearly_and_resumes(workdir, reference, monkeypatch, capsys):
+    """Policy: stop with a clear message, keep the checkpoint; the same command resumes into the same run."""
+    from ssl_ops import tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: the outage is certain here
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(workdir, port)
+    original = tracking.log_metrics
+
+    def server_dies_before_epoch_3(metrics, step=None):
+        if step == 3 and server.poll() is None:
+            server.terminate()
+            server.wait(30)
+        original(metrics, step)
+
+    cmd = ["train", "supervised", "--no-progress", *sets([*TRAIN, f"tracking.uri={uri}"])]
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(tracking, "log_metrics", server_dies_before_epoch_3)
+            assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert f"the MLflow tracking server {uri} is unreachable while logging the metrics of step 3" in err
+        assert "run the same command again" in err and "Traceback" not in err
+        state = io.torch_load(CHECKPOINTS / "supervised" / "last.pt")
+        assert state["epoch"] == 2  # epoch 3 was not checkpointed: its metrics never reached the server
+        run_id = state["run_state"]["mlflow_run_id"]
+
+        server = _mlflow_server(workdir, port)  # the server is back (same store)
+        assert main(cmd) == 0
+        assert "epoch 2/4 done" in capsys.readouterr().err
+        client = mlflow.MlflowClient(uri)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "4"  # logged before: kept
+        assert {(m.step, m.value) for m in client.get_metric_history(run_id, "loss")} == reference["loss_points"]
+        assert sorted(m.step for m in client.get_metric_history(run_id, "val_top1")) == [1, 2, 3, 4]
+        _assert_same_state(io.torch_load(MODELS / "supervised.pt")["state_dict"], reference["state"])
+    finally:
+        server.terminate()
+        server.wait(30)
