@@ -34,7 +34,7 @@ def prepare_stage(params: BaseParams) -> Path:
 
 def split_stage(params: BaseParams) -> tuple[Path, Split]:
     data = load_prepared(params.data.name)
-    split = make_split(data.train_y, params.split, data.sha256)
+    split = make_split(data.train_y, params.split, data.sha256, data.classes)
     path = split_path(params.data.name, params.split)
     write_split(split, path)
     return path, split

@@ -38,10 +38,19 @@ def split_path(dataset: str, cfg: SplitParams, root: Path = SPLITS_ROOT) -> Path
     return root / f"{dataset}-{budget}-seed{cfg.seed}.json"
 
 
-def make_split(labels: np.ndarray, cfg: SplitParams, dataset_sha256: str) -> Split:
-    """Draw the split; raise a clear error when a class has too few images for the requested budget."""
+def make_split(labels: np.ndarray, cfg: SplitParams, dataset_sha256: str, classes: list[str] | None = None) -> Split:
+    """Draw the split; raise a clear error when a class has too few images for the requested budget, or
+    (given the dataset's ``classes``) none at all."""
     rng = np.random.default_rng(cfg.seed)
     labels = np.asarray(labels)
+    if classes is not None:
+        counts = np.bincount(labels, minlength=len(classes))
+        empty = [f"{c} ({classes[c]!r})" for c in np.flatnonzero(counts[: len(classes)] == 0)]
+        if empty:
+            raise SslOpsError(
+                f"class(es) {', '.join(empty)} have no training images, so no labeled example can be drawn for "
+                "them; add images of those classes (or remove the classes from the dataset) and re-run `ssl-ops prepare`"
+            )
     labeled, val = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
@@ -72,18 +81,43 @@ def _to_json(split: Split) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
 
 
+def sha256_path(path: Path) -> Path:
+    """``<split>.json.sha256`` beside the split, in ``sha256sum`` format (``sha256sum -c`` checks it too)."""
+    return path.with_name(path.name + ".sha256")
+
+
 def write_split(split: Split, path: Path) -> str:
-    """Write atomically; return the file's sha256."""
+    """Write atomically, then its sha256 file; return the file's sha256."""
     text = _to_json(split)
+    digest = io.sha256_bytes(text.encode())
     io.write_text(path, text)
-    return io.sha256_bytes(text.encode())
+    io.write_text(sha256_path(path), f"{digest}  {path.name}\n")
+    return digest
 
 
-def load_split(path: Path, dataset_sha256: str | None = None, n_train: int | None = None) -> Split:
-    """Read a split; refuse one drawn from another dataset or with out-of-range indices."""
+def _verify(path: Path, raw: bytes) -> None:
+    """A split edited after `ssl-ops split` would silently change what is labeled: refuse it."""
+    record = sha256_path(path)
+    if not record.exists():
+        raise DataIntegrityError(f"split file {path} has no recorded sha256 ({record} is missing), so a change "
+                                 "to it cannot be detected; re-run `ssl-ops split` (or `dvc repro`)")
+    expected = record.read_text().split()[0] if record.read_text().strip() else ""
+    if io.sha256_bytes(raw) != expected:
+        raise DataIntegrityError(
+            f"split file {path} was modified after it was written: its sha256 no longer matches {record}. "
+            f"Re-run `ssl-ops split` (or `dvc checkout {path.parent}`) to restore it."
+        )
+
+
+def load_split(path: Path, dataset_sha256: str | None = None, n_train: int | None = None,
+               verify: bool = True) -> Split:
+    """Read a split; refuse one modified since it was written (``verify``: its ``.sha256`` file), drawn from
+    another dataset, or with out-of-range indices."""
     if not path.exists():
         raise DataIntegrityError(f"split file {path} not found; run `ssl-ops split` (or `dvc repro`) first")
     raw = path.read_bytes()
+    if verify:
+        _verify(path, raw)
     try:
         obj = json.loads(raw)
         split = Split(
