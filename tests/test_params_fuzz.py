@@ -20,8 +20,10 @@ from ssl_ops.errors import ParamsError
 from ssl_ops.params import load_params, params_model
 
 # Keys whose valid values depend on another key (checked by a model validator at section level), so a value
-# valid on its own can be refused: split needs exactly one budget; the threshold pruner needs `lower`.
-COUPLED = {"split.labels_per_class", "split.label_fraction", "tune.pruner.kind", "tune.pruner.lower"}
+# valid on its own can be refused: split needs exactly one budget; the threshold pruner needs `lower`; a
+# Jigsaw++ tile must fit its cell (tile_size <= crop_size // 3).
+COUPLED = {"split.labels_per_class", "split.label_fraction", "tune.pruner.kind", "tune.pruner.lower",
+           "jigsaw_pp.tile_size", "jigsaw_pp.crop_size"}
 
 
 def _leaves(model: type[BaseModel], prefix: str = "") -> dict[str, tuple[Any, list]]:
@@ -121,11 +123,12 @@ def test_invalid_value_names_the_key_and_exits_cleanly(case, tmp_path, monkeypat
     assert "invalid params" in printed and key in printed and "Traceback" not in printed
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=key_and_valid())
-def test_valid_value_round_trips(case):
+def test_valid_value_round_trips(case, tmp_path, monkeypatch):
     key, value = case
-    params = load_params("params.yaml", [f"{key}={as_yaml(value)}"])  # the repo's params.yaml + the value
+    monkeypatch.chdir(tmp_path)  # no params.yaml: the defaults plus this one value
+    params = load_params("params.yaml", [f"{key}={as_yaml(value)}"])
     got = params.model_dump(mode="json")
     for part in key.split("."):
         got = got[part]
