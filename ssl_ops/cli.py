@@ -7,6 +7,7 @@ overrides, validated like the file. Problems the user can fix print one paragrap
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 
@@ -37,6 +38,10 @@ def cmd_prepare(args) -> None:
     params = _load(args)
     path = prepare_stage(params)
     out.print(f"prepared [bold]{params.data.name}[/bold] -> {path}")
+    skipped = json.loads((path / "manifest.json").read_text()).get("skipped_files", [])
+    if skipped:
+        out.print(f"skipped {len(skipped)} non-image file(s), listed in {path / 'manifest.json'}: "
+                  + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), highlight=False)
 
 
 def cmd_split(args) -> None:
@@ -137,6 +142,10 @@ def cmd_predict(args) -> None:
     table = predict(args.model, Path(args.path), Path(args.out), tracking_uri(params.tracking), resize=args.resize)
     counts = table["predicted"].value_counts()
     out.print(f"{len(table)} images -> {args.out} (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")")
+    skipped = table.attrs.get("skipped", [])
+    if skipped:
+        out.print(f"skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'}: "
+                  + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), highlight=False)
 
 
 def cmd_tune(args) -> None:

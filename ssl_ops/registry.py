@@ -30,6 +30,7 @@ import logging
 import os
 import string
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,7 +349,11 @@ def _read_image(path: Path, channels: int, size: tuple[int, int], resize: bool) 
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse both (memory, decode time)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             img.load()
             if img.mode == "P":  # palette: expand to its real colours first
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -356,6 +361,8 @@ def _read_image(path: Path, channels: int, size: tuple[int, int], resize: bool) 
                 img = img.convert("L")
             if img.mode in _DROP_ALPHA:
                 img = img.convert(_DROP_ALPHA[img.mode])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PredictInputError(f"image {path} is too large to decode safely ({exc}); shrink it first") from None
     except (OSError, UnidentifiedImageError) as exc:
         raise PredictInputError(f"cannot read image {path}: {exc}") from None
     have = len(img.getbands())
@@ -372,10 +379,16 @@ def _read_image(path: Path, channels: int, size: tuple[int, int], resize: bool) 
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _read_folder(folder: Path, shape: tuple[int, int, int], resize: bool) -> tuple[list[str], np.ndarray]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _read_folder(folder: Path, shape: tuple[int, int, int], resize: bool,
+                 skipped: list[str]) -> tuple[list[str], np.ndarray]:
+    """Every image file directly in ``folder`` (sorted); other visible entries (sub-folders, files of other
+    extensions) are skipped and appended to ``skipped``; hidden ones are ignored."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped += [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
     if not files:
-        raise PredictInputError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise PredictInputError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                                + (f"; skipped {len(skipped)} other entries: {', '.join(skipped[:5])}" if skipped else ""))
     images = [_read_image(f, shape[0], shape[1:], resize) for f in files]
     return [f.name for f in files], np.stack(images)
 
@@ -420,11 +433,13 @@ def _to_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
 
-def read_inputs(path: Path, shape: tuple[int, int, int], resize: bool = False) -> tuple[list[str], np.ndarray]:
-    """Names and float32 N×C×H×W images in [0, 1] from a folder of images or a ``.npy`` array."""
+def read_inputs(path: Path, shape: tuple[int, int, int], resize: bool = False,
+                skipped: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Names and float32 N×C×H×W images in [0, 1] from a folder of images or a ``.npy`` array; the folder's
+    non-image entries are appended to ``skipped``. A corrupt, too large or wrong-mode image is an error."""
     path = Path(path)
     if path.is_dir():
-        names, x = _read_folder(path, shape, resize)
+        names, x = _read_folder(path, shape, resize, [] if skipped is None else skipped)
     elif path.suffix == ".npy" and path.is_file():
         names, x = _read_npy(path, shape, resize)
     else:
@@ -437,8 +452,10 @@ def read_inputs(path: Path, shape: tuple[int, int, int], resize: bool = False) -
 def predict(model_uri: str, path: Path, out: Path, uri: str, resize: bool = False) -> pd.DataFrame:
     """Class probabilities for every image under ``path`` -> CSV at ``out`` (written atomically)."""
     loaded = load_model(model_uri, uri)
-    names, x = read_inputs(path, loaded.image_shape, resize)
+    skipped: list[str] = []
+    names, x = read_inputs(path, loaded.image_shape, resize, skipped)
     table = loaded.model.predict(x)
     table.insert(0, "file", names)
+    table.attrs["skipped"] = skipped  # non-image entries of the folder, counted by the CLI
     io.write_text(out, table.to_csv(index=False, float_format="%.6f"))
     return table

@@ -6,15 +6,18 @@ predict and imagefolder say clearly what is wrong with an image, and count what 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 from conftest import TINY
+from PIL import Image
 
+from ssl_ops import registry
 from ssl_ops.cli import main
 from ssl_ops.data.splits import make_split, sha256_path, split_path, write_split
-from ssl_ops.errors import SslOpsError
+from ssl_ops.errors import PredictInputError, SslOpsError
 from ssl_ops.params import SplitParams, load_params
 
 
@@ -80,3 +83,97 @@ def test_class_without_images_is_refused():
     labels = np.repeat([0, 1, 3], 20)  # class 2 has no image
     with pytest.raises(SslOpsError, match=r"class\(es\) 2 \('two'\) have no training images"):
         make_split(labels, SplitParams(labels_per_class=2, val_per_class=1), "abc", ["zero", "one", "two", "three"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# images: predict and imagefolder
+
+
+def _image_folder(root, modes=("L", "RGB", "RGBA", "P", "LA")):
+    for c, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir(parents=True)
+        for i, mode in enumerate(modes):
+            Image.new(mode, (12, 10), 40 * c + i).save(root / cls / f"{i}.png")
+        (root / cls / "notes.txt").write_text("not an image")
+        (root / cls / ".DS_Store").write_bytes(b"hidden: ignored silently")
+    return root
+
+
+def test_imagefolder_mixed_modes_non_images_counted_and_huge_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    root = _image_folder(tmp_path / "imgs")
+    cmd = ["prepare", "--set", "data.name=imagefolder", "--set", f"data.root={root}", "--set", "data.image_size=8"]
+    assert main(cmd) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "skipped 2 non-image file(s)" in out and "notes.txt" in out
+    manifest = json.loads((tmp_path / "data/prepared/imagefolder/manifest.json").read_text())
+    assert manifest["skipped_files"] == [str(root / "cat/notes.txt"), str(root / "dog/notes.txt")]
+    assert manifest["shapes"]["train_x"][1:] == [3, 8, 8]  # grey, palette, RGBA and LA together -> RGB
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 12x10 = 120 pixels: "huge" for this test
+    assert main(cmd) == 2
+    assert "is too large to decode safely" in _error(capsys)
+    monkeypatch.undo()
+
+
+def test_imagefolder_class_folder_without_images_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    root = _image_folder(tmp_path / "imgs")
+    (root / "bird").mkdir()
+    (root / "bird" / "readme.md").write_text("no images yet")
+    assert main(["prepare", "--set", "data.name=imagefolder", "--set", f"data.root={root}",
+                 "--set", "data.image_size=8"]) == 2
+    assert f"class folder {root / 'bird'} holds no images" in _error(capsys)
+
+
+@pytest.mark.parametrize(("mode", "channels", "expected"), [
+    ("RGBA", 3, None), ("LA", 1, None), ("P", 3, None), ("I;16", 1, None),  # alpha dropped, palette expanded
+    ("L", 3, "1 channel(s) (L) but the model expects 3"), ("RGBA", 1, "3 channel(s) (RGB) but the model expects 1"),
+])
+def test_predict_image_modes(tmp_path, mode, channels, expected):
+    (tmp_path / "d").mkdir()
+    Image.new(mode, (8, 8)).save(tmp_path / "d" / "a.png")
+    if expected is None:
+        names, x = registry.read_inputs(tmp_path / "d", (channels, 8, 8))
+        assert names == ["a.png"] and x.shape == (1, channels, 8, 8)
+    else:
+        with pytest.raises(PredictInputError, match=re.escape(expected)):
+            registry.read_inputs(tmp_path / "d", (channels, 8, 8))
+
+
+def test_predict_huge_corrupt_and_empty(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "d" / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # 64 pixels > 2 x 20: Pillow's error, not only its warning
+    with pytest.raises(PredictInputError, match="a.png is too large to decode safely"):
+        registry.read_inputs(tmp_path / "d", (1, 8, 8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 64 pixels: only Pillow's warning, refused as well
+    with pytest.raises(PredictInputError, match="a.png is too large to decode safely"):
+        registry.read_inputs(tmp_path / "d", (1, 8, 8))
+    (tmp_path / "d" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(PredictInputError, match="cannot read image .*a.png"):
+        registry.read_inputs(tmp_path / "d", (1, 8, 8))
+    (tmp_path / "d" / "a.png").unlink()
+    (tmp_path / "d" / "labels.csv").write_text("x")
+    (tmp_path / "d" / "sub").mkdir()
+    with pytest.raises(PredictInputError, match=r"holds no images .*skipped 2 other entries: labels.csv, sub/"):
+        registry.read_inputs(tmp_path / "d", (1, 8, 8))
+
+
+def test_predict_counts_skipped_entries_in_its_output(tmp_path, monkeypatch, capsys):
+    """The CLI line names what was left out (the model is a stand-in: reading inputs is what is tested)."""
+    import pandas as pd
+
+    class Model:
+        def predict(self, x):
+            return pd.DataFrame({"predicted": ["cat"] * len(x), "p_cat": [1.0] * len(x)})
+
+    monkeypatch.setattr(registry, "load_model", lambda uri, tracking: registry.Loaded(Model(), (1, 8, 8), ["cat"]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8)).save(tmp_path / "d" / f"{i}.png")
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    assert main(["predict", "--model", "models:/m@champion", "d", "--out", "p.csv"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "3 images -> p.csv (cat: 3)" in out and "skipped 1 non-image entry: notes.txt" in out

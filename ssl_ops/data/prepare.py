@@ -86,6 +86,7 @@ def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
             "shapes": shapes,
             "sha256": hashes,
             "dataset_sha256": dataset_hash(hashes),
+            "skipped_files": list(raw.skipped),  # imagefolder: non-image files left out
         }
         io.write_json(tmp / "manifest.json", manifest)
         # Swap in the new directory; the old one is removed only once the new one is in place.

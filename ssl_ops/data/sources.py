@@ -18,9 +18,10 @@ import socket
 import struct
 import tarfile
 import tempfile
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.error import URLError
@@ -58,6 +59,7 @@ class RawDataset:
     test_y: np.ndarray  # int64 (M,)
     classes: list[str]  # human-readable class names, index = label
     unlabeled_x: np.ndarray | None = None  # uint8 (U, C, H, W): images that come without labels
+    skipped: list[str] = field(default_factory=list)  # imagefolder: non-image files left out (manifest)
 
 
 Reader = Callable[["DataParams"], RawDataset]
@@ -520,6 +522,10 @@ def read_imagefolder(cfg: DataParams) -> RawDataset:
     if unlabeled_dir is not None and not unlabeled_files:
         raise DatasetNotFoundError(f"data.unlabeled_dir {unlabeled_dir} holds no images ({_extensions()}).")
 
+    # Files that are not images (by extension) are skipped, not errors; the count is printed by `ssl-ops
+    # prepare` and the list kept in manifest.json. Hidden files are ignored silently.
+    skipped = [str(p) for d in [*class_dirs.values(), *(test_dirs.values() if train_dir.is_dir() else []),
+                                *([unlabeled_dir] if unlabeled_dir else [])] for p in _non_image_files(d)]
     # One decode pass over all images, so every array shares the same number of channels.
     x = _load_images(train_files + test_files + unlabeled_files, cfg.image_size)
     n_train, n_test = len(train_files), len(test_files)
@@ -530,6 +536,7 @@ def read_imagefolder(cfg: DataParams) -> RawDataset:
         test_y=test_y,
         classes=classes,
         unlabeled_x=x[n_train + n_test :] if unlabeled_files else None,
+        skipped=sorted(set(skipped)),
     )
 
 
@@ -560,6 +567,12 @@ def _image_files(folder: Path) -> list[Path]:
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         and p.is_file()
     )
+
+
+def _non_image_files(folder: Path) -> list[Path]:
+    """Visible files under ``folder`` whose extension is not an image's (notes, CSVs, archives ...)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _labelled_files(class_dirs: dict[str, Path], classes: list[str]) -> tuple[list[Path], np.ndarray]:
@@ -619,7 +632,13 @@ def _open(path: Path, use: Callable[[Any], Any]) -> Any:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            return use(im)
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse both (memory, decode time)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return use(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SslOpsError(f"image {path} is too large to decode safely ({exc}); shrink it (e.g. to a few "
+                          "thousand pixels a side) or remove it") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise SslOpsError(f"cannot read image {path}: {exc}; delete or replace the file") from None
