@@ -73,7 +73,7 @@ def cmd_evaluate(args) -> None:
 
 def cmd_report(args) -> None:
     from ssl_ops.stages import report_stage
-    from ssl_ops.tracking import tracking_uri
+    from ssl_ops.tracking import mask_uri, tracking_uri
 
     params = _load(args)
     rows = report_stage(params)
@@ -89,7 +89,7 @@ def cmd_report(args) -> None:
                       f"{r['train_seconds']:.1f}")
     out.print(table)
     out.print("written reports/summary.md")
-    uri = tracking_uri(params.tracking)
+    uri = mask_uri(tracking_uri(params.tracking))  # e.g. MLFLOW_TRACKING_URI=https://user:password@host
     if uri.startswith("sqlite:"):
         out.print(f"Browse the runs: [bold]mlflow ui --backend-store-uri {uri} --host 127.0.0.1[/bold] "
                   "then open http://127.0.0.1:5000")

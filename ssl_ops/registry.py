@@ -42,7 +42,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from ssl_ops import io
+from ssl_ops import io, tracking
 from ssl_ops.backbones import build_backbone
 from ssl_ops.errors import CheckpointError, PredictInputError, RegistryError
 from ssl_ops.heads import Classifier, Normalize
@@ -266,7 +266,7 @@ def promote(method: str, uri: str, margin: float, name_pattern: str, run_id: str
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        raise RegistryError(f"MLflow run {run_id} not found in {uri}: {exc.message[:200]}") from None
+        raise RegistryError(f"MLflow run {run_id} not found in {tracking.mask_uri(uri)}: {exc.message[:200]}") from None
     if "val_top1" not in run.data.metrics:
         raise RegistryError(f"run {run_id} has no val_top1 metric, which the promotion gate compares; "
                             "train with a val split (split.val_per_class > 0)")
@@ -333,7 +333,7 @@ def load_model(model_uri: str, uri: str) -> Loaded:
         with _no_progress_bars():
             model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
-        raise RegistryError(f"cannot load model {model_uri} from {uri}: {exc.message[:300]}") from None
+        raise RegistryError(f"cannot load model {model_uri} from {tracking.mask_uri(uri)}: {exc.message[:300]}") from None
     meta = model.metadata.metadata or {}
     schema = model.metadata.get_input_schema()
     if meta.get("ssl_ops_format") != SPEC_FORMAT or schema is None or not schema.is_tensor_spec():

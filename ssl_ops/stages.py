@@ -106,7 +106,7 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
                     params.model.backbone, params.model.width, data.image_shape, data.classes))
             # DVC-tracked pointer from the pipeline to the MLflow run (dvc.lock then pins the run)
             io.write_json(MODELS / f"{name}.json", {
-                "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri(params.tracking),
+                "mlflow_run_id": run_id, "tracking_uri": tracking.mask_uri(tracking.tracking_uri(params.tracking)),
                 "train_seconds": result.train_seconds, "split_file": str(spath), "split_sha256": split.sha256,
             })
     return TrainResult(metrics, method, method.ctx, run_id)

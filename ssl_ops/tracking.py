@@ -194,4 +194,4 @@ def finish_run(cfg: TrackingParams, run_id: str, tags: dict[str, str], status: s
 
 
 def run_url(cfg: TrackingParams, run_id: str) -> str:
-    return f"{tracking_uri(cfg)} run {run_id}"
+    return f"{mask_uri(tracking_uri(cfg))} run {run_id}"

@@ -71,7 +71,7 @@ class TuningError(SslOpsError):
 
 
 def make_storage(url: str | None, tune: TuneParams | None = None) -> tuple[optuna.storages.BaseStorage, str]:
-    """An Optuna storage from ``--storage``: an RDB URL (sqlite:///, postgresql://, mysql://) or
+    """(storage, URL with any password masked) from ``--storage``: an RDB URL (sqlite:///, postgresql://, mysql://) or
     ``journal:PATH`` (an append-only file, safe for several processes on one machine).
 
     With ``tune``, an RDB storage runs heartbeats: a trial whose worker died is failed by the next worker
@@ -84,7 +84,7 @@ def make_storage(url: str | None, tune: TuneParams | None = None) -> tuple[optun
         path.parent.mkdir(parents=True, exist_ok=True)
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path))), url
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path))), url  # a path: nothing to mask
     if "://" not in url:
         raise TuningError(f"--storage {url!r}: expected an RDB URL (sqlite:///tuning/optuna.db, "
                           "postgresql://user@host/db) or journal:PATH (a journal file for parallel local workers)")
@@ -97,9 +97,10 @@ def make_storage(url: str | None, tune: TuneParams | None = None) -> tuple[optun
                 "heartbeat_interval": tune.heartbeat_interval, "grace_period": tune.grace_period,
                 "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=1, inherit_intermediate_values=True)}
-            return optuna.storages.RDBStorage(url, **beat), url
+            # the URL handed back is for messages, tags and files: its password (if any) masked
+            return optuna.storages.RDBStorage(url, **beat), tracking.mask_uri(url)
     except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server: say which
-        raise TuningError(f"cannot open Optuna storage {url}: {type(exc).__name__}: {exc}") from None
+        raise TuningError(tracking.mask_uri(f"cannot open Optuna storage {url}: {type(exc).__name__}: {exc}")) from None
 
 
 def make_sampler(tune: TuneParams, n_existing: int) -> optuna.samplers.BaseSampler:
