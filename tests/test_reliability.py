@@ -227,25 +227,26 @@ def test_tune_worker_killed_mid_trial_fails_it_and_the_study_goes_on(workdir, ca
     space = {"train.lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True}}
     tune = {"pruner": {"kind": "none"}, "heartbeat_interval": 1, "grace_period": 2, "spaces": {"supervised": space}}
     Path("params.yaml").write_text(yaml.safe_dump({"tune": tune}))
-    cmd = ["tune", "supervised", "--trials", "2", *sets(TINY)]
+    # own study names: tests/test_tuning.py finds its MLflow runs by study name in the session's store
+    cmd = ["tune", "supervised", "--trials", "2", "--study", "killed", *sets(TINY)]
 
     def trials(study: str) -> list[optuna.trial.FrozenTrial]:
         return optuna.load_study(study_name=study, storage=tuning.make_storage(None)[0]).trials
 
-    assert main([*cmd, "--study", "reference"]) == 0  # uninterrupted: trials 0 and 1
-    ref = trials("reference")
+    assert main([*cmd, "--study", "uninterrupted"]) == 0  # the later --study wins: trials 0 and 1
+    ref = trials("uninterrupted")
     killed = ssl_ops(*cmd, fault="checkpoint:3")  # 2 epochs per trial: trial 1 after its epoch 1
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert [t.state.name for t in trials("supervised-digits")] == ["COMPLETE", "RUNNING"]
-    assert (tuning.TUNING / "supervised-digits" / "trial-1.pt").exists()
+    assert [t.state.name for t in trials("killed")] == ["COMPLETE", "RUNNING"]
+    assert (tuning.TUNING / "killed" / "trial-1.pt").exists()
     time.sleep(2.5)  # > grace_period since the dead worker's last heartbeat
     assert main(cmd) == 0  # the same command again
-    after = trials("supervised-digits")
+    after = trials("killed")
     assert [t.state.name for t in after] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     retry = after[2]
     assert retry.user_attrs["retry_of_trial"] == 1 and retry.params == ref[1].params
     assert retry.value == ref[1].value and after[0].value == ref[0].value and after[0].params == ref[0].params
-    assert not (tuning.TUNING / "supervised-digits" / "trial-1.pt").exists()
+    assert not (tuning.TUNING / "killed" / "trial-1.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
