@@ -193,13 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("split", cmd_split, "write the labeled / val / unlabeled split file under data/splits/")
     p = add("train", cmd_train, "train a method on the split; writes models/<method>.pt and an MLflow run")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
-    p.add_argument("--resume", action="store_true", help="insist on continuing from checkpoints/<method>/last.pt (other params: an error). "
-                   "Without it an unfinished checkpoint of the same params is resumed anyway")
+    p.add_argument("--resume", action="store_true",
+                   help="insist on continuing from checkpoints/<method>/last.pt (other params: an error); without "
+                        "it an unfinished checkpoint of the same params is resumed anyway")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p = add("pretrain", cmd_pretrain, "self-supervised pre-training on all train images -> models/pretrain/<pretext>.pt")
     p.add_argument("pretext", choices=sorted(PRETEXTS), help="registered pretext")
-    p.add_argument("--resume", action="store_true", help="insist on continuing from checkpoints/pretrain/<pretext>/last.pt (an unfinished "
-                   "checkpoint of the same params is resumed anyway)")
+    p.add_argument("--resume", action="store_true",
+                   help="insist on continuing from checkpoints/pretrain/<pretext>/last.pt (an unfinished "
+                        "checkpoint of the same params is resumed anyway)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p = add("evaluate", cmd_evaluate, "test/val accuracy of a trained method -> metrics/<method>.json")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")

@@ -333,7 +333,8 @@ def load_model(model_uri: str, uri: str) -> Loaded:
         with _no_progress_bars():
             model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
-        raise RegistryError(f"cannot load model {model_uri} from {tracking.mask_uri(uri)}: {exc.message[:300]}") from None
+        raise RegistryError(f"cannot load model {model_uri} from {tracking.mask_uri(uri)}: "
+                            f"{exc.message[:300]}") from None
     meta = model.metadata.metadata or {}
     schema = model.metadata.get_input_schema()
     if meta.get("ssl_ops_format") != SPEC_FORMAT or schema is None or not schema.is_tensor_spec():
@@ -387,8 +388,8 @@ def _read_folder(folder: Path, shape: tuple[int, int, int], resize: bool,
     files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     skipped += [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
     if not files:
-        raise PredictInputError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-                                + (f"; skipped {len(skipped)} other entries: {', '.join(skipped[:5])}" if skipped else ""))
+        others = f"; skipped {len(skipped)} other entries: {', '.join(skipped[:5])}" if skipped else ""
+        raise PredictInputError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}){others}")
     images = [_read_image(f, shape[0], shape[1:], resize) for f in files]
     return [f.name for f in files], np.stack(images)
 

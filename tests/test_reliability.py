@@ -174,7 +174,8 @@ def test_failing_checkpoint_write_keeps_previous_checkpoint(workdir, tiny, monke
 
     with monkeypatch.context() as m:
         m.setattr(ssl_io, "open", _failing_open(err, fail_on=2), raising=False)  # epoch 2's checkpoint
-        with pytest.raises(WriteFailedError, match=f"could not write checkpoints/supervised/last.pt: {os.strerror(err)}"):
+        expected = f"could not write checkpoints/supervised/last.pt: {os.strerror(err)}"
+        with pytest.raises(WriteFailedError, match=expected):
             train_stage("supervised", tiny("train.epochs=3"))
     ck = CHECKPOINTS / "supervised" / "last.pt"
     assert io.torch_load(ck)["epoch"] == 1  # the previous checkpoint, intact and loadable
@@ -206,7 +207,8 @@ def test_unwritable_folder_is_a_clear_error(workdir, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    with pytest.raises(WriteFailedError, match="could not write out/x.json: Permission denied .*make the folder writable"):
+    expected = "could not write out/x.json: Permission denied .*make the folder writable"
+    with pytest.raises(WriteFailedError, match=expected):
         io.write_json("out/x.json", {"a": 1})
 
 

@@ -76,7 +76,8 @@ def test_split_of_another_dataset_is_refused(own_data, capsys):
 
 def test_more_labels_per_class_than_available_is_refused(own_data, capsys):
     assert main(["split", *sets([*TINY, "split.labels_per_class=500"])]) == 2
-    assert "fewer than the 500 labeled + 5 val images requested per class; lower split.labels_per_class" in _error(capsys)
+    expected = "fewer than the 500 labeled + 5 val images requested per class; lower split.labels_per_class"
+    assert expected in _error(capsys)
 
 
 def test_class_without_images_is_refused():

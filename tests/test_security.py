@@ -21,7 +21,8 @@ CODE = sorted([*(ROOT / "ssl_ops").rglob("*.py"), *(ROOT / "benchmarks").rglob("
 
 def _calls(path: Path):
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+        func = getattr(node, "func", None)
+        if isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
             yield f"{node.func.value.id}.{node.func.attr}", {k.arg: k.value for k in node.keywords}, node.lineno
 
 

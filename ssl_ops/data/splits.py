@@ -38,7 +38,8 @@ def split_path(dataset: str, cfg: SplitParams, root: Path = SPLITS_ROOT) -> Path
     return root / f"{dataset}-{budget}-seed{cfg.seed}.json"
 
 
-def make_split(labels: np.ndarray, cfg: SplitParams, dataset_sha256: str, classes: list[str] | None = None) -> Split:
+def make_split(labels: np.ndarray, cfg: SplitParams, dataset_sha256: str,
+               classes: list[str] | None = None) -> Split:
     """Draw the split; raise a clear error when a class has too few images for the requested budget, or
     (given the dataset's ``classes``) none at all."""
     rng = np.random.default_rng(cfg.seed)
@@ -49,7 +50,8 @@ def make_split(labels: np.ndarray, cfg: SplitParams, dataset_sha256: str, classe
         if empty:
             raise SslOpsError(
                 f"class(es) {', '.join(empty)} have no training images, so no labeled example can be drawn for "
-                "them; add images of those classes (or remove the classes from the dataset) and re-run `ssl-ops prepare`"
+                "them; add images of those classes (or remove the classes from the dataset) and re-run "
+                "`ssl-ops prepare`"
             )
     labeled, val = [], []
     for c in np.unique(labels):
