@@ -27,7 +27,8 @@ Tracking: one MLflow parent run per study (resumed by later calls) holding the s
 each trial a nested run with its params, per-epoch val top-1 and tags ``optuna.trial_number`` and
 ``optuna.state`` (COMPLETE, PRUNED or FAIL, with ``optuna.fail_reason``). A trial that raises (NaN loss,
 bad values) is FAIL with its reason and the study goes on; Ctrl-C marks the running trial FAIL
-("interrupted") and exits; the next call resumes the study.
+("interrupted") and exits; the next call resumes the study. A worker killed outright is detected by the RDB
+storage's heartbeat: the next call fails its trial and retries it once from its checkpoint (:func:`make_storage`).
 
 Outputs: ``tuning/<method>.best.yaml`` (the best values in the shape of params sections), study plots under
 ``tuning/<study>/plots/`` (also in the parent run), and ``--apply`` edits params.yaml (only the changed values,
