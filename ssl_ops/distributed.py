@@ -62,8 +62,9 @@ def gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` from every rank along dim 0, in rank order; the identity when not distributed.
 
     ``all_gather`` returns tensors without autograd history, so the local slot is replaced by ``t`` itself:
-    the gradient flows to the local part only. With DDP averaging the gradients over ranks this equals the
-    gradient of the mean of the per-rank losses (the SimCLR / PAWS cross-replica convention).
+    the gradient flows to the local part only. A loss over the gathered batch is the same on every rank and
+    each rank holds its slice of the gradient; summed over ranks that is the full gradient, so under DDP's
+    mean all-reduce multiply such a loss by ``world_size()`` before backward (tests/test_distributed.py).
     """
     if not is_dist() or world_size() == 1:
         return t
