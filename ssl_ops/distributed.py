@@ -45,12 +45,13 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+# before init (e.g. params resolved ahead of make_context) torchrun's environment already says the answer
 def rank() -> int:
-    return dist.get_rank() if is_dist() else 0
+    return dist.get_rank() if is_dist() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
+    return dist.get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:
@@ -75,7 +76,8 @@ def gather_with_grad(t: Tensor) -> Tensor:
 
 
 def maybe_sync_batchnorm(model: nn.Module, enabled: bool) -> nn.Module:
-    """Global BatchNorm statistics across ranks (SimCLRv2 §3.1, PAWS §5) when asked for and distributed."""
+    """Global BatchNorm statistics across ranks (SimCLRv2 §3.1, PAWS §5) when asked for and distributed.
+    torch's SyncBatchNorm runs on GPUs only; on CPU (gloo) BatchNorm stays per rank."""
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled and is_dist() else model
 
 

@@ -53,7 +53,8 @@ class SimclrParams(PretextParams):
         update = {"warmup_epochs": self.warmup_fraction * train.epochs if self.warmup_epochs is None
                   else self.warmup_epochs, "schedule": "cosine"}
         if self.lr is None:
-            update["lr"] = self.lr_scale * math.sqrt(train.batch_size)
+            # lr rule on the global batch: per-rank batch x ranks under torchrun
+            update["lr"] = self.lr_scale * math.sqrt(train.batch_size * distributed.world_size())
         if train.optimizer == "lars":
             update["nesterov"] = False
         return train.model_copy(update=update)
