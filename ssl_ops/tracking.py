@@ -52,6 +52,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _main_rank() -> bool:
+    from ssl_ops import distributed
+
+    return distributed.is_main()
+
+
 def _mlflow():
     import mlflow
 
@@ -63,7 +69,11 @@ def _mlflow():
 @contextlib.contextmanager
 def start_run(cfg: TrackingParams, run_name: str, params: dict[str, Any] | None = None,
               tags: dict[str, str] | None = None, run_id: str | None = None, nested: bool = False) -> Iterator[str]:
-    """An MLflow run (resumed when ``run_id`` is given); yields its id. Params are flattened ``a.b.c`` keys."""
+    """An MLflow run (resumed when ``run_id`` is given); yields its id. Params are flattened ``a.b.c`` keys.
+    Under torchrun only rank 0 tracks; the other ranks get an empty id and log nothing."""
+    if not _main_rank():
+        yield ""
+        return
     mlflow = _mlflow()
     mlflow.set_tracking_uri(tracking_uri(cfg))
     if run_id is None:
@@ -83,19 +93,27 @@ def start_run(cfg: TrackingParams, run_name: str, params: dict[str, Any] | None 
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    if not _main_rank():
+        return
     _mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def set_tags(tags: dict[str, str]) -> None:
+    if not _main_rank():
+        return
     _mlflow().set_tags(tags)
 
 
 def log_artifact(path: str) -> None:
+    if not _main_rank():
+        return
     _mlflow().log_artifact(path)
 
 
 def log_artifacts(paths: list[str], artifact_path: str | None = None) -> None:
     """Log files to the active run (under ``artifact_path``)."""
+    if not _main_rank():
+        return
     for path in paths:
         _mlflow().log_artifact(path, artifact_path=artifact_path)
 
