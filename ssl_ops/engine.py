@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ssl_ops import augment, faults, io
+from ssl_ops import augment, distributed, faults, io
 from ssl_ops.backbones import build_backbone
 from ssl_ops.data.prepare import PreparedDataset
 from ssl_ops.data.splits import Split
@@ -71,7 +71,7 @@ class RunContext:
         """Raw uint8 images from the whole train set (labeled, val and unlabeled alike, labels unused):
         what self-supervised pre-training draws from."""
         if "all" not in self.pools:
-            self.pools["all"] = torch.arange(self.store.n, device=self.device)
+            self.pools["all"] = distributed.shard(torch.arange(self.store.n, device=self.device))
         return self.store.sample(self.pools["all"], batch_size, self.generator)[0]
 
     def unlabeled_batch(self, batch_size: int) -> Tensor:
@@ -97,12 +97,14 @@ class RunContext:
 
 def make_context(params: BaseParams, train: TrainParams, data: PreparedDataset, split: Split,
                  device: torch.device | None = None) -> RunContext:
-    device = device or select_device(train.device)
-    torch.manual_seed(train.seed)  # model initialisation
+    device = distributed.init() or device or select_device(train.device)  # torchrun: this rank's device
+    torch.manual_seed(train.seed)  # model initialisation (identical on every rank; fit broadcasts rank 0's)
     store = ImageStore(data.train_x, data.train_y, device, max_bytes=params.data.max_in_memory_gb * 1e9,
                        workers=params.data.loader_workers)
-    generator = torch.Generator(device=device).manual_seed(train.seed)
+    # a different augmentation / sampling stream per rank, drawing from its own shard of each pool
+    generator = torch.Generator(device=device).manual_seed(train.seed + distributed.rank())
     pools = {k: torch.as_tensor(getattr(split, k), device=device) for k in ("labeled", "val", "unlabeled")}
+    pools.update({k: distributed.shard(pools[k]) for k in ("labeled", "unlabeled")})
     return RunContext(params, train, device, data, split, store, generator, pools)
 
 
@@ -247,8 +249,10 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
 
     from ssl_ops.progress import TrainProgress
 
+    distributed.broadcast_parameters(model)  # every rank starts from rank 0's weights, as DDP does
+    main = distributed.is_main()  # only rank 0 logs, writes checkpoints and shows progress
     model.train()
-    with TrainProgress(method.name, total, enabled=train.progress, completed=start_epoch * train.steps_per_epoch) as bar:
+    with TrainProgress(method.name, total, enabled=train.progress and main, completed=start_epoch * train.steps_per_epoch) as bar:
         for epoch in range(start_epoch, train.epochs):
             t0 = time.perf_counter()
             sums: dict[str, Tensor] = {}
@@ -259,6 +263,9 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
                     out = method.training_step(step)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out["loss"]).backward()
+                # DDP's gradient all-reduce (mean) done explicitly: methods reach sub-modules (model["net"],
+                # model.encoder) directly, which a DDP wrapper's forward would not see
+                distributed.average_gradients(model)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -281,14 +288,15 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
                                                 train.amp)
                 metrics["val_top1"] = topk_accuracy(logits, labels, 1)
             history.append({"epoch": epoch + 1, **metrics})
-            if log:
+            if log and main:
                 log(metrics, epoch + 1)
-            io.torch_save(checkpoint, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(ctx),
-                "epoch": epoch + 1, "train_seconds": seconds, "history": history, "config_hash": config_hash,
-                "run_state": run_state,
-            })
+            if main:
+                io.torch_save(checkpoint, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(ctx),
+                    "epoch": epoch + 1, "train_seconds": seconds, "history": history, "config_hash": config_hash,
+                    "run_state": run_state,
+                })
             faults.point("checkpoint")
             bar.epoch_done(epoch + 1, metrics, (epoch + 1) * train.steps_per_epoch)
             if epoch_end:

@@ -53,6 +53,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _main_rank() -> bool:
+    from ssl_ops import distributed
+
+    return distributed.is_main()
+
+
 def _mlflow():
     import mlflow
 
@@ -93,8 +99,12 @@ def mask_uri(uri: str) -> str:
 def start_run(cfg: TrackingParams, run_name: str, params: dict[str, Any] | None = None,
               tags: dict[str, str] | None = None, run_id: str | None = None, nested: bool = False) -> Iterator[str]:
     """An MLflow run (resumed when ``run_id`` is given); yields its id. Params are flattened ``a.b.c`` keys.
-    An unreachable tracking server raises :class:`TrackingUnavailableError` (see the outage policy above)."""
+    An unreachable tracking server raises :class:`TrackingUnavailableError` (see the outage policy above).
+    Under torchrun only rank 0 tracks; the other ranks get an empty id and log nothing."""
     global _last_started
+    if not _main_rank():
+        yield ""
+        return
     mlflow, uri = _mlflow(), tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     try:
@@ -141,21 +151,29 @@ def _reachable(uri: str, doing: str) -> Iterator[None]:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    if not _main_rank():
+        return
     mlflow = _mlflow()
     with _reachable(mlflow.get_tracking_uri(), f"logging the metrics of step {step}"):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def set_tags(tags: dict[str, str]) -> None:
+    if not _main_rank():
+        return
     _mlflow().set_tags(tags)
 
 
 def log_artifact(path: str) -> None:
+    if not _main_rank():
+        return
     _mlflow().log_artifact(path)
 
 
 def log_artifacts(paths: list[str], artifact_path: str | None = None) -> None:
     """Log files to the active run (under ``artifact_path``)."""
+    if not _main_rank():
+        return
     for path in paths:
         _mlflow().log_artifact(path, artifact_path=artifact_path)
 

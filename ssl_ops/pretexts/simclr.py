@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ssl_ops import augment
 from ssl_ops.heads import ProjectionHead
+from ssl_ops import distributed
 from ssl_ops.losses import nt_xent
 from ssl_ops.params import TrainParams
 from ssl_ops.pretexts.base import Pretext, PretextParams, register_pretext
@@ -52,7 +53,8 @@ class SimclrParams(PretextParams):
         update = {"warmup_epochs": self.warmup_fraction * train.epochs if self.warmup_epochs is None
                   else self.warmup_epochs, "schedule": "cosine"}
         if self.lr is None:
-            update["lr"] = self.lr_scale * math.sqrt(train.batch_size)
+            # lr rule on the global batch: per-rank batch x ranks under torchrun
+            update["lr"] = self.lr_scale * math.sqrt(train.batch_size * distributed.world_size())
         if train.optimizer == "lars":
             update["nesterov"] = False
         return train.model_copy(update=update)
@@ -112,5 +114,8 @@ class Simclr(Pretext):
             loss = nt_xent(z[:b], z[b:], self.params.temperature, queue=queue)
             self._enqueue(keys)
         else:
-            loss = nt_xent(z[:b], z[b:], self.params.temperature)
+            # SimCLR §2 / App. B.1: negatives from the global batch of every rank; the gathered loss is the
+            # same on each rank, so scale it by the world size to undo the engine's mean over ranks
+            z1, z2 = distributed.gather_with_grad(z[:b]), distributed.gather_with_grad(z[b:])
+            loss = nt_xent(z1, z2, self.params.temperature) * distributed.world_size()
         return {"loss": loss}

@@ -1,0 +1,105 @@
+"""torch.distributed helpers for runs launched by ``torchrun`` (gloo on CPU, NCCL on CUDA).
+
+Outside torchrun (no ``WORLD_SIZE`` in the environment) every helper is the single-process identity, so
+methods call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ssl_ops.errors import SslOpsError
+
+
+def launched() -> bool:
+    """True under torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(timeout_s: float = 300.0) -> torch.device | None:
+    """Join the process group torchrun set up; returns this rank's device (None when not launched).
+
+    The timeout bounds every collective: a rank that dies leaves its peers blocked in a collective, which
+    then fails after ``timeout_s`` instead of hanging, so torchrun tears the whole job down.
+    """
+    if not launched():
+        return None
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(seconds=timeout_s))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise SslOpsError(f"could not join the torchrun process group ({e}); launch with "
+                              "`torchrun --nproc_per_node=K -m ssl_ops.cli train <method>`") from e
+    return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# before init (e.g. params resolved ahead of make_context) torchrun's environment already says the answer
+def rank() -> int:
+    return dist.get_rank() if is_dist() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Rank 0 alone logs to MLflow, writes checkpoints and metrics and shows progress."""
+    return rank() == 0
+
+
+def gather_with_grad(t: Tensor) -> Tensor:
+    """Concatenate ``t`` from every rank along dim 0, in rank order; the identity when not distributed.
+
+    ``all_gather`` returns tensors without autograd history, so the local slot is replaced by ``t`` itself:
+    the gradient flows to the local part only. A loss over the gathered batch is the same on every rank and
+    each rank holds its slice of the gradient; summed over ranks that is the full gradient, so under DDP's
+    mean all-reduce multiply such a loss by ``world_size()`` before backward (tests/test_distributed.py).
+    """
+    if not is_dist() or world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[rank()] = t
+    return torch.cat(parts)
+
+
+def maybe_sync_batchnorm(model: nn.Module, enabled: bool) -> nn.Module:
+    """Global BatchNorm statistics across ranks (SimCLRv2 §3.1, PAWS §5) when asked for and distributed.
+    torch's SyncBatchNorm runs on GPUs only; on CPU (gloo) BatchNorm stays per rank."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled and is_dist() else model
+
+
+def average_gradients(model: nn.Module) -> None:
+    """All-reduce-mean every parameter gradient: what DDP's reducer does, for models used through
+    sub-modules (``model["net"]``) that a DDP wrapper's forward would not see. Call after backward."""
+    if not is_dist():
+        return
+    n = world_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(n)
+
+
+def broadcast_parameters(model: nn.Module) -> None:
+    """Start every rank from rank 0's weights and buffers (DDP's construction-time broadcast)."""
+    if is_dist():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def shard(indices: Tensor) -> Tensor:
+    """This rank's disjoint share of an index pool (strided, so every class stays represented)."""
+    return indices[rank()::world_size()] if is_dist() else indices

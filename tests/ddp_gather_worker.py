@@ -1,0 +1,27 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: NT-Xent on gathered negatives
+against the single-process loss and gradient on the same global batch."""
+
+import sys
+
+import torch
+
+from ssl_ops import distributed
+from ssl_ops.losses import nt_xent
+
+distributed.init(timeout_s=60)
+r, w = distributed.rank(), distributed.world_size()
+g = torch.Generator().manual_seed(0)
+z1, z2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)  # the global batch, same on every rank
+full1, full2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+nt_xent(full1, full2, 0.5).backward()  # single-process reference
+
+b = len(z1) // w
+l1, l2 = z1[r * b:(r + 1) * b].clone().requires_grad_(), z2[r * b:(r + 1) * b].clone().requires_grad_()
+loss = nt_xent(distributed.gather_with_grad(l1), distributed.gather_with_grad(l2), 0.5)
+loss.backward()
+ref = nt_xent(z1, z2, 0.5)
+ok = (torch.allclose(loss, ref, atol=1e-6) and torch.allclose(l1.grad, full1.grad[r * b:(r + 1) * b], atol=1e-6)
+      and torch.allclose(l2.grad, full2.grad[r * b:(r + 1) * b], atol=1e-6))
+print(f"rank {r}/{w} loss {loss.item():.6f} ref {ref.item():.6f} ok={ok}", flush=True)
+torch.distributed.destroy_process_group()
+sys.exit(0 if ok else 1)
