@@ -104,3 +104,17 @@ def select_pseudo_labels(probs: Tensor, threshold: float) -> tuple[Tensor, Tenso
     confidence (max probability) is strictly above ``threshold``; threshold 0 keeps every prediction."""
     conf, labels = probs.max(dim=1)
     return labels, conf > threshold
+
+
+def temporal_kl(prev_probs: Tensor, logits: Tensor) -> Tensor:
+    """Rebuffi et al. §3.2 temporal term: mean over the batch of KL(p_prev || p_now), where p_prev is the
+    (fixed, no-grad) prediction for the same image at the previous epoch and p_now = softmax(logits)."""
+    log_now = F.log_softmax(logits, dim=1)
+    prev = prev_probs.detach()
+    return (prev * (prev.clamp_min(1e-12).log() - log_now)).sum(1).mean()
+
+
+def soft_cross_entropy(target_probs: Tensor, logits: Tensor) -> Tensor:
+    """Cross-entropy against soft pseudo-labels (Rebuffi et al. Algorithm 1 step 9, soft variant):
+    -mean_i sum_c t_ic log softmax(logits)_ic; equals F.cross_entropy for one-hot targets."""
+    return -(target_probs.detach() * F.log_softmax(logits, dim=1)).sum(1).mean()
