@@ -30,6 +30,9 @@ class PawsFinetuneParams(MethodParams):
 
 
 def load_paws(path: Path, ctx) -> dict[str, Any]:
+    if not Path(path).exists():
+        raise CheckpointError(f"paws_finetune.pretrained {path} does not exist; run `ssl-ops pretrain paws` on this "
+                              "split first (it writes models/pretrain/paws.pt)")
     ck = io.torch_load(path)
     if not isinstance(ck, dict) or ck.get("pretext") != "paws" or "head" not in ck:
         raise CheckpointError(f"paws_finetune.pretrained {path} is not a PAWS pre-training checkpoint; run `ssl-ops pretrain "
@@ -47,6 +50,7 @@ def load_paws(path: Path, ctx) -> dict[str, Any]:
 @register_method("paws_finetune")
 class PawsFinetune(Method):
     Params = PawsFinetuneParams
+    pretext = "paws"  # the pre-training it starts from (tests pre-train it first)
 
     def __init__(self, ctx, params: PawsFinetuneParams):
         super().__init__(ctx, params)

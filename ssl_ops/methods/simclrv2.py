@@ -71,7 +71,10 @@ class Simclrv2Params(MethodParams):
 
 def load_simclr(path: Path, ctx) -> dict[str, Any]:
     """The ``ssl-ops pretrain simclr`` checkpoint, checked to fit this run; a clear error otherwise."""
-    ck = io.torch_load(path)  # CheckpointError when missing or unreadable
+    if not Path(path).exists():
+        raise CheckpointError(f"simclrv2.pretrained {path} does not exist; run `ssl-ops pretrain simclr` first "
+                              "(it writes models/pretrain/simclr.pt) or point simclrv2.pretrained at its output")
+    ck = io.torch_load(path)  # CheckpointError when unreadable
     if not isinstance(ck, dict) or ck.get("pretext") != "simclr" or "head" not in ck:
         found = ck.get("pretext") if isinstance(ck, dict) else type(ck).__name__
         raise CheckpointError(f"simclrv2.pretrained {path} is not a SimCLR pre-training checkpoint with its projection "
@@ -103,6 +106,7 @@ def fine_tune_network(ck: dict[str, Any], ctx, keep: int) -> Classifier:
 @register_method("simclrv2")
 class Simclrv2(Method):
     Params = Simclrv2Params
+    pretext = "simclr"  # the pre-training it starts from (tests pre-train it first)
     params: Simclrv2Params
 
     def __init__(self, ctx, params: Simclrv2Params):
