@@ -23,16 +23,27 @@ class Normalize(nn.Module):
 
 
 class Classifier(nn.Module):
-    """normalise -> backbone features -> linear layer: images in [0, 1] to class logits."""
+    """normalise -> backbone features [-> neck] -> linear layer: images in [0, 1] to class logits.
 
-    def __init__(self, normalize: Normalize, backbone: nn.Module, num_classes: int):
+    The optional ``neck`` is the kept part of a pre-training projection head (SimCLRv2 §2: fine-tune from
+    its first layer; PAWS §5 likewise), built by :func:`projection_neck` and described by ``neck_spec`` so
+    that the exported model can be rebuilt from its spec (``ssl_ops.registry``)."""
+
+    def __init__(self, normalize: Normalize, backbone: nn.Module, num_classes: int,
+                 neck_spec: dict[str, int] | None = None):
         super().__init__()
         self.normalize = normalize
         self.backbone = backbone
-        self.fc = nn.Linear(backbone.feature_dim, num_classes)
+        self.neck_spec = neck_spec if neck_spec and neck_spec["keep"] > 0 else None
+        self.neck = projection_neck(backbone.feature_dim, **self.neck_spec) if self.neck_spec else None
+        dim = backbone.feature_dim
+        if self.neck_spec and self.neck_spec["keep"] == self.neck_spec["layers"]:
+            dim = self.neck_spec["out_dim"]
+        self.fc = nn.Linear(dim, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.backbone(self.normalize(x))
+        f = self.backbone(self.normalize(x))
+        return f if self.neck is None else self.neck(f)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
@@ -73,3 +84,11 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(self.normalize(x))
+
+
+def projection_neck(in_dim: int, layers: int, out_dim: int, keep: int) -> nn.Sequential:
+    """The first ``keep`` layers of a ``ProjectionHead(in_dim, out_dim, layers)`` (same structure and state
+    keys ``<i>.<j>.*``): what SimCLRv2 §2 fine-tunes from ("from the middle layer of the projection head")."""
+    if not 0 < keep <= layers:
+        raise ValueError(f"can keep 1..{layers} layers of a {layers}-layer projection head, not {keep}")
+    return nn.Sequential(*ProjectionHead(in_dim, out_dim, layers).layers[:keep])

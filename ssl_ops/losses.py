@@ -118,3 +118,74 @@ def soft_cross_entropy(target_probs: Tensor, logits: Tensor) -> Tensor:
     """Cross-entropy against soft pseudo-labels (Rebuffi et al. Algorithm 1 step 9, soft variant):
     -mean_i sum_c t_ic log softmax(logits)_ic; equals F.cross_entropy for one-hot targets."""
     return -(target_probs.detach() * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transfer from pre-training: SimCLRv2 distillation (Chen et al. 2020b §2, eq. (2)-(3)) and PAWS (Assran et al.
+# 2021 §3, eq. (1)-(4))
+
+
+def distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """SimCLRv2 eq. (2): ``-sum_y P^T(y|x; tau) log P^S(y|x; tau)`` with ``P(y|x; tau) = softmax(f(x) / tau)``,
+    averaged over the batch (the paper sums over D; the mean only rescales the learning rate). The teacher's
+    logits are a fixed target (detached here)."""
+    target = F.softmax(teacher_logits.detach().float() / temperature, dim=1)
+    return -(target * F.log_softmax(student_logits.float() / temperature, dim=1)).sum(1).mean()
+
+
+def distillation_with_labels(student_logits: Tensor, teacher_logits: Tensor, temperature: float, alpha: float,
+                             labeled_logits: Tensor, labels: Tensor) -> Tensor:
+    """SimCLRv2 eq. (3): ``(1 - alpha) * CE(labels, P^S(.|x_l)) + alpha * eq. (2)``; the label term at
+    temperature 1, as in the paper. ``alpha = 1`` is eq. (2) alone, ``alpha = 0`` plain cross-entropy."""
+    distil = distillation(student_logits, teacher_logits, temperature)
+    if alpha == 1.0:  # no label term (and no need for labeled logits)
+        return distil
+    return (1.0 - alpha) * F.cross_entropy(labeled_logits.float(), labels) + alpha * distil
+
+
+def smooth_labels(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """One-hot support labels with label smoothing (PAWS §3, appendix C: 0.1): ``1 - s + s/K`` on the class,
+    ``s/K`` elsewhere; rows sum to 1."""
+    return F.one_hot(labels, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
+
+
+def snn(query: Tensor, support: Tensor, support_labels: Tensor, temperature: float) -> Tensor:
+    """PAWS eq. (1), the soft nearest-neighbour classifier:
+    ``p = softmax(z . z_S^T / tau) y_S`` on L2-normalised ``query`` (B, d) and ``support`` (N, d) embeddings,
+    ``support_labels`` (N, K) rows summing to 1. Returns (B, K) class probabilities (rows sum to 1)."""
+    sims = F.normalize(query.float(), dim=1) @ F.normalize(support.float(), dim=1).T
+    return F.softmax(sims / temperature, dim=1) @ support_labels
+
+
+def sharpen(p: Tensor, temperature: float) -> Tensor:
+    """PAWS §3 sharpening rho: ``p_k^(1/T) / sum_j p_j^(1/T)`` per row; T = 1 is the identity, T -> 0 one-hot.
+    Computed in log space (no underflow of p^(1/T) for small T)."""
+    return F.softmax(torch.log(p.clamp_min(1e-30)) / temperature, dim=1)
+
+
+def me_max(probs: Tensor, temperature: float) -> Tensor:
+    """PAWS §3 mean-entropy maximisation term H(p_bar), p_bar = mean over the batch of the sharpened
+    predictions ``sharpen(probs, T)``. Gradients flow through it (it is maximised)."""
+    p_bar = sharpen(probs, temperature).mean(0)
+    return -(p_bar * torch.log(p_bar.clamp_min(1e-30))).sum()
+
+
+def paws_loss(probs: Tensor, target_probs: Tensor, batch_size: int, sharpen_temperature: float,
+              me_max_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """PAWS §3 eq. (3)-(4): ``mean_i H(rho(p_i^+), p_i) - me_max_weight * H(p_bar)``.
+
+    ``probs`` are the anchors' SNN predictions for the views in order [large 1, large 2, small 1..n], each a
+    block of ``batch_size`` rows; ``target_probs`` (2 * batch_size rows) are the SNN predictions of the two
+    large views used for targets (no gradient flows through them). Large view 1 targets the sharpened
+    prediction of large view 2 and vice versa; every small view targets the mean of the two sharpened
+    large-view predictions (eq. (4)). Returns (loss, cross-entropy, H(p_bar)).
+    """
+    b = batch_size
+    with torch.no_grad():
+        t = sharpen(target_probs.detach(), sharpen_temperature)
+        t1, t2 = t[:b], t[b:2 * b]
+        n_small = len(probs) // b - 2
+        targets = torch.cat([t2, t1, *([(t1 + t2) / 2] * n_small)])
+    ce = -(targets * torch.log(probs.clamp_min(1e-30))).sum(1).mean()
+    h = me_max(probs, sharpen_temperature)
+    return ce - me_max_weight * h, ce, h

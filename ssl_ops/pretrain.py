@@ -84,6 +84,8 @@ def pretrain_stage(name: str, params: BaseParams, resume: bool = False, write_ou
                      run_state={"mlflow_run_id": run_id})
         metrics = {**probe_encoder(pretext.encoder, ctx, pparams.knn_k, pparams.knn_temperature),
                    "pretext_loss": result.history[-1]["loss"], "train_seconds": result.train_seconds}
+        if hasattr(pretext, "test_metrics"):  # a pretext's own evaluation, e.g. PAWS-NN
+            metrics.update(pretext.test_metrics())
         tracking.log_metrics(metrics)
         if write_outputs:
             model = pretext.model

@@ -77,10 +77,14 @@ def _no_progress_bars():
 
 
 def model_spec(backbone: str, width: float, image_shape: tuple[int, int, int] | list[int],
-               classes: list[str]) -> dict[str, Any]:
-    """What rebuilds the classifier without pickle: registered backbone name, width, input shape, class names."""
-    return {"format": SPEC_FORMAT, "backbone": backbone, "width": float(width),
+               classes: list[str], neck: dict[str, int] | None = None) -> dict[str, Any]:
+    """What rebuilds the classifier without pickle: registered backbone name, width, input shape, class names,
+    and (only when the classifier has one) its projection-head neck (``Classifier.neck_spec``)."""
+    spec = {"format": SPEC_FORMAT, "backbone": backbone, "width": float(width),
             "image_shape": [int(s) for s in image_shape], "classes": [str(c) for c in classes]}
+    if neck:
+        spec["neck"] = {k: int(v) for k, v in neck.items()}
+    return spec
 
 
 def build_classifier(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Classifier:
@@ -90,7 +94,8 @@ def build_classifier(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) 
                               "log the model again with this version of ssl-ops")
     c, _, w = spec["image_shape"]
     model = Classifier(Normalize([0.0] * c, [1.0] * c),  # statistics come from the state_dict's buffers
-                       build_backbone(spec["backbone"], c, width=spec["width"], image_size=w), len(spec["classes"]))
+                       build_backbone(spec["backbone"], c, width=spec["width"], image_size=w), len(spec["classes"]),
+                       neck_spec=spec.get("neck"))
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:

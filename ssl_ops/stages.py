@@ -102,8 +102,11 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
             if params.tracking.log_model:
                 from ssl_ops import registry  # imports mlflow: only when a model is logged
 
-                registry.log_classifier(method.classifier(), registry.model_spec(
-                    params.model.backbone, params.model.width, data.image_shape, data.classes))
+                clf = method.classifier()
+                # a distilled student may have another backbone than model.backbone (SimCLRv2 big-to-small)
+                backbone, width = getattr(clf, "spec_backbone", (params.model.backbone, params.model.width))
+                registry.log_classifier(clf, registry.model_spec(backbone, width, data.image_shape, data.classes,
+                                                                 neck=getattr(clf, "neck_spec", None)))
             # DVC-tracked pointer from the pipeline to the MLflow run (dvc.lock then pins the run)
             io.write_json(MODELS / f"{name}.json", {
                 "mlflow_run_id": run_id, "tracking_uri": tracking.mask_uri(tracking.tracking_uri(params.tracking)),

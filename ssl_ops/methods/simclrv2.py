@@ -1,0 +1,213 @@
+"""SimCLRv2 fine-tuning and distillation (Chen et al. 2020b, §2 and §3) from ``ssl-ops pretrain simclr``.
+
+Fine-tuning (§2): the network is the pre-trained backbone plus the first ``finetune_from`` layers of the
+pre-trained projection head (1 by default: "fine-tuning from the middle layer" helps most with few labels;
+0 = from the head's input, the usual linear head on the backbone) and a new linear classifier, trained with
+cross-entropy on the labeled split with crop + flip only (``RunContext.labeled_batch``), no weight decay, no
+warm-up and a small learning rate, 0.005 x sqrt(batch size) unless ``finetune_lr`` is set.
+
+Distillation (§3, ``distill: true``): the fine-tuned network is a fixed teacher; a student is trained on
+unlabeled images (and labeled ones with ``distill_labeled``) with eq. (2), the cross-entropy between the
+teacher's and the student's softmax at temperature tau, or with eq. (3) when ``alpha < 1``:
+``(1 - alpha) * CE(labels) + alpha * eq. (2)``. Self-distillation: the student has the same backbone and no
+projection head, initialised from the pre-trained backbone (``student_init``); big-to-small: a smaller
+``student_backbone`` / ``student_width`` from the registry, from scratch. tau defaults to 0.1 for
+self-distillation and 1.0 for big-to-small (the issue's defaults; SimCLRv2 §3 uses tau = 1 in most runs).
+
+As in ``pseudo_label``, the teacher phase runs in the first training step (``teacher_epochs`` x
+``steps_per_epoch`` fine-tuning steps with its own RNG stream) unless ``teacher`` names a fine-tuned
+``models/simclrv2.pt`` of the same split; its weights are then checkpointed with the student, so a resumed
+run or ``ssl-ops evaluate`` never redoes it. The evaluated and exported network is the student.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from ssl_ops import augment, io
+from ssl_ops.backbones import build_backbone
+from ssl_ops.engine import make_optimizer
+from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError
+from ssl_ops.heads import Classifier, Normalize
+from ssl_ops.losses import distillation_with_labels
+from ssl_ops.methods.base import Method, MethodParams, register_method
+from ssl_ops.params import TrainParams
+
+
+class Simclrv2Params(MethodParams):
+    pretrained: Path = Path("models/pretrain/simclr.pt")  # written by `ssl-ops pretrain simclr`
+    finetune_from: int = Field(1, ge=0)  # projection-head layers kept (SimCLRv2 §2: 1 for few labels); 0: none
+    finetune_lr: float | None = Field(None, gt=0)  # None: finetune_lr_scale * sqrt(batch size)
+    finetune_lr_scale: float = Field(0.005, gt=0)  # SimCLRv2 §2 / App.: 0.005 x sqrt(batch)
+    weight_decay: float | None = Field(0.0, ge=0)  # fine-tuning: none (§2)
+    warmup_epochs: float = Field(0.0, ge=0)  # fine-tuning: none (§2)
+    distill: bool = False  # False: fine-tune only (the evaluated model); True: then distil into a student
+    teacher: Path | None = None  # a fine-tuned models/simclrv2.pt (same split); None: fine-tune it here first
+    teacher_epochs: int = Field(20, gt=0)  # fine-tuning phase of the teacher, epochs of steps_per_epoch steps
+    temperature: float | None = Field(None, gt=0)  # tau; None: 0.1 self-distillation, 1.0 big-to-small
+    alpha: float = Field(1.0, ge=0, le=1)  # eq. (3) weight of the distillation term; 1: eq. (2) only
+    distill_labeled: bool = False  # distil on labeled images too (§3 "optionally")
+    unlabeled_batch_size: int | None = Field(None, gt=0)  # None: batch_size
+    student_backbone: str | None = None  # None: the teacher's (self-distillation); else big-to-small
+    student_width: float | None = Field(None, gt=0)  # None: model.width
+    student_init: bool = True  # self-distillation: start the student from the pre-trained backbone
+
+    def train_params(self, base: TrainParams) -> TrainParams:
+        train = super().train_params(base)
+        if self.distill:  # the engine trains the student: the shared / overridden settings as they are
+            return train
+        return train.model_copy(update={"lr": self.fine_tune_lr(train.batch_size), "warmup_epochs": self.warmup_epochs})
+
+    def fine_tune_lr(self, batch_size: int) -> float:
+        return self.finetune_lr or self.finetune_lr_scale * math.sqrt(batch_size)
+
+
+def load_simclr(path: Path, ctx) -> dict[str, Any]:
+    """The ``ssl-ops pretrain simclr`` checkpoint, checked to fit this run; a clear error otherwise."""
+    if not Path(path).exists():
+        raise CheckpointError(f"simclrv2.pretrained {path} does not exist; run `ssl-ops pretrain simclr` first "
+                              "(it writes models/pretrain/simclr.pt) or point simclrv2.pretrained at its output")
+    ck = io.torch_load(path)  # CheckpointError when unreadable
+    if not isinstance(ck, dict) or ck.get("pretext") != "simclr" or "head" not in ck:
+        found = ck.get("pretext") if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(f"simclrv2.pretrained {path} is not a SimCLR pre-training checkpoint with its projection "
+                              f"head (pretext {found!r}); run `ssl-ops pretrain simclr` to write models/pretrain/simclr.pt")
+    m = ctx.params.model
+    diff = {k: (ck.get(k), v) for k, v in {"backbone_name": m.backbone, "width": m.width,
+                                          "dataset_sha256": ctx.data.sha256}.items() if ck.get(k) != v}
+    if diff:
+        raise CheckpointError(f"simclrv2.pretrained {path} does not fit this run: " + ", ".join(
+            f"{k} is {a!r} there but {b!r} here" for k, (a, b) in diff.items()) + "; pre-train with the same "
+            "model/data params or change them here")
+    return ck
+
+
+def fine_tune_network(ck: dict[str, Any], ctx, keep: int) -> Classifier:
+    """Pre-trained backbone + first ``keep`` pre-trained head layers + a new linear layer, on the device."""
+    sp = ck["params"]["simclr"]
+    if keep > sp["head_layers"]:
+        raise ParamsError(f"finetune_from={keep} but the SimCLR head has {sp['head_layers']} layers; use 0..{sp['head_layers']}")
+    neck = {"layers": sp["head_layers"], "out_dim": sp["proj_dim"], "keep": keep}
+    net = Classifier(Normalize(ctx.data.mean, ctx.data.std), ctx.build_backbone(), ctx.num_classes, neck_spec=neck)
+    net.backbone.load_state_dict(ck["backbone"])
+    if net.neck is not None:  # head state keys "layers.<i>.<j>.*"; the neck's are "<i>.<j>.*"
+        head = {k.removeprefix("layers."): v for k, v in ck["head"].items() if int(k.split(".")[1]) < keep}
+        net.neck.load_state_dict(head)
+    return net.to(ctx.device)
+
+
+@register_method("simclrv2")
+class Simclrv2(Method):
+    Params = Simclrv2Params
+    pretext = "simclr"  # the pre-training it starts from (tests pre-train it first)
+    params: Simclrv2Params
+
+    def __init__(self, ctx, params: Simclrv2Params):
+        super().__init__(ctx, params)
+        self.ck = load_simclr(params.pretrained, ctx)
+        net = fine_tune_network(self.ck, ctx, params.finetune_from)
+        if not params.distill:
+            self.model = net
+            return
+        student = self._student()
+        self.model = nn.ModuleDict({"teacher": net.requires_grad_(False), "student": student}).to(ctx.device)
+        self.model.register_buffer("teacher_ready", torch.zeros((), dtype=torch.bool, device=ctx.device))
+
+    def _student(self) -> Classifier:
+        p, ctx, m = self.params, self.ctx, self.ctx.params.model
+        name, width = p.student_backbone or m.backbone, p.student_width or m.width
+        backbone = build_backbone(name, ctx.data.image_shape[0], width=width, image_size=ctx.data.image_shape[-1])
+        if p.student_init and (name, width) == (m.backbone, m.width):
+            backbone.load_state_dict(self.ck["backbone"])
+        student = Classifier(Normalize(ctx.data.mean, ctx.data.std), backbone, ctx.num_classes)
+        student.spec_backbone = (name, width)  # what the exported model's spec must name
+        return student
+
+    @property
+    def self_distillation(self) -> bool:
+        m = self.ctx.params.model
+        return (self.params.student_backbone or m.backbone, self.params.student_width or m.width) == (m.backbone, m.width)
+
+    @property
+    def temperature(self) -> float:
+        return self.params.temperature or (0.1 if self.self_distillation else 1.0)
+
+    @property
+    def images_per_step(self) -> int:
+        return self.ctx.train.batch_size + (self.params.unlabeled_batch_size or self.ctx.train.batch_size if self.params.distill else 0)
+
+    def classifier(self) -> nn.Module:
+        return self.model["student"] if self.params.distill else self.model
+
+    # -- teacher ------------------------------------------------------------------------------------------
+
+    def _load_teacher(self, path: Path) -> None:
+        ck = io.torch_load(path, map_location=self.ctx.device)
+        if ck.get("split_sha256") != self.ctx.split.sha256 or ck.get("dataset_sha256") != self.ctx.data.sha256:
+            raise DataIntegrityError(f"simclrv2.teacher {path} was trained on another split or dataset; fine-tune it on "
+                                     "this split (ssl-ops train simclrv2) or set simclrv2.teacher: null")
+        try:
+            self.model["teacher"].load_state_dict(ck["state_dict"])
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"simclrv2.teacher {path} is not a fine-tuned simclrv2 network with finetune_from="
+                                  f"{self.params.finetune_from}: {str(exc).splitlines()[0][:300]}") from None
+
+    def fine_tune(self, net: nn.Module, steps: int, seed: int) -> None:
+        """Fine-tuning as in §2 (the teacher phase): CE on labeled crop + flip batches, own RNG stream."""
+        ctx, p = self.ctx, self.params
+        train = ctx.train.model_copy(update={"lr": p.fine_tune_lr(ctx.train.batch_size), "weight_decay": 0.0,
+                                             "warmup_epochs": 0.0})
+        net.requires_grad_(True).train()
+        opt, sched = make_optimizer(net, train, steps)
+        gen = torch.Generator(device=ctx.device).manual_seed(seed)
+        for _ in range(steps):
+            xb, yb = ctx.store.sample(ctx.pools["labeled"], train.batch_size, gen)
+            xb = augment.to_float(augment.weak_augment(xb, gen, train.crop_padding, train.hflip))
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        net.requires_grad_(False)
+
+    def _ensure_teacher(self) -> None:
+        if bool(self.model.teacher_ready):
+            return
+        if self.params.teacher is not None:
+            self._load_teacher(self.params.teacher)
+        else:
+            with torch.enable_grad():
+                self.fine_tune(self.model["teacher"], self.params.teacher_epochs * self.ctx.train.steps_per_epoch,
+                               self.ctx.train.seed + 1)
+        self.model.teacher_ready.fill_(True)
+
+    # -- training -----------------------------------------------------------------------------------------
+
+    def training_step(self, step: int) -> dict[str, Tensor]:
+        ctx, p = self.ctx, self.params
+        x, y = ctx.labeled_batch(ctx.train.batch_size)  # crop + flip only
+        if not p.distill:
+            return {"loss": F.cross_entropy(self.model(x), y)}
+        self._ensure_teacher()
+        u = ctx.augment(ctx.unlabeled_batch(p.unlabeled_batch_size or ctx.train.batch_size))
+        if p.distill_labeled:
+            u = torch.cat([u, x])
+        teacher = self.model["teacher"].eval()
+        with torch.no_grad():
+            t_logits = teacher(u)
+        student = self.model["student"]
+        if p.alpha < 1.0:
+            logits = student(torch.cat([u, x]))
+            s_logits, l_logits = logits[: len(u)], logits[len(u):]
+        else:
+            s_logits, l_logits = student(u), None
+        loss = distillation_with_labels(s_logits, t_logits, self.temperature, p.alpha, l_logits, y)
+        agree = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean()
+        return {"loss": loss, "teacher_agreement": agree}

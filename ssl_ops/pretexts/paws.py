@@ -1,0 +1,213 @@
+"""PAWS pre-training (Assran et al. 2021, §3, §5, appendix A and C): predicting view assignments with support
+samples.
+
+Each step draws ``batch_size`` unlabeled images (from the whole train set, labels unused) and a support
+mini-batch from the **labeled split only**: ``support_classes`` classes drawn at random, then
+``support_per_class`` images of each (without replacement within the step when the class has enough
+images, with replacement across steps). Every unlabeled image gives 2 large and ``small_crops`` small crops
+(multi-crop, eq. (4)); support images get ``support_views`` large views. Representations are the output of a
+3-layer projection head (``h``) and, optionally, a prediction head (``z = pred(h)``).
+
+Anchor predictions are the soft nearest-neighbour classifier (eq. (1)) of ``z`` against the support's ``z``;
+targets are the same classifier on the detached ``h`` of the *other* large view against the support's
+detached ``h``, sharpened with temperature T (no gradient through targets). Support labels are smoothed
+one-hot vectors. Loss: cross-entropy to the targets averaged over all anchor views, minus ``me_max_weight``
+times the entropy of the mean sharpened prediction (ME-MAX), ``ssl_ops.losses.paws_loss``.
+
+Default budget: a few minutes on 2 CPU cores for Fashion-MNIST; the paper's CIFAR-10 recipe (appendix C)
+is the preset ``presets/paws_cifar10.yaml``. After pre-training: ``ssl-ops train paws`` fine-tunes from the
+first projection layer, and :func:`paws_nn` is the evaluation that needs no training (PAWS-NN).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from ssl_ops import augment, probes
+from ssl_ops.errors import SslOpsError
+from ssl_ops.heads import ProjectionHead
+from ssl_ops.losses import paws_loss, smooth_labels, snn
+from ssl_ops.pretexts.base import Pretext, PretextParams, register_pretext
+
+
+def _gather(t: Tensor) -> Tensor:
+    """The one place the support representations and labels pass before the SNN: identity on one process.
+    Under torchrun the lead points this at ``ssl_ops.distributed.gather_with_grad`` so that every rank
+    classifies against the support of all ranks (PAWS §5: the support batch is spread over workers)."""
+    return t
+
+
+class PawsParams(PretextParams):
+    epochs: int | None = Field(10, gt=0)
+    steps_per_epoch: int | None = Field(30, gt=0)
+    batch_size: int | None = Field(64, gt=0)  # unlabeled images per step (x (2 + small_crops) views)
+    optimizer: Literal["sgd", "lars"] | None = "lars"  # appendix C: LARS
+    lr: float | None = Field(0.8, gt=0)  # peak lr (appendix C: 3.2 at batch 256 + 640 support, 0.8 at the start)
+    warmup_epochs: float | None = Field(1.0, ge=0)  # linear warm-up, then cosine (appendix C: 10 of 600 epochs)
+    weight_decay: float | None = Field(1e-6, ge=0)  # appendix C
+    temperature: float = Field(0.1, gt=0)  # tau of the SNN similarities (appendix C: 0.1)
+    sharpen: float = Field(0.25, gt=0, le=1)  # T of the target sharpening (appendix C: 0.25)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)  # of the support labels (appendix C: 0.1)
+    me_max_weight: float = Field(1.0, ge=0)  # 0 turns ME-MAX off
+    support_classes: int | None = Field(None, gt=0)  # classes per support batch; None: all (appendix C: 10)
+    support_per_class: int = Field(10, gt=0)  # images per class (appendix C: 64; our split has 10 per class)
+    support_views: int = Field(1, gt=0)  # augmented views of each support image (appendix C: 2)
+    small_crops: int = Field(2, ge=0)  # n small crops per unlabeled image (appendix C: 6)
+    small_size: int | None = Field(16, gt=0)  # px of the small crops (CIFAR: 18 of 32); None: 9/16 of the image
+    large_scale: tuple[float, float] = (0.5, 1.0)  # crop area ranges (appendix C: (0.75, 1) and (0.3, 0.75))
+    small_scale: tuple[float, float] = (0.2, 0.5)
+    strength: float = Field(0.5, ge=0)  # colour distortion strength (appendix C: 0.5); jitter needs colour
+    gray_p: float = Field(0.2, ge=0, le=1)
+    head_layers: int = Field(3, ge=1, le=4)  # projection head (PAWS: 3 layers)
+    proj_dim: int = Field(128, gt=0)  # output width (appendix C: 128)
+    prediction_head: bool = False  # 2-layer prediction head on h (ImageNet recipe; appendix C: off)
+    nn_layer: int | None = Field(None, ge=0)  # PAWS-NN representation: projection layers applied; None: all
+
+
+class PawsHead(nn.Module):
+    """Projection head (``ProjectionHead``, hidden width = the backbone's) and an optional 2-layer prediction
+    head; ``forward`` returns (h, z) with z = pred(h), or z = h without a prediction head."""
+
+    def __init__(self, in_dim: int, out_dim: int, layers: int, prediction: bool):
+        super().__init__()
+        self.projection = ProjectionHead(in_dim, out_dim, layers)
+        self.prediction = ProjectionHead(out_dim, out_dim, 2) if prediction else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.projection(x)
+        return h, (self.prediction(h) if self.prediction is not None else h)
+
+
+class SupportSampler:
+    """Class-balanced support batches from the labeled pool: per step, ``classes`` classes without replacement,
+    then ``per_class`` images of each (without replacement within the step when the class has that many)."""
+
+    def __init__(self, pool: Tensor, labels: Tensor, num_classes: int):
+        present = [c for c in range(num_classes) if (labels == c).any()]
+        if len(present) < 2:
+            raise ValueError(f"PAWS needs labeled images of at least 2 classes in the split; found {present}")
+        per = [pool[labels == c] for c in present]
+        width = max(len(p) for p in per)
+        self.classes = torch.tensor(present, device=pool.device)
+        self.counts = torch.tensor([len(p) for p in per], device=pool.device)
+        self.table = torch.stack([torch.cat([p, p.new_zeros(width - len(p))]) for p in per])  # (C, max n)
+
+    def sample(self, classes: int, per_class: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(train-set indices, class labels) of ``classes * per_class`` support images, grouped by class."""
+        dev = self.table.device
+        c = min(classes, len(self.classes))
+        rows = torch.randperm(len(self.classes), generator=generator, device=dev)[:c]
+        counts = self.counts[rows, None]
+        keys = torch.rand(c, self.table.shape[1], generator=generator, device=dev)
+        keys = keys.masked_fill(torch.arange(self.table.shape[1], device=dev) >= counts, 2.0)  # padding last
+        order = keys.argsort(1)[:, :per_class]  # a random permutation of each class's images
+        if per_class > int(counts.min()):  # too few images in some class: draw with replacement instead
+            order = (torch.rand(c, per_class, generator=generator, device=dev) * counts).long()
+        idx = self.table[rows[:, None], order]
+        return idx.flatten(), self.classes[rows].repeat_interleave(per_class)
+
+
+@register_pretext("paws")
+class Paws(Pretext):
+    Params = PawsParams
+
+    def __init__(self, ctx, params: PawsParams):
+        super().__init__(ctx, params)
+        self.build(PawsHead(self.encoder.feature_dim, params.proj_dim, params.head_layers, params.prediction_head))
+        if not ctx.store.in_memory:
+            raise SslOpsError("paws draws support images by index: it needs the train images in memory; raise "
+                              "data.max_in_memory_gb")
+        labeled = ctx.pools["labeled"]
+        self.sampler = SupportSampler(labeled, ctx.store.y[labeled], ctx.num_classes)
+        self.support_classes = params.support_classes or len(self.sampler.classes)
+
+    @property
+    def images_per_step(self) -> int:
+        p = self.params
+        return self.ctx.train.batch_size * (2 + p.small_crops) + self.support_classes * p.support_per_class * p.support_views
+
+    def _jitter(self, v: Tensor) -> Tensor:
+        p, g = self.params, self.ctx.generator
+        if self.ctx.train.hflip:
+            v = augment.random_hflip(v, g)
+        s = p.strength
+        v = augment.color_jitter(v, g, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8)
+        return augment.random_grayscale(v, g, p.gray_p)
+
+    def views(self, x: Tensor, support: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(2 large views of ``x`` then the support views, one batch; the small crops or None), float in [0, 1]."""
+        p, g, size = self.params, self.ctx.generator, x.shape[-1]
+        large = torch.cat([x, x, *([support] * p.support_views)])
+        large = self._jitter(augment.random_resized_crop(large, size, g, p.large_scale))
+        if not p.small_crops:
+            return large, None
+        small_size = p.small_size or max(1, round(size * 9 / 16))
+        small = augment.random_resized_crop(x.repeat(p.small_crops, 1, 1, 1), small_size, g, p.small_scale)
+        return large, self._jitter(small)
+
+    def training_step(self, step: int) -> dict[str, Tensor]:
+        ctx, p, b = self.ctx, self.params, self.ctx.train.batch_size
+        idx, classes = self.sampler.sample(self.support_classes, p.support_per_class, ctx.generator)
+        # labels over the classes of this support batch (their identity does not matter to the loss)
+        local = torch.searchsorted(classes.unique(), classes)
+        y_s = smooth_labels(local, self.support_classes, p.label_smoothing).repeat(p.support_views, 1)
+        large, small = self.views(ctx.image_batch(b), ctx.store.x[idx])
+        h_large, z_large = self.model.head(self.model.encoder(large))
+        z = z_large[: 2 * b]
+        if small is not None:  # another resolution: a separate forward pass
+            z = torch.cat([z, self.model.head(self.model.encoder(small))[1]])
+        z_s, h_s = _gather(z_large[2 * b:]), _gather(h_large[2 * b:])
+        y_s = _gather(y_s)
+        probs = snn(z, z_s, y_s, p.temperature)
+        with torch.no_grad():
+            targets = snn(h_large[: 2 * b], h_s, y_s, p.temperature)
+        loss, ce, h = paws_loss(probs, targets, b, p.sharpen, p.me_max_weight)
+        return {"loss": loss, "loss_ce": ce, "me_max": h}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """The k-NN monitor plus PAWS-NN val accuracy against the labeled split."""
+        out = super().epoch_metrics()
+        ctx = self.ctx
+        if len(ctx.split.val):
+            out["paws_nn_val_top1"] = paws_nn_accuracy(
+                PawsEmbedding(self.model.encoder, self.model.head.projection, self.params.nn_layer), ctx.store,
+                ctx.split.labeled, ctx.store, ctx.split.val, self.params.temperature, ctx.train.eval_batch_size)
+        return out
+
+    def test_metrics(self) -> dict[str, float]:
+        """PAWS-NN test accuracy against the labeled split (reported by ``ssl-ops pretrain``; never selects)."""
+        ctx = self.ctx
+        test = ctx.test_store()
+        return {"paws_nn_top1": paws_nn_accuracy(
+            PawsEmbedding(self.model.encoder, self.model.head.projection, self.params.nn_layer), ctx.store,
+            ctx.split.labeled, test, np.arange(len(ctx.data.test_y)), self.params.temperature,
+            ctx.train.eval_batch_size)}
+
+
+class PawsEmbedding(nn.Module):
+    """Images in [0, 1] -> the PAWS-NN representation: encoder, then the first ``layer`` projection layers
+    (None: the whole head, the space the PAWS loss compares in)."""
+
+    def __init__(self, encoder: nn.Module, projection: ProjectionHead, layer: int | None = None):
+        super().__init__()
+        self.encoder, self.projection, self.layer = encoder, projection, layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projection(self.encoder(x), upto=self.layer)
+
+
+@torch.no_grad()
+def paws_nn_accuracy(embed: nn.Module, ref_store, ref_idx, query_store, query_idx, temperature: float,
+                     batch_size: int) -> float:
+    """PAWS-NN (§5): the soft nearest-neighbour classifier (eq. (1), one-hot labels, no smoothing) of every
+    query image against **all** labeled images, on the representation ``embed``; no training."""
+    ref_f, ref_y = probes.extract_features(embed, ref_store, ref_idx, batch_size)
+    q_f, q_y = probes.extract_features(embed, query_store, query_idx, batch_size)
+    k = int(max(ref_y.max().item(), q_y.max().item())) + 1
+    probs = snn(q_f, ref_f, smooth_labels(ref_y, k, 0.0), temperature)
+    return (probs.argmax(1) == q_y).float().mean().item()

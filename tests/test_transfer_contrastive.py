@@ -1,0 +1,170 @@
+"""PAWS and SimCLRv2 transfer (issue 5): the losses against their formulas and the properties the papers state,
+the class-balanced support drawn from the labeled split only, and fine-tuning from a projection-head layer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_ops.errors import CheckpointError
+from ssl_ops.heads import ProjectionHead
+from ssl_ops.losses import distillation, distillation_with_labels, me_max, paws_loss, sharpen, smooth_labels, snn
+from ssl_ops.pretexts.paws import SupportSampler
+
+
+def _support(k: int = 4, per: int = 3, dim: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(k).repeat_interleave(per)
+    return torch.randn(k * per, dim, generator=g), smooth_labels(labels, k, 0.1)
+
+
+def test_snn_rows_sum_to_one_and_match_eq1_by_hand():
+    zs, ys = _support()
+    q = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    p = snn(q, zs, ys, 0.1)
+    torch.testing.assert_close(p.sum(1), torch.ones(5))
+    # eq. (1) written out for one query
+    sims = torch.tensor([F.cosine_similarity(q[0], s, dim=0) for s in zs])
+    w = torch.exp(sims / 0.1) / torch.exp(sims / 0.1).sum()
+    torch.testing.assert_close(p[0], (w[:, None] * ys).sum(0))
+    torch.testing.assert_close(smooth_labels(torch.tensor([2]), 4, 0.1), torch.tensor([[0.025, 0.025, 0.925, 0.025]]))
+
+
+def test_collapsed_representations_give_uniform_predictions_and_the_loss_is_not_minimal():
+    """PAWS §4, Proposition 1. With every representation (anchors, targets and a class-balanced support)
+    collapsed to one vector, the SNN prediction is exactly uniform, so the cross-entropy equals log K and
+    ME-MAX is at its maximum log K. At exact total collapse the gradient of the loss vanishes (target =
+    prediction = uniform: we checked this numerically, ~1e-16), so the non-zero gradient is tested where
+    the unlabeled representations collapse onto one vector but the class-balanced support does not: the
+    sharpened target is then more confident than the prediction and the gradient pushes away from collapse."""
+    k, b = 4, 3
+    v = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+    ys = smooth_labels(torch.arange(k).repeat_interleave(2), k, 0.1)
+    collapsed_support = v.repeat(2 * k, 1)
+    anchors = v.repeat(2 * b, 1).requires_grad_(True)
+    probs = snn(anchors, collapsed_support, ys, 0.1)
+    torch.testing.assert_close(probs, torch.full((2 * b, k), 1 / k))
+    loss, ce, h = paws_loss(probs, probs.detach(), b, 0.25)
+    assert ce.item() == pytest.approx(math.log(k), abs=1e-5) and h.item() == pytest.approx(math.log(k), abs=1e-5)
+
+    support, _ = _support(k, 2)  # a class-balanced support that has not collapsed
+    anchors = v.repeat(2 * b, 1).requires_grad_(True)
+    probs = snn(anchors, support, ys, 0.1)
+    loss, _, _ = paws_loss(probs, snn(anchors.detach(), support, ys, 0.1), b, 0.25)
+    loss.backward()
+    assert anchors.grad.norm() > 1e-3
+
+
+def test_sharpen_with_t_one_is_identity_and_lower_t_is_sharper():
+    p = F.softmax(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), 1)
+    torch.testing.assert_close(sharpen(p, 1.0), p)
+    s = sharpen(p, 0.25)
+    torch.testing.assert_close(s, p ** 4 / (p ** 4).sum(1, keepdim=True))
+    assert (s.max(1).values >= p.max(1).values).all()
+
+
+def test_me_max_is_entropy_of_mean_sharpened_prediction():
+    p = F.softmax(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), 1)
+    p_bar = (p ** 4 / (p ** 4).sum(1, keepdim=True)).mean(0)
+    assert me_max(p, 0.25).item() == pytest.approx(-(p_bar * p_bar.log()).sum().item(), rel=1e-6)
+
+
+def test_paws_loss_targets_swap_large_views_and_small_crops_take_their_mean():
+    """eq. (3)-(4) by hand: view 1 -> rho(p2+), view 2 -> rho(p1+), small crop -> (rho(p1+) + rho(p2+)) / 2."""
+    b, k, t = 2, 3, 0.5
+    g = torch.Generator().manual_seed(0)
+    probs = F.softmax(torch.randn(4 * b, k, generator=g), 1)  # 2 large + 2 small views
+    tgt = F.softmax(torch.randn(2 * b, k, generator=g), 1)
+    r = tgt ** 2 / (tgt ** 2).sum(1, keepdim=True)
+    targets = torch.cat([r[b:], r[:b], (r[:b] + r[b:]) / 2, (r[:b] + r[b:]) / 2])
+    ce = -(targets * probs.log()).sum(1).mean()
+    loss, ce_got, h = paws_loss(probs, tgt, b, t, me_max_weight=0.5)
+    assert ce_got.item() == pytest.approx(ce.item(), rel=1e-6)
+    assert loss.item() == pytest.approx((ce - 0.5 * me_max(probs, t)).item(), rel=1e-6)
+
+
+def test_distillation_equals_eq2_and_eq3_mixes_labels():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    tau = 0.5
+    by_hand = -sum((F.softmax(t[i] / tau, 0) * F.log_softmax(s[i] / tau, 0)).sum() for i in range(4)) / 4
+    assert distillation(s, t, tau).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    xl, y = torch.randn(2, 3, generator=g), torch.tensor([0, 2])
+    # SimCLRv2 eq. (3) weighs the distillation term by alpha and the label term by 1 - alpha, so the pure
+    # eq. (2) is alpha = 1 (the issue's "alpha = 0" counts from the other term) and alpha = 0 is plain CE
+    assert distillation_with_labels(s, t, tau, 1.0, xl, y).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert distillation_with_labels(s, t, tau, 0.0, xl, y).item() == pytest.approx(F.cross_entropy(xl, y).item())
+    mixed = 0.7 * F.cross_entropy(xl, y) + 0.3 * by_hand
+    assert distillation_with_labels(s, t, tau, 0.3, xl, y).item() == pytest.approx(mixed.item(), rel=1e-6)
+    s.requires_grad_(True)
+    distillation(s, t.requires_grad_(True), tau).backward()
+    assert t.grad is None  # the teacher is a fixed target
+
+
+def test_support_is_class_balanced_and_from_the_labeled_pool_only():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    pool = torch.arange(100, 110)  # train-set indices of the labeled split
+    sampler = SupportSampler(pool, labels, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        idx, cls = sampler.sample(2, 3, g)
+        assert set(idx.tolist()) <= set(pool.tolist())
+        assert sorted(torch.bincount(cls, minlength=3).tolist()) == [0, 3, 3]
+        assert torch.equal(labels[idx - 100], cls)  # each image carries its own class
+        assert all(len(set(idx[cls == c].tolist())) == 3 for c in cls.unique())  # no repeat within a step
+    idx, cls = sampler.sample(3, 5, g)  # more than a class holds: drawn with replacement, still balanced
+    assert torch.bincount(cls).tolist() == [5, 5, 5] and torch.equal(labels[idx - 100], cls)
+
+
+def test_simclrv2_fine_tunes_from_the_first_head_layer(workdir, tiny):
+    from ssl_ops.methods.simclrv2 import fine_tune_network, load_simclr
+    from ssl_ops.pretrain import model_path, pretrain_stage
+    from ssl_ops.stages import build_method, load_data
+
+    pretrain_stage("simclr", tiny("simclr.epochs=1", "simclr.steps_per_epoch=2", "simclr.batch_size=8"))
+    params = tiny()
+    data, split, _ = load_data(params)
+    method = build_method("simclrv2", params, data, split)
+    ck = load_simclr(model_path("simclr"), method.ctx)
+    head = ProjectionHead(method.ctx.build_backbone().feature_dim, 128, 3)
+    head.load_state_dict(ck["head"])
+    net = fine_tune_network(ck, method.ctx, keep=1).eval()
+    f = torch.rand(5, net.backbone.feature_dim)
+    torch.testing.assert_close(net.neck(f), head.eval()(f, upto=1))
+    assert net.fc.in_features == net.backbone.feature_dim
+    assert fine_tune_network(ck, method.ctx, keep=3).fc.in_features == 128  # the head's output
+    assert fine_tune_network(ck, method.ctx, keep=0).neck is None  # from the head's input
+    assert method.ctx.train.lr == pytest.approx(0.005 * math.sqrt(16)) and method.ctx.train.weight_decay == 0.0
+
+
+def test_wrong_pretraining_checkpoints_are_clear_errors(workdir, tiny):
+    from ssl_ops.pretrain import pretrain_stage
+    from ssl_ops.stages import train_stage
+
+    with pytest.raises(CheckpointError, match="pretrain simclr"):
+        train_stage("simclrv2", tiny())  # no checkpoint yet
+    pretrain_stage("rotation", tiny("rotation.epochs=1", "rotation.steps_per_epoch=1", "rotation.batch_size=4"))
+    with pytest.raises(CheckpointError, match="not a SimCLR"):
+        train_stage("simclrv2", tiny("simclrv2.pretrained=models/pretrain/rotation.pt"))
+    with pytest.raises(CheckpointError, match="not a PAWS"):
+        train_stage("paws_finetune", tiny("paws_finetune.pretrained=models/pretrain/rotation.pt"))
+
+
+def test_distillation_trains_a_student_from_a_fine_tuned_teacher(workdir, tiny):
+    from ssl_ops import io
+    from ssl_ops.pretrain import pretrain_stage
+    from ssl_ops.stages import MODELS, evaluate_stage, train_stage
+
+    pretrain_stage("simclr", tiny("simclr.epochs=1", "simclr.steps_per_epoch=2", "simclr.batch_size=8"))
+    teacher = train_stage("simclrv2", tiny("train.epochs=1", "train.steps_per_epoch=2"))
+    io.torch_save("teacher.pt", io.torch_load(MODELS / "simclrv2.pt"))
+    for extra in (["simclrv2.teacher=teacher.pt"], ["simclrv2.teacher=teacher.pt", "simclrv2.student_width=0.5",
+                                                    "simclrv2.alpha=0.5"]):
+        res = train_stage("simclrv2", tiny("train.epochs=1", "train.steps_per_epoch=2", "simclrv2.distill=true", *extra))
+        m = res.method
+        torch.testing.assert_close(m.model["teacher"].fc.weight, teacher.method.model.fc.weight)  # fixed teacher
+        assert m.temperature == (0.1 if m.self_distillation else 1.0)
+        assert 0 <= evaluate_stage("simclrv2", tiny())["test_top1"] <= 1
