@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -71,9 +72,9 @@ def cmd_report(args) -> None:
     from ssl_ops.tracking import tracking_uri
 
     params = _load(args)
-    rows = report_stage(params, experiment=args.experiment)
+    rows = report_stage(params, out_dir=Path(args.out_dir), experiment=args.experiment)
     if args.quiet:
-        out.print(f"reports/summary.md: {len(rows)} run(s)")
+        out.print(f"{args.out_dir}/summary.md: {len(rows)} run(s)")
         return
     table = Table(title=f"ssl-ops runs: {params.data.name}, experiment {args.experiment or params.tracking.experiment}")
     for col in ("method", "budget", "seeds", "steps", "test top-1", "val top-1", "train s"):
@@ -82,7 +83,7 @@ def cmd_report(args) -> None:
         table.add_row(r["method"], r["budget"], f"{r['split_seed']}/{r['train_seed']}", str(r["steps"]),
                       f"{r['test_top1']:.2%}", f"{r['val_top1']:.2%}", f"{r['train_seconds']:.1f}")
     out.print(table)
-    out.print("written reports/summary.md, reports/plots/, reports/accuracy_vs_labels.png, reports/accuracy_vs_time.png")
+    out.print(f"written {args.out_dir}/summary.md, plots/, accuracy_vs_labels.png, accuracy_vs_time.png")
     uri = tracking_uri(params.tracking)
     if uri.startswith("sqlite:"):
         out.print(f"Browse the runs: [bold]mlflow ui --backend-store-uri {uri} --host 127.0.0.1[/bold] "
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", cmd_report, "mean ± std over seeds per method and label budget, from MLflow -> reports/")
     p.add_argument("--quiet", action="store_true", help="write the file, print no table")
     p.add_argument("--experiment", default=None, help="MLflow experiment to read (default: tracking.experiment)")
+    p.add_argument("--out-dir", default="reports", help="folder for summary.md, plots/ and the PNGs (default: reports)")
     p = add("promote", cmd_promote, "register a run's model (alias challenger); make it champion if it wins on val")
     p.add_argument("method", help="method whose models/<method>.json names the run (unless --run-id)")
     p.add_argument("--run-id", help="MLflow run to promote (default: the one in models/<method>.json)")

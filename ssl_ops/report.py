@@ -223,6 +223,9 @@ def write_pngs(by_labels: list[dict], per_run: list[dict], out_dir: Path) -> lis
         ax.errorbar([d["labels_per_class"] for d in pts], [100 * d["test_top1"] for d in pts],
                     yerr=[100 * d["test_top1_std"] for d in pts], marker="o", capsize=3, label=method)
     ax.set(xscale="log", xlabel="labels per class", ylabel="test top-1 (%)", title="Accuracy vs label budget")
+    budgets = sorted({d["labels_per_class"] for d in by_labels})
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
     ax.legend(), ax.grid(alpha=0.3)
     _save(fig, paths[0])
     fig, ax = plt.subplots(figsize=(6, 4))

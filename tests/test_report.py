@@ -95,3 +95,34 @@ def test_no_runs_is_a_clear_error(store, tiny, tmp_path):
     with pytest.raises(SslOpsError, match="no evaluated digits runs in MLflow experiment"):
         report_stage(tiny(f"tracking.uri={store.uri}"), out_dir=tmp_path, experiment="nothing-here")
     assert not (tmp_path / "summary.md").exists()
+
+
+def test_dvc_plots_show_renders_one_colour_per_method(tmp_path):
+    """The dvc.yaml plots definitions and .dvc/plots templates render the report's CSVs (no MLflow needed)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ssl_ops import io
+
+    repo, bin_ = Path(__file__).resolve().parents[1], Path(sys.executable).parent
+    rows = [report.RunRow(f"r{m}{s}", "digits", m, lpc, None, s, s, 6, 16, 0.5 + 0.1 * s, 0.5, 3.0, s, "x")
+            for m in ("supervised", "vat") for lpc in (10, 25) for s in (0, 1)]
+    by_labels, per_run = report.plot_tables(rows)
+    io.write_text(tmp_path / "reports/plots/accuracy_vs_labels.csv", report._csv(by_labels))
+    io.write_text(tmp_path / "reports/plots/accuracy_vs_time.csv", report._csv(per_run))
+    shutil.copy(repo / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text("pipeline: {methods: [supervised], pretexts: []}\ndata: {name: digits}\n")
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}
+    for cmd in (["git", "init", "-q"], [str(bin_ / "dvc"), "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True)
+    shutil.copytree(repo / ".dvc/plots", tmp_path / ".dvc/plots")
+    proc = subprocess.run([str(bin_ / "dvc"), "plots", "show", "--json"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    plots = json.loads(proc.stdout)["data"]
+    labels, timing = plots["accuracy_vs_labels"][0]["content"], plots["accuracy_vs_wall_time"][0]["content"]
+    assert labels["encoding"]["color"]["field"] == "method" and timing["encoding"]["color"]["field"] == "method"
+    assert len(labels["data"]["values"]) == 4 and len(timing["data"]["values"]) == 8  # 2 methods x 2 budgets; runs
