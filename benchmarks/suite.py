@@ -188,18 +188,24 @@ def snn_args(fn, n: int, dim: int = 128, queries: int = 256, classes: int = 10):
 # ------------------------------------------------------------------------------------------- memory
 
 
-def memory_child(name: str, overrides: list[str], steps: int) -> dict:
-    """Runs in a fresh process: peak memory before and after ``steps`` training steps of ``name``."""
-    import resource
+def _proc_status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024  # kB -> MiB
 
+
+def memory_child(name: str, overrides: list[str], steps: int) -> dict:
+    """Runs in a fresh process: resident memory when training starts (interpreter, torch, data on the device,
+    model) and its peak during ``steps`` training steps. The peak (VmHWM) is reset just before training by
+    writing 5 to /proc/self/clear_refs (Linux), so a transient of the imports does not hide the training peak."""
     params = load_params(REPO / "params.yaml", overrides)
     method = _build(name, params, steps)
     cuda = method.ctx.device.type == "cuda"
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status_mib("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         fit(method, method.ctx, Path(tmp) / "last.pt")
-    out = {"peak_rss_mib_before_training": before,
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"rss_mib_at_start": before, "peak_rss_mib_training": _proc_status_mib("VmHWM")}
     if cuda:
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -278,16 +284,20 @@ def render(res: dict) -> str:
             lines.append(f"- {kind} (`{c['function']}`, {c['setting']}): {pts}; log-log slope "
                          f"{c['log_log_slope']:.2f} (1 = linear in N)")
     lines += ["", "## Peak memory", "",
-              f"Fresh process per method, {res['memory_steps']} training steps; peak RSS (MiB) of the whole process "
-              "(Python, torch, data, model) before training and after; CUDA: max allocated.", "",
-              "| method | " + " | ".join(f"{d} before → after" for d in res["memory"]) + " |",
+              f"Measured by `{res.get('memory_command', res['command'])}` at git "
+              f"`{res.get('memory_environment', env)['git_commit']}`, {res.get('memory_environment', env)['date']}. "
+              f"Fresh process per method, {res['memory_steps']} training steps (the first includes one-off phases such "
+              "as pseudo_label's teacher). Resident memory (MiB) of the whole process (Python, torch libraries, "
+              "data, model) when training starts → its peak during training (VmHWM reset at the start); CUDA: "
+              "max allocated.", "",
+              "| method | " + " | ".join(f"{d}: start → peak" for d in res["memory"]) + " |",
               "|---|" + "---:|" * len(res["memory"])]
     for name in res["throughput"]:
         cells = []
         for per in res["memory"].values():
             m = per.get(name, {})
             cells.append(f"failed: {m['error']}" if "error" in m else
-                         f"{m['peak_rss_mib_before_training']:,.0f} → {m['peak_rss_mib']:,.0f}"
+                         f"{m['rss_mib_at_start']:,.0f} → {m['peak_rss_mib_training']:,.0f}"
                          + (f" (CUDA {m['cuda_max_allocated_mib']:,.0f})" if "cuda_max_allocated_mib" in m else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [""])
@@ -306,26 +316,47 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dataset", default="fashion_mnist", help="throughput and first memory dataset")
     ap.add_argument("--out-dir", type=Path, default=REPO / "reports", help="benchmarks.json/.md go here")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", action="store_true",
+                    help="re-measure only peak memory into an existing <out-dir>/benchmarks.json")
     args = ap.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.overrides, args.steps)))
         return {}
-    return run_suite(args)
+    return run_suite(args, sys.argv[1:] if argv is None else argv)
 
 
-def run_suite(args) -> dict:
-    env = environment()
+def run_suite(args, argv: list[str]) -> dict:
     base = ["train.progress=false", "tracking.log_model=false", *args.overrides]
     datasets = {args.dataset: [f"data.name={args.dataset}"],
                 "cifar_size_synthetic": [*CIFAR_SIZE, f"data.synthetic.train_per_class={args.cifar_train_per_class}"]}
     methods = args.methods or sorted(METHODS)
+    command = "python -m benchmarks.suite " + " ".join(argv)
     work = Path(tempfile.mkdtemp(prefix="ssl-ops-bench-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work}/bench.db")
     prepare_workdir(work, [[*base, *o] for o in datasets.values()])
     os.chdir(work)
+    try:
+        if args.memory_only:
+            res = json.loads((args.out_dir / "benchmarks.json").read_text())
+        else:
+            res = {"environment": environment(), "command": command, **timed_parts(args, base, datasets, methods)}
+        res["memory_environment"], res["memory_command"] = environment(), command
+        res["memory_steps"] = args.memory_steps
+        res["memory"] = {d: {name: peak_memory(name, [*base, *o], args.memory_steps, work) for name in methods}
+                         for d, o in datasets.items()}
+        res["load_average_1min_end"] = os.getloadavg()[0]
+    finally:
+        os.chdir(REPO)
+    io.write_json(args.out_dir / "benchmarks.json", res)
+    io.write_text(args.out_dir / "benchmarks.md", render(res))
+    print(f"-> {args.out_dir}/benchmarks.json, benchmarks.md")
+    return res
+
+
+def timed_parts(args, base: list[str], datasets: dict, methods: list[str]) -> dict:
+    """Throughput per method, augmentation, cost against N (everything whose number is a time)."""
     params = load_params(REPO / "params.yaml", [*base, *datasets[args.dataset]])
-    res = {"environment": env, "command": "python -m benchmarks.suite " + " ".join(sys.argv[1:]),
-           "dataset": args.dataset, "backbone": params.model.backbone, "batch_size": params.train.batch_size,
+    res = {"dataset": args.dataset, "backbone": params.model.backbone, "batch_size": params.train.batch_size,
            "steps": args.steps, "repeats": args.repeats, "throughput": {}}
     for name in methods:
         res["throughput"][name] = throughput(name, params, args.steps, args.repeats)
@@ -341,14 +372,6 @@ def run_suite(args) -> dict:
             ("support_similarity", "snn", "soft_nearest"), exclude=("loss",)), [160, 640, 2560, 10240], snn_args),
             "setting": "256 anchors, 128-d, 10 classes"},
     }
-    res["memory_steps"] = args.memory_steps
-    res["memory"] = {d: {name: peak_memory(name, [*base, *o], args.memory_steps, work) for name in methods}
-                     for d, o in datasets.items()}
-    res["load_average_1min_end"] = os.getloadavg()[0]
-    os.chdir(REPO)
-    io.write_json(args.out_dir / "benchmarks.json", res)
-    io.write_text(args.out_dir / "benchmarks.md", render(res))
-    print(f"-> {args.out_dir}/benchmarks.json, benchmarks.md")
     return res
 
 

@@ -24,7 +24,7 @@ def test_suite_on_digits(tmp_path, monkeypatch, mlflow_uri):
         for per in res["memory"].values():
             m = per[name]
             assert "error" not in m, (name, m)
-            assert m["peak_rss_mib"] >= m["peak_rss_mib_before_training"] > 50  # torch alone is > 50 MiB
+            assert m["peak_rss_mib_training"] >= m["rss_mib_at_start"] > 50  # torch alone is > 50 MiB
     for part in res["cost_vs_n"].values():
         assert part["available"] is False and "not available" in part["note"] or part["log_log_slope"] > 0
     assert res["augment"]["ratio"] > 0 and res["environment"]["torch"]
