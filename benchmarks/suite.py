@@ -331,6 +331,7 @@ def run_suite(args, argv: list[str]) -> dict:
                 "cifar_size_synthetic": [*CIFAR_SIZE, f"data.synthetic.train_per_class={args.cifar_train_per_class}"]}
     methods = args.methods or sorted(METHODS)
     command = "python -m benchmarks.suite " + " ".join(argv)
+    env = environment()  # here, in the repository: the git SHA (the work folder below is not a checkout)
     work = Path(tempfile.mkdtemp(prefix="ssl-ops-bench-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work}/bench.db")
     prepare_workdir(work, [[*base, *o] for o in datasets.values()])
@@ -339,8 +340,8 @@ def run_suite(args, argv: list[str]) -> dict:
         if args.memory_only:
             res = json.loads((args.out_dir / "benchmarks.json").read_text())
         else:
-            res = {"environment": environment(), "command": command, **timed_parts(args, base, datasets, methods)}
-        res["memory_environment"], res["memory_command"] = environment(), command
+            res = {"environment": env, "command": command, **timed_parts(args, base, datasets, methods)}
+        res["memory_environment"], res["memory_command"] = env, command
         res["memory_steps"] = args.memory_steps
         res["memory"] = {d: {name: peak_memory(name, [*base, *o], args.memory_steps, work) for name in methods}
                          for d, o in datasets.items()}

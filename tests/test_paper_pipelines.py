@@ -75,7 +75,7 @@ def test_dvc_repro_dry(name, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     dvc, _ = _load(name)
     for stage in dvc["stages"]:
-        assert f"'{stage}'" in proc.stdout, (stage, proc.stdout)
+        assert f"dvc.yaml:{stage}'" in proc.stdout, (stage, proc.stdout)
 
 
 def _smoke_params(params: dict) -> dict:
