@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -76,19 +77,18 @@ def cmd_report(args) -> None:
     from ssl_ops.tracking import mask_uri, tracking_uri
 
     params = _load(args)
-    rows = report_stage(params)
+    rows = report_stage(params, out_dir=Path(args.out_dir), experiment=args.experiment)
     if args.quiet:
-        out.print(f"reports/summary.md: {len(rows)} method(s)")
+        out.print(f"{args.out_dir}/summary.md: {len(rows)} run(s)")
         return
-    table = Table(title=f"ssl-ops results: {params.data.name}, labels/class={params.split.labels_per_class}, "
-                        f"seed={params.split.seed}")
-    for col in ("method", "test top-1", "test top-5", "val top-1", "train s"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    table = Table(title=f"ssl-ops runs: {params.data.name}, experiment {args.experiment or params.tracking.experiment}")
+    for col in ("method", "budget", "seeds", "steps", "test top-1", "val top-1", "train s"):
+        table.add_column(col, justify="left" if col in ("method", "budget") else "right")
     for r in rows:
-        table.add_row(r["method"], f"{r['test_top1']:.2%}", f"{r['test_top5']:.2%}", f"{r['val_top1']:.2%}",
-                      f"{r['train_seconds']:.1f}")
+        table.add_row(r["method"], r["budget"], f"{r['split_seed']}/{r['train_seed']}", str(r["steps"]),
+                      f"{r['test_top1']:.2%}", f"{r['val_top1']:.2%}", f"{r['train_seconds']:.1f}")
     out.print(table)
-    out.print("written reports/summary.md")
+    out.print(f"written {args.out_dir}/summary.md, plots/, accuracy_vs_labels.png, accuracy_vs_time.png")
     uri = mask_uri(tracking_uri(params.tracking))  # e.g. MLFLOW_TRACKING_URI=https://user:password@host
     if uri.startswith("sqlite:"):
         out.print(f"Browse the runs: [bold]mlflow ui --backend-store-uri {uri} --host 127.0.0.1[/bold] "
@@ -205,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p = add("evaluate", cmd_evaluate, "test/val accuracy of a trained method -> metrics/<method>.json")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
-    p = add("report", cmd_report, "table of every method's metrics -> reports/summary.md")
+    p = add("report", cmd_report, "mean ± std over seeds per method and label budget, from MLflow -> reports/")
     p.add_argument("--quiet", action="store_true", help="write the file, print no table")
+    p.add_argument("--experiment", default=None, help="MLflow experiment to read (default: tracking.experiment)")
+    p.add_argument("--out-dir", default="reports", help="folder for summary.md, plots/ and the PNGs (default: reports)")
     p = add("promote", cmd_promote, "register a run's model (alias challenger); make it champion if it wins on val")
     p.add_argument("method", help="method whose models/<method>.json names the run (unless --run-id)")
     p.add_argument("--run-id", help="MLflow run to promote (default: the one in models/<method>.json)")

@@ -17,13 +17,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ssl_ops.errors import ParamsError
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder", "digits")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder", "digits", "synthetic")
 
 
 class Section(BaseModel):
     """Base for every params section: unknown keys are errors, assignments are re-validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticParams(Section):
+    """``data.name: synthetic``: seeded random uint8 images standing in for a dataset of the same shape
+    (smoke runs of the paper pipelines on a machine without the real data). Learns nothing; tests plumbing."""
+
+    channels: int = Field(3, ge=1)
+    image_size: int = Field(32, gt=0)
+    classes: int = Field(10, ge=2)
+    train_per_class: int = Field(50, gt=0)
+    test_per_class: int = Field(10, gt=0)
+    seed: int = Field(0, ge=0)
 
 
 class DataParams(Section):
@@ -38,6 +50,7 @@ class DataParams(Section):
     # Prepared arrays larger than this stream from disk through a DataLoader instead of living on the device.
     max_in_memory_gb: float = Field(4.0, gt=0)
     loader_workers: int = Field(2, ge=0)  # DataLoader worker processes for streamed datasets
+    synthetic: SyntheticParams = SyntheticParams()  # data.name=synthetic only: shape of the stand-in
 
 
 class SplitParams(Section):

@@ -6,7 +6,7 @@ Outputs by stage (all written atomically):
 - train:    models/<method>.pt (weights + resolved params), models/<method>.json (MLflow run id, timing),
             checkpoints/<method>/last.pt (per-epoch, for --resume)
 - evaluate: metrics/<method>.json (test_top1, test_top5, val_top1, train_seconds)
-- report:   reports/summary.md
+- report:   reports/summary.md, reports/plots/*.csv, reports/*.png (from the MLflow runs)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ssl_ops import io, recovery, tracking
 from ssl_ops.data.prepare import PreparedDataset, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
 from ssl_ops.engine import RunContext, fit, make_context, predict_logits, test_accuracy, topk_accuracy
-from ssl_ops.errors import CheckpointError, DataIntegrityError
+from ssl_ops.errors import CheckpointError, DataIntegrityError, SslOpsError
 from ssl_ops.methods import METHODS, Method
 from ssl_ops.params import BaseParams, params_model
 
@@ -152,27 +152,20 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
     return metrics
 
 
-def report_stage(params: BaseParams, metrics_dir: Path = METRICS, out: Path = REPORTS / "summary.md") -> list[dict]:
-    """A table of every method's metrics in ``metrics_dir`` -> reports/summary.md; returns the rows."""
-    rows = []
-    for f in sorted(metrics_dir.glob("*.json")):
-        m = json.loads(f.read_text())
-        if "test_top1" in m:
-            rows.append({"method": f.stem, **m})
-    rows.sort(key=lambda r: -r["test_top1"])
-    budget = (f"{params.split.labels_per_class} labels per class" if params.split.labels_per_class
-              else f"{params.split.label_fraction:.2%} of labels")
-    lines = [
-        f"# Results: {params.data.name}, {budget}, split seed {params.split.seed}",
-        "",
-        "| method | test top-1 | test top-5 | val top-1 | train seconds |",
-        "|---|---:|---:|---:|---:|",
-        *(f"| {r['method']} | {r['test_top1']:.2%} | {r['test_top5']:.2%} | {r['val_top1']:.2%} | "
-          f"{r['train_seconds']:.1f} |" for r in rows),
-        "",
-        "Accuracies are fractions of the test set (never used for model selection; val is the split's small "
-        "held-out set). Runs, curves and models: `mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1`.",
-        "",
-    ]
-    io.write_text(out, "\n".join(lines))
-    return rows
+def report_stage(params: BaseParams, out_dir: Path = REPORTS, experiment: str | None = None) -> list[dict]:
+    """Every evaluated run of ``params.data.name`` in the MLflow experiment (default ``tracking.experiment``)
+    -> ``out_dir``/summary.md, plot data under ``out_dir``/plots/ and PNGs (``ssl_ops.report``); returns
+    the runs' rows. An experiment without such runs is an error naming what to run first."""
+    from ssl_ops import report
+
+    experiment = experiment or params.tracking.experiment
+    uri = tracking.tracking_uri(params.tracking)
+    rows = report.write_report(tracking.search_runs(params.tracking, experiment), params.data.name, out_dir,
+                               source=f"experiment `{experiment}`")
+    if not rows:
+        raise SslOpsError(
+            f"no evaluated {params.data.name} runs in MLflow experiment {experiment!r} at {uri}; run "
+            "`ssl-ops train <method>` and `ssl-ops evaluate <method>` (or `dvc repro`) first, or name the "
+            "experiment with --experiment (and the store with tracking.uri / MLFLOW_TRACKING_URI)"
+        )
+    return report.as_records(rows)

@@ -213,3 +213,32 @@ def finish_run(cfg: TrackingParams, run_id: str, tags: dict[str, str], status: s
 
 def run_url(cfg: TrackingParams, run_id: str) -> str:
     return f"{mask_uri(tracking_uri(cfg))} run {run_id}"
+
+
+def search_runs(cfg: TrackingParams, experiment: str | None = None) -> list[dict[str, Any]]:
+    """Every top-level run of ``experiment`` (default: ``cfg.experiment``) as plain dicts: ``run_id``, ``name``,
+    ``status``, ``start_time`` (ms), ``params`` (flattened ``a.b.c`` strings), ``metrics`` (last values),
+    ``tags``. Nested runs (Optuna trials) are left out. An unknown experiment gives an empty list."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(experiment or cfg.experiment)
+    if exp is None:
+        return []
+    out, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+        for run in page:
+            if "mlflow.parentRunId" in run.data.tags:
+                continue
+            out.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
+                        "start_time": run.info.start_time, "params": dict(run.data.params),
+                        "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)})
+        token = page.token
+        if not token:
+            return out
+
+
+def metric_history(cfg: TrackingParams, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric of a run, in step order (e.g. per-epoch val_top1)."""
+    client = _mlflow().MlflowClient(tracking_uri(cfg))
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))

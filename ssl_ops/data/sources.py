@@ -466,6 +466,26 @@ def read_digits(cfg: DataParams) -> RawDataset:
     return RawDataset(x[train], y[train], x[test], y[test], classes=list(DIGIT_CLASSES))
 
 
+# --------------------------------------------------------------------------------------------- synthetic
+
+
+@register_source("synthetic")
+def read_synthetic(cfg: DataParams) -> RawDataset:
+    """Seeded uniform-random uint8 images of the shape in ``cfg.synthetic`` (e.g. 3x32x32, 10 classes for a
+    CIFAR-10 stand-in), labels cycling through the classes: the paper pipelines' smoke runs use it in place
+    of a dataset this machine does not hold. Nothing in it can be learned; it exercises code paths only."""
+    s = cfg.synthetic
+    rng = np.random.default_rng(s.seed)
+
+    def images(per_class: int) -> tuple[np.ndarray, np.ndarray]:
+        n = per_class * s.classes
+        x = rng.integers(0, 256, size=(n, s.channels, s.image_size, s.image_size), dtype=np.uint8)
+        return x, np.arange(n, dtype=np.int64) % s.classes
+
+    (tx, ty), (vx, vy) = images(s.train_per_class), images(s.test_per_class)
+    return RawDataset(tx, ty, vx, vy, classes=[f"class_{i}" for i in range(s.classes)])
+
+
 # ------------------------------------------------------------------------------------------- imagefolder
 
 IMAGEFOLDER_SPLIT_SEED = 0
