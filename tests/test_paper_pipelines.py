@@ -2,7 +2,7 @@
 `dvc repro --dry --force`, and every stage command runs for one step on a synthetic stand-in of the dataset's shape.
 
 A pipeline whose methods or pretexts are not registered on this commit fails here, naming them: the
-pipelines reference methods other branches add (alternating, paws)."""
+pipelines reference methods not all registered yet (alternating)."""
 
 from __future__ import annotations
 
