@@ -89,10 +89,16 @@ def main(argv: list[str] | None = None) -> dict:
     # each other measured 20x slower than one (268 ms vs 12 ms per 512 images at load average 3).
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the batched pipeline")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     x = torch.from_numpy(np.array(load_images(args.images)))  # a writable copy
     env = environment()
-    batched = bench_batched(x, args.batch)
+    # restored afterwards: benchmarks.suite (and its test) call this in-process, and a leaked thread count
+    # changes the float reduction order of every later run in that process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        batched = bench_batched(x, args.batch)
+    finally:
+        torch.set_num_threads(threads)
     per_image = bench_torchvision(x, args.batch, args.workers)
     result = {
         **env, "load_average_1min_end": __import__("os").getloadavg()[0],

@@ -45,6 +45,7 @@ from ssl_ops import io, tracking
 from ssl_ops.engine import fit, make_optimizer
 from ssl_ops.methods import METHODS
 from ssl_ops.params import load_params
+from ssl_ops.pretrain import pretrain_briefly_for
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_SIZE = ["data.name=synthetic", "data.synthetic.channels=3", "data.synthetic.image_size=32",
@@ -52,6 +53,15 @@ CIFAR_SIZE = ["data.name=synthetic", "data.synthetic.channels=3", "data.syntheti
 
 
 # ------------------------------------------------------------------------------------------- throughput
+
+
+def _pretrain_for(name: str, overrides: list[str]) -> dict | None:
+    """The short pre-training a method starts from (simclrv2, paws_finetune), untimed; its error, if any."""
+    try:
+        pretrain_briefly_for(name, lambda *o: load_params(REPO / "params.yaml", [*overrides, *o]))
+    except Exception as exc:  # noqa: BLE001 - reported in the method's row like any other failure
+        return {"error": f"pre-training for {name}: {type(exc).__name__}: {str(exc)[:300]}"}
+    return None
 
 
 def _build(name: str, params, steps: int):
@@ -212,6 +222,9 @@ def memory_child(name: str, overrides: list[str], steps: int) -> dict:
 
 
 def peak_memory(name: str, overrides: list[str], steps: int, workdir: Path) -> dict:
+    failed = _pretrain_for(name, overrides)  # here, outside the measured child process
+    if failed:
+        return failed
     cmd = [sys.executable, "-m", "benchmarks.suite", "--memory-child", name, "--steps", str(steps),
            "--set", *overrides]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -360,7 +373,8 @@ def timed_parts(args, base: list[str], datasets: dict, methods: list[str]) -> di
     res = {"dataset": args.dataset, "backbone": params.model.backbone, "batch_size": params.train.batch_size,
            "steps": args.steps, "repeats": args.repeats, "throughput": {}}
     for name in methods:
-        res["throughput"][name] = throughput(name, params, args.steps, args.repeats)
+        failed = _pretrain_for(name, [*base, *datasets[args.dataset]])
+        res["throughput"][name] = failed or throughput(name, params, args.steps, args.repeats)
         print(f"throughput {name}: {res['throughput'][name].get('ratio', res['throughput'][name])}", flush=True)
     from benchmarks import augment_throughput
 

@@ -103,6 +103,21 @@ def pretrain_stage(name: str, params: BaseParams, resume: bool = False, write_ou
     return PretrainResult(metrics, pretext, ctx, run_id)
 
 
+def pretrain_briefly_for(method: str, load, epochs: int = 1, steps: int = 2, batch_size: int = 8) -> Path | None:
+    """A short pre-training of what ``method`` starts from (its ``pretext`` attribute: simclrv2 from simclr,
+    paws_finetune from paws), for tests and benchmarks that exercise the method itself rather than its
+    pre-training. ``load(*overrides)`` builds the params; the checkpoint lands where the method looks for it
+    (``models/pretrain/<pretext>.pt`` in the working directory). None for a method that starts from scratch."""
+    from ssl_ops.methods import METHODS
+
+    pretext = getattr(METHODS[method], "pretext", None)
+    if pretext is None:
+        return None
+    pretrain_stage(pretext, load(f"{pretext}.epochs={epochs}", f"{pretext}.steps_per_epoch={steps}",
+                                 f"{pretext}.batch_size={batch_size}"))
+    return model_path(pretext)
+
+
 def load_pretrained_backbone(path: str | Path, ctx: RunContext | None = None, *, strict_data: bool = True) -> nn.Module:
     """The backbone of a pre-trained pretext (``models/pretrain/<pretext>.pt``), weights loaded, on ``ctx``'s
     device and with ``ctx``'s ``model.freeze_blocks`` applied. With a ``ctx``, the backbone name, width and

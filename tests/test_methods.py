@@ -9,17 +9,14 @@ import pytest
 
 from ssl_ops.methods import METHODS
 from ssl_ops import io
+from ssl_ops.pretrain import pretrain_briefly_for
 from ssl_ops.stages import CHECKPOINTS, METRICS, evaluate_stage, train_stage
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_trains_and_evaluates(workdir, tiny, name):
     params = tiny("train.epochs=1", "train.steps_per_epoch=2")
-    pretext = getattr(METHODS[name], "pretext", None)  # methods that start from a pre-training checkpoint
-    if pretext:
-        from ssl_ops.pretrain import pretrain_stage
-
-        pretrain_stage(pretext, tiny(f"{pretext}.epochs=1", f"{pretext}.steps_per_epoch=2", f"{pretext}.batch_size=8"))
+    pretrain_briefly_for(name, tiny)  # methods that start from a pre-training checkpoint
     result = train_stage(name, params)
     assert math.isfinite(result.metrics["loss"])
     metrics = evaluate_stage(name, params)

@@ -30,6 +30,7 @@ from ssl_ops import cli, io
 from ssl_ops.errors import CheckpointError, PredictInputError
 from ssl_ops.methods import METHODS
 from ssl_ops.params import load_params
+from ssl_ops.pretrain import pretrain_briefly_for
 from ssl_ops.registry import load_model, promote, read_inputs
 from ssl_ops.stages import load_trained, train_stage
 from conftest import TINY
@@ -52,6 +53,7 @@ def _params(*extra: str):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_logs_a_pickle_free_pyfunc(workdir, mlflow_uri, name):
     """Each registered method's classifier is logged as code + weights_only state_dict, and it predicts."""
+    pretrain_briefly_for(name, _params)  # simclrv2, paws_finetune: from a (short) pre-training
     res = train_stage(name, _params("train.epochs=1", "train.steps_per_epoch=1"))
     model_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{res.run_id}/model", tracking_uri=mlflow_uri))
     flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
