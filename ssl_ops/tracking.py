@@ -80,8 +80,12 @@ def _unreachable(exc: BaseException) -> bool:
     return any(s in text for s in _UNREACHABLE)
 
 
-def _outage(uri: str, doing: str, exc: BaseException) -> TrackingUnavailableError:
-    first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+def _outage(uri: str, doing: str, exc: BaseException, run: bool = True) -> TrackingUnavailableError:
+    first = mask_uri(str(exc).splitlines()[0][:300]) if str(exc) else type(exc).__name__
+    if not run:  # reading (report, notebooks): nothing to resume
+        return TrackingUnavailableError(
+            f"the MLflow tracking server {mask_uri(uri)} is unreachable while {doing} ({first}). Check that it "
+            "is up and that MLFLOW_TRACKING_URI (or tracking.uri in params.yaml) points at it.")
     return TrackingUnavailableError(
         f"the MLflow tracking server {mask_uri(uri)} is unreachable while {doing} ({first}). The run stopped: "
         "everything logged before is kept on the server and the checkpoint of the last finished epoch is kept. "
@@ -139,14 +143,14 @@ def _log_params_and_tags(mlflow, params: dict[str, Any] | None, tags: dict[str, 
 
 
 @contextlib.contextmanager
-def _reachable(uri: str, doing: str) -> Iterator[None]:
+def _reachable(uri: str, doing: str, run: bool = True) -> Iterator[None]:
     """Turn MLflow's connection failures into one clear :class:`TrackingUnavailableError`."""
     mlflow = _mlflow()
     try:
         yield
     except mlflow.exceptions.MlflowException as exc:
         if _unreachable(exc):
-            raise _outage(uri, doing, exc) from None
+            raise _outage(uri, doing, exc, run) from None
         raise
 
 
@@ -219,14 +223,17 @@ def search_runs(cfg: TrackingParams, experiment: str | None = None) -> list[dict
     """Every top-level run of ``experiment`` (default: ``cfg.experiment``) as plain dicts: ``run_id``, ``name``,
     ``status``, ``start_time`` (ms), ``params`` (flattened ``a.b.c`` strings), ``metrics`` (last values),
     ``tags``. Nested runs (Optuna trials) are left out. An unknown experiment gives an empty list."""
-    mlflow = _mlflow()
-    client = mlflow.MlflowClient(tracking_uri(cfg))
-    exp = client.get_experiment_by_name(experiment or cfg.experiment)
+    mlflow, uri = _mlflow(), tracking_uri(cfg)
+    client = mlflow.MlflowClient(uri)
+    doing = f"reading the runs of experiment {experiment or cfg.experiment!r}"
+    with _reachable(uri, doing, run=False):
+        exp = client.get_experiment_by_name(experiment or cfg.experiment)
     if exp is None:
         return []
     out, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+        with _reachable(uri, doing, run=False):
+            page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
         for run in page:
             if "mlflow.parentRunId" in run.data.tags:
                 continue
@@ -240,5 +247,7 @@ def search_runs(cfg: TrackingParams, experiment: str | None = None) -> list[dict
 
 def metric_history(cfg: TrackingParams, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) of one metric of a run, in step order (e.g. per-epoch val_top1)."""
-    client = _mlflow().MlflowClient(tracking_uri(cfg))
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    uri = tracking_uri(cfg)
+    with _reachable(uri, f"reading the history of {key} of run {run_id}", run=False):
+        history = _mlflow().MlflowClient(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
