@@ -59,20 +59,46 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _autograd_collectives():
+    """torch's differentiable collectives (``torch.distributed.nn.functional``): available in every torch
+    this project supports (2.4+); 2.14 marks them deprecated in favour of the private
+    ``_functional_collectives``, which older versions lack, so the FutureWarning is silenced here."""
+    import warnings
+
+    import torch.distributed.nn.functional as dnn
+
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\..* is deprecated",
+                            category=FutureWarning)
+    return dnn
+
+
 def gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` from every rank along dim 0, in rank order; the identity when not distributed.
 
-    ``all_gather`` returns tensors without autograd history, so the local slot is replaced by ``t`` itself:
-    the gradient flows to the local part only. A loss over the gathered batch is the same on every rank and
-    each rank holds its slice of the gradient; summed over ranks that is the full gradient, so under DDP's
-    mean all-reduce multiply such a loss by ``world_size()`` before backward (tests/test_distributed.py).
+    Full autograd (torch's differentiable ``all_gather``: its backward sums, onto each rank's slice, the
+    gradients every rank's loss sends it), so a loss over gathered tensors differentiates exactly as in one
+    process: with each rank holding a loss ``L_r`` and the engine's mean all-reduce of parameter gradients,
+    the update is the gradient of ``mean_r L_r``. A loss computed identically on every rank (SimCLR's over
+    the global batch) therefore needs no rescaling; a rank-local loss against a gathered set (PAWS's
+    anchors against the global support) also gets the gradient its support receives from other ranks.
     """
     if not is_dist() or world_size() == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(parts, t.detach().contiguous())
-    parts[rank()] = t
-    return torch.cat(parts)
+    return torch.cat(_autograd_collectives().all_gather(t))
+
+
+def mean_with_grad(t: Tensor) -> Tensor:
+    """The mean of ``t`` over ranks, differentiable (all-reduce sum / world size); identity in one process.
+    With equal per-rank batches, the rank mean of per-rank batch means is the global batch mean
+    (PAWS's ME-MAX over the global batch)."""
+    if not is_dist() or world_size() == 1:
+        return t
+    return _autograd_collectives().all_reduce(t) / world_size()
+
+
+def batch_mean(t: Tensor) -> Tensor:
+    """Mean over dim 0 of the global batch (every rank's rows); ``t.mean(0)`` in one process."""
+    return mean_with_grad(t.mean(0))
 
 
 def maybe_sync_batchnorm(model: nn.Module, enabled: bool) -> nn.Module:

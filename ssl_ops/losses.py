@@ -6,6 +6,8 @@ a tiny batch (tests/test_losses.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -163,15 +165,21 @@ def sharpen(p: Tensor, temperature: float) -> Tensor:
     return F.softmax(torch.log(p.clamp_min(1e-30)) / temperature, dim=1)
 
 
-def me_max(probs: Tensor, temperature: float) -> Tensor:
+def me_max(probs: Tensor, temperature: float, batch_mean: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """PAWS §3 mean-entropy maximisation term H(p_bar), p_bar = mean over the batch of the sharpened
-    predictions ``sharpen(probs, T)``. Gradients flow through it (it is maximised)."""
-    p_bar = sharpen(probs, temperature).mean(0)
+    predictions ``sharpen(probs, T)``. Gradients flow through it (it is maximised).
+
+    ``batch_mean`` averages rows over the batch (default ``t.mean(0)``); under torchrun the caller passes
+    ``ssl_ops.distributed.batch_mean`` so that p_bar is the mean over the global batch (PAWS §5), as it is
+    in one process."""
+    sharp = sharpen(probs, temperature)
+    p_bar = sharp.mean(0) if batch_mean is None else batch_mean(sharp)
     return -(p_bar * torch.log(p_bar.clamp_min(1e-30))).sum()
 
 
 def paws_loss(probs: Tensor, target_probs: Tensor, batch_size: int, sharpen_temperature: float,
-              me_max_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+              me_max_weight: float = 1.0,
+              batch_mean: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """PAWS §3 eq. (3)-(4): ``mean_i H(rho(p_i^+), p_i) - me_max_weight * H(p_bar)``.
 
     ``probs`` are the anchors' SNN predictions for the views in order [large 1, large 2, small 1..n], each a
@@ -187,5 +195,5 @@ def paws_loss(probs: Tensor, target_probs: Tensor, batch_size: int, sharpen_temp
         n_small = len(probs) // b - 2
         targets = torch.cat([t2, t1, *([(t1 + t2) / 2] * n_small)])
     ce = -(targets * torch.log(probs.clamp_min(1e-30))).sum(1).mean()
-    h = me_max(probs, sharpen_temperature)
+    h = me_max(probs, sharpen_temperature, batch_mean)
     return ce - me_max_weight * h, ce, h

@@ -2,7 +2,10 @@
 digits with the same deterministic global batch at every step (each rank takes its slice), BatchNorm
 removed (see below), and writes rank 0's per-step losses to argv[3] as JSON.
 
-Usage: ddp_fit_worker.py <supervised|simclr> <global batch> <out.json>
+Usage: ddp_fit_worker.py <supervised|simclr|paws> <global batch> <out.json> [local-slot]
+
+``local-slot`` (an ablation, to show the test can fail): replace the autograd all-gather by one whose
+gradient reaches only the local slice, as a home-made gather would.
 """
 
 import json
@@ -10,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ssl_ops import augment, distributed
 from ssl_ops.engine import fit
@@ -21,11 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 name, global_batch, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 distributed.init(timeout_s=60)
 r, w = distributed.rank(), distributed.world_size()
+if sys.argv[4:] == ["local-slot"]:
+    def local_slot_gather(t):
+        if w == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(w)]
+        torch.distributed.all_gather(parts, t.detach().contiguous())
+        parts[r] = t
+        return torch.cat(parts)
+
+    distributed.gather_with_grad = local_slot_gather
 b = global_batch // w
 params = load_params(str(ROOT / "params.yaml"), [
     "data.name=digits", "train.epochs=1", "train.steps_per_epoch=6", f"train.batch_size={b}",
     "train.progress=false", "train.warmup_epochs=0", "tracking.log_model=false", "train.device=cpu",
-    f"simclr.batch_size={b}", "simclr.epochs=1", "simclr.steps_per_epoch=6"])
+    f"simclr.batch_size={b}", "simclr.epochs=1", "simclr.steps_per_epoch=6",
+    f"paws.batch_size={b}", "paws.epochs=1", "paws.steps_per_epoch=6", "paws.small_crops=1", "paws.small_size=6",
+    "paws.support_views=2", "paws.optimizer=sgd", "paws.lr=0.1", "paws.warmup_epochs=0"])
 data, split = load_data(params)[:2]
 method = build_method(name, params, data, split) if name == "supervised" else build_pretext(name, params, data, split)
 # SyncBatchNorm runs on GPUs only: on CPU the check uses a BN-free copy of the network, so per-rank batch
@@ -50,13 +66,28 @@ ctx.labeled_batch = lambda size, augmented=True: (
 ctx.image_batch = lambda size: ctx.store.x[global_slice(size)]
 if name == "simclr":  # deterministic views: identity and horizontal flip
     method.views = lambda x: torch.cat([augment.to_float(x), augment.to_float(x).flip(-1)])
+if name == "paws":
+    # the same global support every step, 2 images of each of the 10 classes in class order, this rank's
+    # contiguous share (so on 2 ranks each holds 5 classes: the labels must be numbered after the gather)
+    labeled = torch.as_tensor(split.labeled)
+    by_class = torch.cat([labeled[ctx.store.y[labeled].cpu() == c][:2] for c in range(10)])
+    n = len(by_class) // w
+    mine = by_class[r * n:(r + 1) * n]
+    method.sampler.sample = lambda classes, per_class, generator: (mine, ctx.store.y[mine])
+
+    def views(x, support):  # deterministic: two large views (identity, flip), 2 support views, 1 small crop
+        xf, sf = augment.to_float(x), augment.to_float(support)
+        large = torch.cat([xf, xf.flip(-1), sf, sf.flip(-1)])
+        return large, F.interpolate(xf, size=6, mode="bilinear", align_corners=False)
+
+    method.views = views
 original = method.training_step
 
 
 def step(i):
     result = original(i)
-    loss = result["loss"].detach() / (w if name == "simclr" else 1)  # simclr scales by world size
-    if name == "supervised":  # per-rank mean -> global mean
+    loss = result["loss"].detach()
+    if name in ("supervised", "paws"):  # per-rank loss -> global (for paws: CE mean; H(p_bar) is global)
         loss = loss.clone()
         if distributed.is_dist():
             torch.distributed.all_reduce(loss)

@@ -28,18 +28,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ssl_ops import augment, probes
+from ssl_ops import augment, distributed, probes
 from ssl_ops.errors import SslOpsError
 from ssl_ops.heads import ProjectionHead
 from ssl_ops.losses import paws_loss, smooth_labels, snn
 from ssl_ops.pretexts.base import Pretext, PretextParams, register_pretext
-
-
-def _gather(t: Tensor) -> Tensor:
-    """The one place the support representations and labels pass before the SNN: identity on one process.
-    Under torchrun the lead points this at ``ssl_ops.distributed.gather_with_grad`` so that every rank
-    classifies against the support of all ranks (PAWS §5: the support batch is spread over workers)."""
-    return t
 
 
 class PawsParams(PretextParams):
@@ -153,21 +146,34 @@ class Paws(Pretext):
     def training_step(self, step: int) -> dict[str, Tensor]:
         ctx, p, b = self.ctx, self.params, self.ctx.train.batch_size
         idx, classes = self.sampler.sample(self.support_classes, p.support_per_class, ctx.generator)
-        # labels over the classes of this support batch (their identity does not matter to the loss)
-        local = torch.searchsorted(classes.unique(), classes)
-        y_s = smooth_labels(local, self.support_classes, p.label_smoothing).repeat(p.support_views, 1)
         large, small = self.views(ctx.image_batch(b), ctx.store.x[idx])
         h_large, z_large = self.model.head(self.model.encoder(large))
         z = z_large[: 2 * b]
         if small is not None:  # another resolution: a separate forward pass
             z = torch.cat([z, self.model.head(self.model.encoder(small))[1]])
-        z_s, h_s = _gather(z_large[2 * b:]), _gather(h_large[2 * b:])
-        y_s = _gather(y_s)
+        # PAWS §5: the support batch is spread over workers and every anchor is classified against all of it.
+        # Under torchrun the support representations are gathered with full autograd (each rank's support
+        # also gets the gradient of the other ranks' anchors) and p_bar of ME-MAX is the global batch mean;
+        # both are the identity in one process.
+        views = p.support_views
+        z_s = self._gather_views(z_large[2 * b:], views)
+        h_s = self._gather_views(h_large[2 * b:], views)
+        classes = distributed.gather_with_grad(classes)
+        # labels over the classes of the (global) support batch: their identity does not matter to the loss,
+        # but every rank must number them alike, hence after the gather
+        present = classes.unique()
+        y_s = smooth_labels(torch.searchsorted(present, classes), len(present), p.label_smoothing).repeat(views, 1)
         probs = snn(z, z_s, y_s, p.temperature)
         with torch.no_grad():
             targets = snn(h_large[: 2 * b], h_s, y_s, p.temperature)
-        loss, ce, h = paws_loss(probs, targets, b, p.sharpen, p.me_max_weight)
+        loss, ce, h = paws_loss(probs, targets, b, p.sharpen, p.me_max_weight, batch_mean=distributed.batch_mean)
         return {"loss": loss, "loss_ce": ce, "me_max": h}
+
+    @staticmethod
+    def _gather_views(rep: Tensor, views: int) -> Tensor:
+        """Support rows are [view 1 of every support image, view 2, ...]: gather each view block across ranks
+        so that the global order matches the labels' ``repeat(views, 1)``."""
+        return torch.cat([distributed.gather_with_grad(v) for v in rep.chunk(views)])
 
     def epoch_metrics(self) -> dict[str, float]:
         """The k-NN monitor plus PAWS-NN val accuracy against the labeled split."""

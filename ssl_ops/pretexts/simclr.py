@@ -114,8 +114,8 @@ class Simclr(Pretext):
             loss = nt_xent(z[:b], z[b:], self.params.temperature, queue=queue)
             self._enqueue(keys)
         else:
-            # SimCLR §2 / App. B.1: negatives from the global batch of every rank; the gathered loss is the
-            # same on each rank, so scale it by the world size to undo the engine's mean over ranks
+            # SimCLR §2 / App. B.1: negatives from the global batch of every rank, gathered with full autograd:
+            # the loss is the global one on every rank and the engine's mean all-reduce gives its gradient
             z1, z2 = distributed.gather_with_grad(z[:b]), distributed.gather_with_grad(z[b:])
-            loss = nt_xent(z1, z2, self.params.temperature) * distributed.world_size()
+            loss = nt_xent(z1, z2, self.params.temperature)
         return {"loss": loss}
