@@ -168,3 +168,22 @@ def test_distillation_trains_a_student_from_a_fine_tuned_teacher(workdir, tiny):
         torch.testing.assert_close(m.model["teacher"].fc.weight, teacher.method.model.fc.weight)  # fixed teacher
         assert m.temperature == (0.1 if m.self_distillation else 1.0)
         assert 0 <= evaluate_stage("simclrv2", tiny())["test_top1"] <= 1
+
+
+def test_me_max_batch_mean_gives_the_global_batch_entropy():
+    """PAWS §5 under DDP: a rank holding half the batch, whose batch_mean averages its rows with the other
+    rank's (what ssl_ops.distributed.batch_mean does across ranks), gets H(p_bar) of the whole batch, and the
+    gradient reaching its rows is that of the whole-batch term."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 5, generator=g)
+    mine_logits = logits[:4].clone().requires_grad_()
+    mine, other = F.softmax(mine_logits, 1), F.softmax(logits[4:], 1)
+    other_mean = sharpen(other, 0.25).mean(0)
+
+    h_half = me_max(mine, 0.25, batch_mean=lambda s: (s.mean(0) + other_mean) / 2)
+    assert h_half.item() == pytest.approx(me_max(F.softmax(logits, 1), 0.25).item(), rel=1e-6)
+    assert h_half.item() != pytest.approx(me_max(mine, 0.25).item(), rel=1e-3)  # the local batch alone differs
+    full_logits = logits.clone().requires_grad_()
+    me_max(F.softmax(full_logits, 1), 0.25).backward()
+    h_half.backward()
+    torch.testing.assert_close(mine_logits.grad, full_logits.grad[:4])
