@@ -102,8 +102,9 @@ def batch_mean(t: Tensor) -> Tensor:
 
 
 def maybe_sync_batchnorm(model: nn.Module, enabled: bool) -> nn.Module:
-    """Global BatchNorm statistics across ranks (SimCLRv2 §3.1, PAWS §5) when asked for and distributed.
-    torch's SyncBatchNorm runs on GPUs only; on CPU (gloo) BatchNorm stays per rank."""
+    """Global BatchNorm statistics across ranks (SimCLRv2 §3.1, PAWS §5) when asked for and distributed: every
+    BatchNorm replaced in place by torch's SyncBatchNorm (same parameter and buffer objects). torch runs
+    SyncBatchNorm on CUDA only, so ``engine.global_batchnorm`` calls this on CUDA and warns on CPU."""
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled and is_dist() else model
 
 
@@ -129,3 +130,27 @@ def broadcast_parameters(model: nn.Module) -> None:
 def shard(indices: Tensor) -> Tensor:
     """This rank's disjoint share of an index pool (strided, so every class stays represented)."""
     return indices[rank()::world_size()] if is_dist() else indices
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP's ``broadcast_buffers`` keeps
+    them: evaluation and checkpoints then see one model whichever rank looks."""
+    if is_dist():
+        for t in model.buffers():
+            dist.broadcast(t.data, 0)
+
+
+def gather_objects(obj: object) -> list:
+    """``obj`` of every rank, in rank order (e.g. each rank's RNG states for a checkpoint); ``[obj]`` in one
+    process."""
+    if not is_dist():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. until rank 0's checkpoint is on disk); a no-op in one process."""
+    if is_dist():
+        dist.barrier()

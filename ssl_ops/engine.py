@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,19 @@ def _set_rng_state(ctx: RunContext, state: dict[str, Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"], ctx.device)
 
 
+def _rank_rng(state: dict[str, Any], checkpoint: Path) -> dict[str, Tensor]:
+    """This rank's RNG states from a checkpoint (older checkpoints hold rank 0's only)."""
+    ranks = state.get("rng_ranks")
+    if ranks is None:
+        return state["rng"]
+    if len(ranks) != distributed.world_size():
+        raise CheckpointError(
+            f"{checkpoint} was written by {len(ranks)} process(es) but this run has {distributed.world_size()}; "
+            "the global batch and every rank's data stream would change. Resume with the same "
+            f"--nproc_per_node x --nnodes ({len(ranks)}), or delete the checkpoint to start over.")
+    return ranks[distributed.rank()]
+
+
 @dataclass
 class FitResult:
     epochs_done: int
@@ -226,6 +240,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
     epoch's metrics instead of the val accuracy of ``method.classifier()``.
     """
     train, model = ctx.train, method.model
+    global_batchnorm(model, ctx)  # before the optimiser is built (SyncBatchNorm keeps the same parameters)
     total = train.epochs * train.steps_per_epoch
     optimizer, scheduler = make_optimizer(model, train, total)
     use_scaler = ctx.device.type == "cuda" and train.amp and not torch.cuda.is_bf16_supported()
@@ -243,7 +258,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        _set_rng_state(ctx, state["rng"])
+        _set_rng_state(ctx, _rank_rng(state, checkpoint))
         start_epoch, seconds, history = state["epoch"], state["train_seconds"], state["history"]
         run_state.update(state["run_state"])
 
@@ -281,6 +296,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
             _guard_finite(metrics["loss"], epoch, checkpoint)
             metrics["lr"] = scheduler.get_last_lr()[0]
             metrics["images_per_second"] = train.steps_per_epoch * method.images_per_step / (time.perf_counter() - t0)
+            distributed.broadcast_buffers(model)  # rank 0's BN running statistics everywhere, as DDP does
             if hasattr(method, "epoch_metrics"):  # e.g. pretexts: a k-NN monitor instead of a classifier
                 metrics.update(method.epoch_metrics())
             elif len(ctx.split.val):
@@ -290,18 +306,38 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
             history.append({"epoch": epoch + 1, **metrics})
             if log and main:
                 log(metrics, epoch + 1)
+            # under torchrun every rank's RNG states (its own augmentation stream), so that a resumed run
+            # continues each rank's stream: bit-identical to an uninterrupted one (tests/test_distributed.py)
+            rng_ranks = distributed.gather_objects(_rng_state(ctx))
             if main:
                 io.torch_save(checkpoint, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(ctx),
-                    "epoch": epoch + 1, "train_seconds": seconds, "history": history, "config_hash": config_hash,
-                    "run_state": run_state,
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_ranks[0],
+                    "rng_ranks": rng_ranks, "epoch": epoch + 1, "train_seconds": seconds, "history": history,
+                    "config_hash": config_hash, "run_state": run_state,
                 })
+            distributed.barrier()  # no rank moves on (or dies) before rank 0's checkpoint is in place
             faults.point("checkpoint")
             bar.epoch_done(epoch + 1, metrics, (epoch + 1) * train.steps_per_epoch)
             if epoch_end:
                 epoch_end(epoch + 1, metrics)
     return FitResult(train.epochs, seconds, history, run_state)
+
+
+def global_batchnorm(model: nn.Module, ctx: RunContext) -> bool:
+    """``train.sync_bn`` under torchrun: every BatchNorm becomes torch's SyncBatchNorm, so batch statistics are
+    those of the global batch (SimCLRv2 §3.1, PAWS §5). torch runs SyncBatchNorm on CUDA only: on CPU (gloo)
+    BatchNorm stays per rank and rank 0 warns. A no-op in one process. Returns whether it converted."""
+    if not (ctx.train.sync_bn and distributed.is_dist()):
+        return False
+    if ctx.device.type != "cuda":
+        if distributed.is_main():
+            warnings.warn(f"train.sync_bn: torch's SyncBatchNorm needs CUDA; on {ctx.device.type} BatchNorm "
+                          "statistics stay per rank (set the method's sync_bn: false to silence this)", stacklevel=2)
+        return False
+    converted = distributed.maybe_sync_batchnorm(model, True)
+    assert converted is model  # the model is never a bare BatchNorm: its children were replaced in place
+    return True
 
 
 def _guard_finite(loss: float, epoch: int, checkpoint: Path) -> None:

@@ -105,6 +105,9 @@ class TrainParams(Section):
     crop_padding: int = Field(2, ge=0)  # random crop with this much zero padding; 0 disables
     hflip: bool = True
     progress: bool = True  # rich progress bar (off in tests / CI logs)
+    # Under torchrun: BatchNorm statistics over the global batch (torch's SyncBatchNorm, which runs on CUDA
+    # only; on CPU/gloo BatchNorm stays per rank, with a warning). A no-op in one process.
+    sync_bn: bool = False
 
 
 class TrackingParams(Section):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssl_ops import io, probes, recovery, tracking
+from ssl_ops import distributed, io, probes, recovery, tracking
 from ssl_ops.engine import RunContext, fit, make_context
 from ssl_ops.errors import CheckpointError
 from ssl_ops.params import BaseParams
@@ -87,7 +87,7 @@ def pretrain_stage(name: str, params: BaseParams, resume: bool = False, write_ou
         if hasattr(pretext, "test_metrics"):  # a pretext's own evaluation, e.g. PAWS-NN
             metrics.update(pretext.test_metrics())
         tracking.log_metrics(metrics)
-        if write_outputs:
+        if write_outputs and distributed.is_main():  # under torchrun rank 0 alone writes
             model = pretext.model
             io.torch_save(model_path(name), {
                 "backbone": model.backbone.state_dict(), "head": model.head.state_dict(),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from ssl_ops import io, recovery, tracking
+from ssl_ops import distributed, io, recovery, tracking
 from ssl_ops.data.prepare import PreparedDataset, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
 from ssl_ops.engine import RunContext, fit, make_context, predict_logits, test_accuracy, topk_accuracy
@@ -92,7 +92,7 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
         metrics = {"train_seconds": result.train_seconds, **{k: v for k, v in result.history[-1].items()
                                                              if k != "epoch"}}
         tracking.log_metrics({"train_seconds": result.train_seconds})
-        if write_outputs:
+        if write_outputs and distributed.is_main():  # under torchrun rank 0 alone writes files and logs
             model_file = MODELS / f"{name}.pt"
             io.torch_save(model_file, {
                 "state_dict": method.model.state_dict(), "method": name, "params": resolved,
@@ -146,7 +146,8 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
         "val_top1": topk_accuracy(val_logits, val_labels, 1),
         "train_seconds": float(ck["train_seconds"]),
     }
-    io.write_json(METRICS / f"{name}.json", metrics)
+    if distributed.is_main():  # under torchrun every rank evaluates, rank 0 writes
+        io.write_json(METRICS / f"{name}.json", metrics)
     with tracking.start_run(params.tracking, run_name=name, run_id=ck["mlflow_run_id"]):
         tracking.log_metrics({k: v for k, v in metrics.items() if k != "train_seconds"})
     return metrics

@@ -6,11 +6,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ssl_ops import distributed
+from ssl_ops import distributed, engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +22,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(script: Path, nproc: int = 2, args: list[str] = ()) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def _torchrun(script: Path, nproc: int = 2, args: list[str] = (), env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -85,3 +87,61 @@ def test_paws_needs_the_support_gradient_from_other_ranks(workdir):
     diff = max(abs(x - y) for x, y in zip(a, b))
     print(f"paws with a local-slot gather: max abs loss difference per step {diff:.2e}")
     assert diff > 1e-3, (a, b)
+
+
+def test_killed_and_resumed_two_rank_run_is_bit_identical_to_an_uninterrupted_one(workdir):
+    """Resume under DDP: the checkpoint holds every rank's RNG states, so after every rank is SIGKILLed at the
+    end of epoch 1 a relaunch continues each rank's own augmentation stream: the same losses and weights, bit
+    for bit, on both ranks."""
+    worker = ROOT / "tests" / "ddp_resume_worker.py"
+    whole, cut = Path("whole"), Path("cut")
+    whole.mkdir(), cut.mkdir()
+    assert _torchrun(worker, args=[str(whole)]).returncode == 0
+    a = [json.loads((whole / f"rank{r}.json").read_text()) for r in range(2)]
+    killed = _torchrun(worker, args=[str(cut)], env={"SSL_OPS_FAULT": "checkpoint:1"})
+    assert killed.returncode != 0 and not (cut / "rank0.json").exists()  # the job died after epoch 1
+    resumed = _torchrun(worker, args=[str(cut)])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    b = [json.loads((cut / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in range(2):
+        assert len(a[r]["losses"]) == 6 and len(b[r]["losses"]) == 3  # the relaunch ran epoch 2 only
+        assert b[r]["losses"] == a[r]["losses"][3:], (r, a[r]["losses"], b[r]["losses"])
+        assert b[r]["weights"] == a[r]["weights"]
+    assert a[0]["losses"][3:] != a[1]["losses"][3:]  # the ranks really draw different batches
+
+
+def test_sync_bn_defaults_on_for_simclr_and_paws_and_is_a_no_op_in_one_process(workdir, tiny):
+    p = tiny()
+    assert p.simclr.train_params(p.train).sync_bn and p.paws.train_params(p.train).sync_bn
+    assert not p.supervised.train_params(p.train).sync_bn
+    assert not tiny("simclr.sync_bn=false").simclr.train_params(p.train).sync_bn
+    q = tiny("train.sync_bn=true")
+    assert q.supervised.train_params(q.train).sync_bn
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    ctx = SimpleNamespace(train=q.train, device=torch.device("cpu"))
+    assert engine.global_batchnorm(model, ctx) is False
+    assert distributed.maybe_sync_batchnorm(model, True) is model
+    assert type(model[1]) is torch.nn.BatchNorm2d
+
+
+def test_sync_bn_converts_every_batchnorm_under_torchrun(tmp_path):
+    """Under torchrun SyncBatchNorm replaces every BatchNorm in place, keeping the parameter objects (the
+    optimiser's); the engine does it on CUDA only and on CPU (gloo) warns once, on rank 0."""
+    script = tmp_path / "syncbn.py"
+    script.write_text(
+        "import types, warnings\nimport torch\nfrom torch import nn\nfrom ssl_ops import distributed\n"
+        "from ssl_ops.engine import global_batchnorm\ndistributed.init(timeout_s=30)\n"
+        "m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))\n"
+        "before = [id(p) for p in m.parameters()]\n"
+        "ctx = types.SimpleNamespace(train=types.SimpleNamespace(sync_bn=True), device=torch.device('cpu'))\n"
+        "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+        "    on_cpu = global_batchnorm(m, ctx)\n"
+        "plain = all(type(x) in (nn.BatchNorm1d, nn.BatchNorm2d) for x in (m[1], m[2][1]))\n"
+        "out = distributed.maybe_sync_batchnorm(m, True)\n"
+        "sync = out is m and all(type(x) is nn.SyncBatchNorm for x in (m[1], m[2][1]))\n"
+        "same = before == [id(p) for p in m.parameters()]\n"
+        "print(f'rank {distributed.rank()} on_cpu={on_cpu} plain={plain} warned={len(w)} sync={sync} same={same}')\n")
+    p = _torchrun(script)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "rank 0 on_cpu=False plain=True warned=1 sync=True same=True" in p.stdout, p.stdout
+    assert "rank 1 on_cpu=False plain=True warned=0 sync=True same=True" in p.stdout, p.stdout

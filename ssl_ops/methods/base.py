@@ -41,6 +41,7 @@ class MethodParams(Section):
     # The file is read whenever the method is built (training and evaluation), so keep it in place.
     init: Path | None = None
     freeze_blocks: int | None = Field(None, ge=0)  # freeze the first K backbone blocks; None: model.freeze_blocks
+    sync_bn: bool | None = None  # global BatchNorm under torchrun; None: train.sync_bn
 
     def train_params(self, base: TrainParams) -> TrainParams:
         """The shared train section with this method's non-null overrides applied."""

@@ -60,6 +60,7 @@ class PawsParams(PretextParams):
     proj_dim: int = Field(128, gt=0)  # output width (appendix C: 128)
     prediction_head: bool = False  # 2-layer prediction head on h (ImageNet recipe; appendix C: off)
     nn_layer: int | None = Field(None, ge=0)  # PAWS-NN representation: projection layers applied; None: all
+    sync_bn: bool | None = True  # torchrun: global BN (PAWS §5: batch statistics synchronised across workers)
 
 
 class PawsHead(nn.Module):

@@ -47,6 +47,7 @@ class SimclrParams(PretextParams):
     proj_dim: int = Field(128, gt=0)
     memory: int = Field(0, ge=0)  # MoCo queue size (0: no memory)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    sync_bn: bool | None = True  # torchrun: global BN (SimCLRv2 §3.1: BN statistics aggregated over all devices)
 
     def train_params(self, base: TrainParams) -> TrainParams:
         train = super().train_params(base)
