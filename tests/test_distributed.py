@@ -145,3 +145,21 @@ def test_sync_bn_converts_every_batchnorm_under_torchrun(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "rank 0 on_cpu=False plain=True warned=1 sync=True same=True" in p.stdout, p.stdout
     assert "rank 1 on_cpu=False plain=True warned=0 sync=True same=True" in p.stdout, p.stdout
+
+
+def test_only_rank_0_writes_outputs_and_tracks(workdir, tiny, monkeypatch):
+    """train, pretrain and evaluate on a non-zero rank: no model, checkpoint or metrics file, no MLflow run."""
+    from ssl_ops import pretrain, stages, tracking
+
+    p = tiny("train.epochs=1", "tracking.experiment=rank-test", "rotation.epochs=1", "rotation.steps_per_epoch=1")
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    stages.train_stage("supervised", p)
+    pretrain.pretrain_stage("rotation", p)
+    assert not any(Path(d).exists() for d in ("models", "checkpoints", "metrics"))
+    assert tracking.search_runs(p.tracking) == []
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    stages.train_stage("supervised", p)
+    assert Path("models/supervised.pt").exists() and len(tracking.search_runs(p.tracking)) == 1
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    stages.evaluate_stage("supervised", p)
+    assert not Path("metrics").exists()
