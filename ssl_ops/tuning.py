@@ -99,9 +99,30 @@ def make_storage(url: str | None, tune: TuneParams | None = None) -> tuple[optun
                 "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=1, inherit_intermediate_values=True)}
             # the URL handed back is for messages, tags and files: its password (if any) masked
-            return optuna.storages.RDBStorage(url, **beat), tracking.mask_uri(url)
+            return _rdb_storage(url, beat), tracking.mask_uri(url)
     except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server: say which
         raise TuningError(tracking.mask_uri(f"cannot open Optuna storage {url}: {type(exc).__name__}: {exc}")) from None
+
+
+def _rdb_storage(url: str, beat: dict[str, Any], attempts: int = 6) -> optuna.storages.RDBStorage:
+    """Optuna's RDBStorage, retried when another worker is creating its tables at the same moment.
+
+    Workers started together on an empty PostgreSQL database all run CREATE TABLE; the losers fail with a
+    duplicate table / type or version row (IntegrityError, ProgrammingError "already exists"). Once the
+    winner has committed, the tables are there and a retry just opens them."""
+    import random
+
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **beat)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            racing = isinstance(exc, sqlalchemy.exc.IntegrityError) or "already exists" in str(exc)
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) + 0.3 * random.random())  # jitter: racing workers do not retry in step
+    raise AssertionError("unreachable")
 
 
 def make_sampler(tune: TuneParams, n_existing: int) -> optuna.samplers.BaseSampler:
