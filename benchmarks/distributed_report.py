@@ -110,8 +110,8 @@ def main() -> None:
               "uninterrupted run on both ranks.", ""]
     if t is not None:
         lines += ["## Team backends integration test (tests/test_team_backends.py)", "",
-                  f"{'passed' if t['passed'] else 'FAILED'} in {t['wall_seconds']:.0f} s wall (PostgreSQL initdb/start, "
-                  f"MLflow server start and migrations included): {t['detail'] or t['summary']}", ""]
+                  f"{'passed' if t['passed'] else 'FAILED'} in {t['wall_seconds']:.0f} s wall (PostgreSQL "
+                  f"initdb/start, MLflow server start and migrations included): {t['detail'] or t['summary']}", ""]
     io.write_text(Path(args.out + ".md"), "\n".join(lines))
     print("\n".join(lines))
 
