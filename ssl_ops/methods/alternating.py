@@ -183,7 +183,9 @@ class Alternating(Method):
         self.optimizer, self.scheduler = optimizer, scheduler
         c = self.params.cycles
         length = max(1, self.total_steps // c)
-        per_cycle = lr_lambda(self.ctx.train, length)
+        # the run's warm-up is shared among the cycles like its steps (a whole-run warm-up would fill a short cycle)
+        train = self.ctx.train
+        per_cycle = lr_lambda(train.model_copy(update={"warmup_epochs": train.warmup_epochs / c}), length)
 
         def f(step: int) -> float:
             return per_cycle(step - self.cycle_start(self.cycle_of(min(step, self.total_steps - 1))))

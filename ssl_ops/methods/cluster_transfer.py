@@ -140,9 +140,13 @@ class ClusterTransfer(Method):
         return min(max(1, round(self.params.cluster_fraction * self.total_steps)), max(1, self.total_steps - 1))
 
     def bind_optimizer(self, optimizer, scheduler) -> None:
-        """Called by ``engine.fit``: one warm-up + cosine schedule per phase."""
-        self.optimizer, s = optimizer, self.switch_step
-        phases = (lr_lambda(self.ctx.train, s), lr_lambda(self.ctx.train, max(1, self.total_steps - s)))
+        """Called by ``engine.fit``: one warm-up + cosine schedule per phase (momentum restarts at the switch)."""
+        self.optimizer, s, total, train = optimizer, self.switch_step, self.total_steps, self.ctx.train
+
+        def schedule(length: int):  # the run's warm-up is shared between the phases like its steps
+            return lr_lambda(train.model_copy(update={"warmup_epochs": train.warmup_epochs * length / total}), length)
+
+        phases = (schedule(s), schedule(max(1, total - s)))
 
         def f(step: int) -> float:
             return phases[0](step) if step < s else phases[1](step - s)
