@@ -237,7 +237,8 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
     ``run_state`` is small plain data saved with each checkpoint (e.g. the MLflow run id) and handed back
     on resume. ``epoch_end(epoch, metrics)`` is called after each epoch's checkpoint (Optuna reports there).
     A method with an ``epoch_metrics()`` method (the pretexts: a k-NN monitor) has its dict merged into each
-    epoch's metrics instead of the val accuracy of ``method.classifier()``.
+    epoch's metrics instead of the val accuracy of ``method.classifier()``. A method with
+    ``bind_optimizer(optimizer, scheduler)`` is handed both once they exist (after a resume has loaded them).
     """
     train, model = ctx.train, method.model
     global_batchnorm(model, ctx)  # before the optimiser is built (SyncBatchNorm keeps the same parameters)
@@ -261,6 +262,9 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
         _set_rng_state(ctx, _rank_rng(state, checkpoint))
         start_epoch, seconds, history = state["epoch"], state["train_seconds"], state["history"]
         run_state.update(state["run_state"])
+
+    if hasattr(method, "bind_optimizer"):  # a method that restarts momentum / schedule itself (alternating's cycles)
+        method.bind_optimizer(optimizer, scheduler)
 
     from ssl_ops.progress import TrainProgress
 

@@ -1,0 +1,197 @@
+"""Alternating optimisation (Rebuffi et al. Algorithm 1): each step of a cycle does what the paper says, and the
+ablation switches (no re-initialisation, no split, no temporal term) and refinement mode do what they name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_ops import io
+from ssl_ops.losses import soft_cross_entropy
+from ssl_ops.pretrain import pretrain_briefly_for
+from ssl_ops.stages import build_method, load_data, train_stage
+
+
+@pytest.fixture
+def make(workdir, tiny):
+    """Build an (untrained) alternating method on digits from a short rotation pre-training."""
+    pretrain_briefly_for("alternating", tiny)
+
+    def build(*extra: str):
+        params = tiny("train.epochs=2", "train.steps_per_epoch=3", *extra)
+        data, split, _ = load_data(params)
+        return build_method("alternating", params, data, split)
+
+    return build
+
+
+def _pretext_blocks(k: int) -> dict[str, torch.Tensor]:
+    """The rotation checkpoint's weights of backbone blocks k.. (keys as in ``blocks[k:]``'s state dict)."""
+    state = io.torch_load("models/pretrain/rotation.pt")["backbone"]
+    out = {}
+    for key, v in state.items():
+        i, rest = key.split(".", 2)[1:]
+        if int(i) >= k:
+            out[f"{int(i) - k}.{rest}"] = v
+    return out
+
+
+def _perturb(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))
+
+
+def test_reset_restores_pretext_weights(make):
+    m = make()
+    assert m.k == 2 and all(not p.requires_grad for p in m.model["net"].backbone.blocks[:2].parameters())
+    _perturb(m.trainable_blocks())
+    m.reset_trainable()
+    want = _pretext_blocks(m.k)
+    got = m.trainable_blocks().state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key].to(got[key].device), rtol=0, atol=0)
+
+
+def test_phase1_changes_only_the_classifier(make):
+    m = make()
+    before = {k: v.clone() for k, v in m.model["net"].state_dict().items()}
+    acc = m.fit_classifier()
+    after = m.model["net"].state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    assert 0.0 <= acc <= 1.0
+
+
+def test_split_uses_two_thirds_then_all(make):
+    m = make("alternating.cycles=3", "alternating.full_set_cycles=1")
+    st = m.model["state"]
+    n = len(st.active)
+    m.draw_subset(0)
+    first = st.active.clone()
+    assert int(first.sum()) == round(2 * n / 3)
+    m.draw_subset(1)
+    assert int(st.active.sum()) == round(2 * n / 3) and not torch.equal(first, st.active)  # a new draw per cycle
+    m.draw_subset(0)
+    assert torch.equal(first, st.active)  # reproducible for a seed and cycle
+    m.draw_subset(2)  # the last cycle: the whole set
+    assert bool(st.active.all())
+
+
+@pytest.mark.parametrize("switch", ["alternating.split=false", "alternating.refine=true"])
+def test_no_split_trains_on_everything(make, switch, tiny):
+    if "refine" in switch:
+        train_stage("mean_teacher", tiny("train.epochs=1", "train.steps_per_epoch=1"))
+    m = make("alternating.cycles=3", switch)
+    m.draw_subset(0)
+    assert bool(m.model["state"].active.all())
+
+
+@pytest.mark.parametrize("reinit", [True, False])
+def test_reinit_switch(make, reinit):
+    m = make(f"alternating.reinit={str(reinit).lower()}")
+    _perturb(m.trainable_blocks())
+    perturbed = {k: v.clone() for k, v in m.trainable_blocks().state_dict().items()}
+    m.start_cycle(0)
+    got = m.trainable_blocks().state_dict()
+    want = _pretext_blocks(m.k) if reinit else perturbed
+    for key in want:
+        torch.testing.assert_close(got[key], want[key].to(got[key].device), rtol=0, atol=0)
+
+
+def test_pseudo_label_change_count(make):
+    m = make()
+    st = m.model["state"]
+    n = len(st.argmax)
+    assert m.assign_pseudo_labels()["pseudo_changed"] == n  # cycle 1: all of them are new
+    assert m.assign_pseudo_labels()["pseudo_changed"] == 0  # same network, same labels
+    old = st.argmax.clone()
+    fc = m.model["net"].fc
+    with torch.no_grad():  # a different classifier: count the argmax flips independently
+        fc.weight.copy_(fc.weight.flip(0))
+        fc.bias.copy_(fc.bias.flip(0))
+    changed = m.assign_pseudo_labels()["pseudo_changed"]
+    assert changed == int((st.argmax != old).sum()) and changed > 0
+
+
+@pytest.mark.parametrize("labels", ["hard", "soft"])
+def test_targets_hard_or_soft(make, labels):
+    m = make(f"alternating.labels={labels}")
+    m.assign_pseudo_labels()
+    st, n_u = m.model["state"], len(m.unlabeled)
+    t = st.targets[:n_u]
+    torch.testing.assert_close(t.sum(1), torch.ones(n_u))
+    if labels == "hard":
+        assert set(t.unique().tolist()) <= {0.0, 1.0}
+    else:
+        assert ((t > 0) & (t < 1)).any()
+    assert torch.equal(t.argmax(1), st.argmax)
+    y = torch.as_tensor(m.ctx.data.train_y[m.ctx.split.labeled]).long()
+    assert torch.equal(st.targets[n_u:], F.one_hot(y, m.ctx.num_classes).float())  # labeled: their true labels
+
+
+@pytest.mark.parametrize("temporal", [True, False])
+def test_loss_is_half_temporal_half_pseudo(make, temporal):
+    m = make(f"alternating.temporal={str(temporal).lower()}", "alternating.max_unlabeled=20",
+             "alternating.labeled_batch_size=0", "train.batch_size=64")
+    m.training_step(0)  # cycle 1 starts; 64 draws from 13 images: nearly all of them are seen
+    out = m.training_step(1)
+    assert float(out["temporal_coverage"]) > 0.5 and float(out["loss_temporal"]) > 0
+    want = 0.5 * out["loss_temporal"] + 0.5 * out["loss_pseudo"] if temporal else out["loss_pseudo"]
+    torch.testing.assert_close(out["loss"], want)
+
+
+def test_first_draw_has_no_temporal_term(make):
+    m = make("alternating.labeled_batch_size=0")
+    out = m.training_step(0)  # nothing has a previous prediction yet in this cycle
+    assert float(out["loss_temporal"]) == 0.0
+    torch.testing.assert_close(out["loss"], 0.5 * out["loss_pseudo"])
+
+
+def test_pseudo_term_is_soft_cross_entropy(make):
+    m = make("alternating.labels=soft")
+    m.start_cycle(0)
+    st = m.model["state"]
+    net = m.model["net"].eval()
+    x = m.ctx.store.x[m.positions[:5]].float() / 255
+    with torch.no_grad():
+        logits = net(x)
+    # the targets are the phase-1 network's softmax: unchanged network -> CE(target, logits) = entropy(target)
+    ent = -(st.targets[:5] * st.targets[:5].clamp_min(1e-12).log()).sum(1).mean()
+    torch.testing.assert_close(soft_cross_entropy(st.targets[:5], logits), ent, rtol=1e-4, atol=1e-5)
+
+
+def test_schedule_and_momentum_restart_each_cycle(workdir, tiny):
+    pretrain_briefly_for("alternating", tiny)
+    params = tiny("train.epochs=3", "train.steps_per_epoch=2", "alternating.cycles=3")
+    res = train_stage("alternating", params)
+    m = res.method
+    assert [c["cycle"] for c in m.cycle_log] == [1.0, 2.0, 3.0]
+    f = m.scheduler.lr_lambdas[0]
+    assert [f(m.cycle_start(c)) for c in range(3)] == [1.0, 1.0, 1.0]  # cosine restarts at the peak (no warm-up)
+    assert f(m.cycle_start(1) - 1) < 1.0
+    for c in m.cycle_log:
+        assert {"phase1_labeled_top1", "phase1_val_top1", "pseudo_changed", "val_top1_before"} <= set(c)
+
+
+def test_refine_starts_from_the_mean_teacher(workdir, tiny):
+    train_stage("mean_teacher", tiny("train.epochs=1", "train.steps_per_epoch=1"))
+    params = tiny("alternating.refine=true")
+    data, split, _ = load_data(params)
+    m = build_method("alternating", params, data, split)
+    teacher = {k.removeprefix("teacher.module."): v for k, v in io.torch_load("models/mean_teacher.pt")["state_dict"].items()
+               if k.startswith("teacher.module.")}
+    for key, v in m.model["net"].state_dict().items():
+        torch.testing.assert_close(v, teacher[key], rtol=0, atol=0)
+    assert m.soft
+
+
+def test_refine_without_a_teacher_is_a_clear_error(workdir, tiny):
+    from ssl_ops.errors import CheckpointError
+
+    params = tiny("alternating.refine=true")
+    data, split, _ = load_data(params)
+    with pytest.raises(CheckpointError, match="ssl-ops train mean_teacher"):
+        build_method("alternating", params, data, split)
