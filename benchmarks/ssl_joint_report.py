@@ -8,8 +8,11 @@ so within a seed all methods see the same labeled, val and unlabeled images. Eac
 params.yaml budget unless ``--epochs`` / ``--steps-per-epoch`` override it for all methods alike. The model
 evaluated is the one at the end of training: no selection on test (val is reported beside it, and is the
 only split any choice may look at). With ``--init``, pi_model, mean_teacher and s4l_rotation are also run
-from that pre-trained backbone ("+ init" rows). Writes ``reports/ssl_joint.md`` and ``reports/ssl_joint.json``
-(per-run numbers, CPU wall time of training, machine, torch, git SHA, date, command line).
+from that pre-trained backbone ("+ init" rows). ``--variant "LABEL=METHOD:key=value,..."`` adds rows of a
+method under other params (``--only-variants``: those alone, e.g. a diagnostic ablation). MOAM's steps run in
+order within a seed, each from the previous step's models/<step>.pt. Writes ``reports/ssl_joint.md`` and
+``.json`` (``--out`` another stem; per-run numbers, val after each epoch, CPU wall time of training, machine,
+torch, git SHA, date, command line).
 Needs the prepared dataset (``ssl-ops prepare``); runs log to a throw-away MLflow store unless
 MLFLOW_TRACKING_URI is set.
 """
@@ -35,7 +38,7 @@ from ssl_ops.stages import CHECKPOINTS, MODELS, split_stage, train_stage
 
 METHODS = ["supervised", "pseudo_label", "vat", "pi_model", "mean_teacher", "s4l_rotation", "s4l_exemplar", "moam",
            "moam_retrain", "moam_finetune"]
-CHAIN = {"moam", "moam_retrain"}  # their models/<m>.pt is what the next MOAM step starts from
+CHAIN = {"moam": "moam_retrain", "moam_retrain": "moam_finetune"}  # models/<m>.pt: what the next step starts from
 WITH_INIT = ["pi_model", "mean_teacher", "s4l_rotation"]
 OUT_MD, OUT_JSON = Path("reports/ssl_joint.md"), Path("reports/ssl_joint.json")
 
@@ -53,9 +56,12 @@ def run_one(method: str, seed: int, args, init: str | None, variant: tuple[str, 
     sets += variant[1] if variant else []
     params = load_params(args.params, sets)
     split_stage(params)
-    if method in CHAIN:  # a stale models/<m>.pt from another seed must not be picked up by the next step
+    chained = CHAIN.get(method) in args.methods
+    if chained:  # a stale models/<m>.pt from another seed must not be picked up by the next step
         (MODELS / f"{method}.pt").unlink(missing_ok=True)
-    result = train_stage(method, params, write_outputs=method in CHAIN, run_tags={"benchmark": "ssl_joint"})
+    checkpoint = CHECKPOINTS / f"bench_{args.out.name}" / label.replace(" ", "_") / "last.pt"
+    result = train_stage(method, params, write_outputs=chained, run_tags={"benchmark": "ssl_joint"},
+                         checkpoint=checkpoint)
     ctx, model = result.ctx, result.method.classifier()
     row = {"method": label, "seed": seed, "test_top1": test_accuracy(model, ctx)[0],
            "val_top1": result.metrics.get("val_top1", float("nan")), "train_seconds": result.metrics["train_seconds"],
@@ -63,7 +69,7 @@ def run_one(method: str, seed: int, args, init: str | None, variant: tuple[str, 
            "final_losses": {k: v for k, v in result.metrics.items()
                             if k.startswith(("loss", "w_", "kept", "pseudo", "pred"))},
            "val_curve": [h.get("val_top1", float("nan"))
-                         for h in io.torch_load(CHECKPOINTS / method / "last.pt")["history"]]}
+                         for h in io.torch_load(checkpoint)["history"]]}
     print(f"{row['method']:>22} seed {seed}: test {row['test_top1']:.4f} val {row['val_top1']:.4f} "
           f"{row['train_seconds']:.0f}s  {row['final_losses']}", flush=True)
     return row
@@ -104,7 +110,7 @@ def write_report(rows: list[dict], args, meta: dict) -> None:
                 f"{r['train_seconds']:.0f} s, " + ", ".join(f"{k} {v:.4g}" for k, v in r["final_losses"].items())
                 + ("; val curve " + " ".join(f"{v:.2f}" for v in r["val_curve"]) if r.get("val_curve") else "")
                 for r in rows), ""]
-    io.write_text(OUT_MD, "\n".join(lines))
+    io.write_text(args.out.with_suffix(".md"), "\n".join(lines))
 
 
 def main() -> None:
@@ -118,6 +124,8 @@ def main() -> None:
     ap.add_argument("--init", default=None,
                     help="pre-trained backbone for the '+ init' rows of " + ", ".join(WITH_INIT))
     ap.add_argument("--set", nargs="*", default=[], help="extra --set overrides for every run")
+    ap.add_argument("--out", type=Path, default=OUT_MD.with_suffix(""), help="report path without suffix")
+    ap.add_argument("--only-variants", action="store_true", help="run the --variant rows only")
     ap.add_argument("--variant", nargs="*", default=[], metavar="LABEL=METHOD:KEY=VALUE,...",
                     help="extra rows: METHOD with these overrides, reported as LABEL (run after METHOD)")
     ap.add_argument("--resume", action="store_true",
@@ -133,8 +141,9 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m benchmarks.ssl_joint_report " + " ".join(sys.argv[1:])}
     rows = []
-    if args.resume and OUT_JSON.exists():
-        previous = json.loads(OUT_JSON.read_text())
+    out_json = args.out.with_suffix(".json")
+    if args.resume and out_json.exists():
+        previous = json.loads(out_json.read_text())
         rows = previous["rows"]
         meta["resumed_from"] = {k: previous["meta"][k] for k in ("command", "date", "git_sha")}
     done = {(r["method"], r["seed"]) for r in rows}
@@ -146,14 +155,14 @@ def main() -> None:
     for seed in range(args.seeds):
         for method in args.methods:
             for init in [None, args.init] if args.init and method in WITH_INIT else [None]:
-                if (method + (" + init" if init else ""), seed) not in done:
+                if (method + (" + init" if init else ""), seed) not in done and not args.only_variants:
                     rows.append(run_one(method, seed, args, init))
             for variant in variants.get(method, []):
                 if (variant[0], seed) not in done:
                     rows.append(run_one(method, seed, args, None, variant))
             write_report(rows, args, meta)  # after every run: a partial report survives an interruption
-            io.write_json(OUT_JSON, {"meta": meta, "rows": rows})
-    print(f"-> {OUT_MD}")
+            io.write_json(out_json, {"meta": meta, "rows": rows})
+    print(f"-> {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
