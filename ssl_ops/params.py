@@ -156,6 +156,28 @@ class PipelineParams(Section):
             raise ValueError(f"unknown pretext(s) {unknown}; registered: {sorted(PRETEXTS)}")
         return self
 
+    # {method: previous}: dvc.yaml's train_chained stage makes models/<previous>.pt a dependency of <method>
+    chained: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _chained_methods(self) -> PipelineParams:
+        from ssl_ops.methods import METHODS
+
+        for method, previous in self.chained.items():
+            needs = getattr(METHODS.get(method), "previous", None)
+            if method not in METHODS or needs is None:
+                chainable = sorted(m for m, c in METHODS.items() if getattr(c, "previous", None))
+                raise ValueError(f"pipeline.chained: {method!r} is not a method that starts from another's model; "
+                                 f"chainable: {chainable}")
+            if previous != needs:
+                raise ValueError(f"pipeline.chained: {method} starts from {needs}, not {previous!r}; "
+                                 f"write {method}: {needs}")
+            if method in self.methods:
+                raise ValueError(f"pipeline: {method} is in both methods and chained; list it under chained only")
+            if previous not in self.methods and previous not in self.chained:
+                raise ValueError(f"pipeline.chained: {method} needs {previous}; add {previous} to pipeline.methods")
+        return self
+
 
 # ---------------------------------------------------------------------------------------------------------
 # tuning (``ssl-ops tune``, see ssl_ops/tuning.py): search spaces are checked here, at load time

@@ -27,7 +27,7 @@ from ssl_ops.engine import RunContext, fit, make_context
 from ssl_ops.errors import CheckpointError
 from ssl_ops.params import BaseParams
 from ssl_ops.pretexts import PRETEXTS, Pretext
-from ssl_ops.stages import CHECKPOINTS, METRICS, MODELS, _config_hash, load_data
+from ssl_ops.stages import CHECKPOINTS, METRICS, MODELS, _config_hash, load_data, train_stage
 
 PRETRAIN_MODELS = MODELS / "pretrain"
 
@@ -107,9 +107,16 @@ def pretrain_briefly_for(method: str, load, epochs: int = 1, steps: int = 2, bat
     """A short pre-training of what ``method`` starts from (its ``pretext`` attribute: simclrv2 from simclr,
     paws_finetune from paws), for tests and benchmarks that exercise the method itself rather than its
     pre-training. ``load(*overrides)`` builds the params; the checkpoint lands where the method looks for it
-    (``models/pretrain/<pretext>.pt`` in the working directory). None for a method that starts from scratch."""
+    (``models/pretrain/<pretext>.pt`` in the working directory). A MOAM step (its ``previous`` attribute) gets
+the steps before it trained as briefly (``models/<previous>.pt``). None for a method that starts from scratch."""
     from ssl_ops.methods import METHODS
 
+    previous = getattr(METHODS[method], "previous", None)
+    if previous is not None:  # a MOAM step: train the steps before it briefly (models/<previous>.pt)
+        pretrain_briefly_for(previous, load, epochs, steps, batch_size)
+        train_stage(previous, load(f"{previous}.epochs={epochs}", f"{previous}.steps_per_epoch={steps}",
+                                   f"{previous}.batch_size={batch_size}"))
+        return MODELS / f"{previous}.pt"
     pretext = getattr(METHODS[method], "pretext", None)
     if pretext is None:
         return None

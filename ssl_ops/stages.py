@@ -84,7 +84,7 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
     # kill -9 / dvc repro: the same command resumes a matching unfinished checkpoint (ssl_ops/recovery.py)
     resume, prev_run = recovery.resume_from(checkpoint, config_hash, method.ctx.train.epochs, explicit=resume)
     tags = {"method": name, "dataset": params.data.name, "split_file": str(spath), "split_sha256": split.sha256,
-            "dataset_sha256": data.sha256, **(run_tags or {})}
+            "dataset_sha256": data.sha256, **method.run_tags(), **(run_tags or {})}
     with tracking.start_run(params.tracking, run_name=name, params=resolved, tags=tags, run_id=prev_run,
                             nested=nested) as run_id:
         result = fit(method, method.ctx, checkpoint, resume=resume, config_hash=config_hash,

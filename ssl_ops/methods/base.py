@@ -83,6 +83,10 @@ class Method:
         """The network evaluated and exported: float images in [0, 1] -> logits."""
         return self.model
 
+    def run_tags(self) -> dict[str, str]:
+        """Extra MLflow tags of this method's run (e.g. the MOAM steps link to the previous step's run)."""
+        return {}
+
     def training_step(self, step: int) -> dict[str, Tensor]:
         raise NotImplementedError
 

@@ -7,6 +7,9 @@ on labeled and unlabeled images alike); the class head is trained on all four ro
 labeled images. L = L_cls + w · L_rot with w = 1 (S4L found w = 1 best). Optionally, at test time the class
 probabilities are averaged over the four rotations of each image (off by default, as for the paper's
 reported numbers).
+
+``class_on_rotations: false`` trains the class head on the upright labeled images only (not the paper's
+choice): classes whose orientation is informative (clothing) need not be recognised when rotated.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ssl_ops.methods.base import register_method
 class S4LRotationParams(JointParams):
     unlabeled_weight: float = Field(1.0, ge=0)  # w of L_rot (S4L §4.4: 1 is best)
     test_time_rotations: bool = False  # average class probabilities over the 4 rotations when evaluating
+    class_on_rotations: bool = True  # class loss on all 4 rotated copies of labeled images (S4L); False: upright only
 
 
 class RotationAveraged(nn.Module):
@@ -59,13 +63,27 @@ class S4LRotation(JointMethod):
 
     def training_step(self, step: int) -> dict[str, Tensor]:
         x, y, u = self.draw()
-        nl = len(x)
-        images = torch.cat([x, self.ctx.augment(u)])
-        rotated = torch.cat([rot90(images, k) for k in range(4)])  # ordered by angle, then image
-        rot_labels = torch.arange(4, device=x.device).repeat_interleave(len(images))
-        features = self.model["net"].features(rotated)
-        is_labeled = (torch.arange(len(rotated), device=x.device) % len(images)) < nl
-        cls = F.cross_entropy(self.model["net"].fc(features[is_labeled]), y.repeat(4))
-        rot = F.cross_entropy(self.model["rotation_head"](features), rot_labels)
+        cls, rot, _ = rotation_losses(self.model["net"], self.model["rotation_head"], x, y, self.ctx.augment(u),
+                                      self.params.class_on_rotations)
         w = self.unlabeled_weight(step)
         return {"loss": cls + w * rot, "loss_sup": cls, "loss_rot": rot}
+
+
+def rotation_losses(net: Classifier, rotation_head: nn.Module, x: Tensor, y: Tensor, u: Tensor,
+                    class_on_rotations: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """S4L-Rotation's two losses on float labeled images ``x`` (labels ``y``) and unlabeled images ``u``, all
+    shown at the four angles in one forward pass: (class cross-entropy on the labeled copies, at every angle
+    or upright only; 4-way rotation cross-entropy on every copy; class logits of the upright [x, u], which
+    MOAM reuses for VAT and EntMin)."""
+    nl = len(x)
+    images = torch.cat([x, u])
+    rotated = torch.cat([rot90(images, k) for k in range(4)])  # ordered by angle, then image
+    rot_labels = torch.arange(4, device=x.device).repeat_interleave(len(images))
+    features = net.features(rotated)
+    index = torch.arange(len(rotated), device=x.device)
+    is_labeled = (index % len(images)) < nl
+    if not class_on_rotations:
+        is_labeled &= index < len(images)  # angle 0 only
+    cls = F.cross_entropy(net.fc(features[is_labeled]), y.repeat(4 if class_on_rotations else 1))
+    rot = F.cross_entropy(rotation_head(features), rot_labels)
+    return cls, rot, net.fc(features[: len(images)])

@@ -1,0 +1,88 @@
+"""MOAM step 2 (S4L §5): pseudo-label the train images with step 1's model, its class probabilities averaged
+over fixed crops x the 4 rotations of each image (``_moam.tta_probs``), then retrain the same network,
+initialised from step 1's (Polyak-averaged) weights, with cross-entropy on those pseudo-labels.
+
+"The whole train set" here is the labeled and unlabeled pools: the val images stay out of training, since
+model selection looks at them. Labeled images get pseudo-labels too, as in the paper; the true labels come
+back in step 3. ``max_images`` pseudo-labels a random subset of the unlabeled pool instead (a CPU budget:
+40 forward passes per image with the defaults); null = all.
+
+As in ``pseudo_label``, the first ``training_step`` computes the pseudo-labels into checkpointed buffers, so
+a resumed run or ``ssl-ops evaluate`` never redoes it and its time is part of ``train_seconds``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from ssl_ops.errors import SslOpsError
+from ssl_ops.methods._moam import MoamStep, tta_predict
+from ssl_ops.methods.base import MethodParams, register_method
+from ssl_ops.methods.pseudo_label import PseudoLabels
+
+
+class MoamRetrainParams(MethodParams):
+    previous: Path = Path("models/moam.pt")  # step 1's model (`ssl-ops train moam` on this split)
+    crops: int = Field(5, ge=1, le=5)  # fixed crops: centre, then the 4 corners (after train.crop_padding)
+    flip_crops: bool = True  # also their mirror images: 10 crops x 4 rotations with the defaults
+    max_images: int | None = Field(None, gt=0)  # pseudo-label a random subset of this many unlabeled images
+
+
+@register_method("moam_retrain")
+class MoamRetrain(MoamStep):
+    Params = MoamRetrainParams
+    step, previous = 2, "moam"
+
+    def __init__(self, ctx, params: MoamRetrainParams):
+        super().__init__(ctx, params)
+        if not ctx.store.in_memory:
+            raise SslOpsError("moam_retrain needs the train images in memory; raise data.max_in_memory_gb")
+        net = self.build_classifier()
+        self.start_from_previous(net, params.previous)
+        self.pool = torch.cat([ctx.pools["labeled"], ctx.pools["unlabeled"]])  # train-set indices
+        self.model = nn.ModuleDict({"net": net, "pseudo": PseudoLabels(len(self.pool))}).to(ctx.device)
+        self._kept: Tensor | None = None
+
+    def classifier(self) -> nn.Module:
+        return self.model["net"]
+
+    @torch.no_grad()
+    def make_pseudo_labels(self) -> None:
+        ctx, p = self.ctx, self.params
+        positions = torch.arange(len(self.pool), device=ctx.device)
+        nl = len(ctx.pools["labeled"])
+        if p.max_images is not None and p.max_images < len(self.pool) - nl:
+            gen = torch.Generator(device=ctx.device).manual_seed(ctx.train.seed + 2)  # own stream: draws unchanged
+            pick = torch.randperm(len(self.pool) - nl, generator=gen, device=ctx.device)[: p.max_images]
+            positions = torch.cat([positions[:nl], nl + pick.sort().values])
+        probs = tta_predict(self.model["net"], ctx.store, self.pool[positions], ctx.train.eval_batch_size,
+                            ctx.train.crop_padding, p.crops, p.flip_crops)
+        buf = self.model["pseudo"]
+        buf.labels[positions] = probs.argmax(1)
+        buf.done.fill_(True)
+
+    def pseudo_stats(self) -> dict[str, float]:
+        """Fraction of the pool labelled and (analysis only, never used) the accuracy of the unlabeled part."""
+        buf, nl = self.model["pseudo"], len(self.ctx.pools["labeled"])
+        keep = buf.labels[nl:] >= 0
+        true = self.ctx.store.y[self.ctx.pools["unlabeled"]]
+        acc = (buf.labels[nl:][keep] == true[keep]).float().mean().item() if keep.any() else float("nan")
+        return {"kept_fraction": (buf.labels >= 0).float().mean().item(), "pseudo_label_accuracy": acc}
+
+    def training_step(self, step: int) -> dict[str, Tensor]:
+        buf, ctx = self.model["pseudo"], self.ctx
+        if not bool(buf.done):
+            self.make_pseudo_labels()
+        if self._kept is None:
+            self._kept = torch.nonzero(buf.labels >= 0).squeeze(1)
+            self._stats = {k: torch.tensor(v) for k, v in self.pseudo_stats().items()}
+        pos = self._kept[torch.randint(0, len(self._kept), (ctx.train.batch_size,), generator=ctx.generator,
+                                       device=ctx.device)]
+        x = ctx.augment(ctx.store.x[self.pool[pos]])
+        loss = F.cross_entropy(self.model["net"](x), buf.labels[pos])
+        return {"loss": loss, **self._stats}

@@ -1,0 +1,215 @@
+"""S4L-Exemplar, S4L-Rotation's class_on_rotations and the three MOAM steps (issue 4): the exemplar views and
+their surrogate labels, MOAM step 2's test-time averaged pseudo-labels against a hand computation, step
+chaining through models/<step>.pt, the MLflow tags that link the runs, and pipeline.chained's checks.
+(Two steps + evaluation of each of these methods: the registry-parametrized tests/test_methods.py.)"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import nn
+
+from ssl_ops import io
+from ssl_ops.augment import rot90
+from ssl_ops.errors import CheckpointError
+from ssl_ops.methods._moam import fixed_crops, tta_predict, tta_probs
+from ssl_ops.methods.s4l_rotation import rotation_losses
+from ssl_ops.params import PipelineParams
+from ssl_ops.pretexts.exemplar import exemplar_views, instance_labels
+from ssl_ops.stages import MODELS, build_method, load_data, train_stage
+
+STEPS = ("train.epochs=1", "train.steps_per_epoch=2")
+
+
+def _method(tiny, name, *extra):
+    params = tiny(*STEPS, *extra)
+    data, split, _ = load_data(params)
+    return build_method(name, params, data, split)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# S4L-Exemplar
+
+
+def test_exemplar_views_are_8_copies_of_each_image_labelled_by_it():
+    b, g = 5, torch.Generator().manual_seed(0)
+    # image j is constant at 40 j: any crop and flip of it stays constant, so each view names its source
+    x = (torch.arange(b, dtype=torch.uint8) * 40).view(b, 1, 1, 1).expand(b, 1, 12, 12).contiguous()
+    views = exemplar_views(x, g, 8, (0.2, 1.0), hue=0.0, saturation=0.0, value=0.0)
+    labels = instance_labels(b, 8, x.device)
+    assert views.shape == (8 * b, 1, 12, 12) and views.dtype == torch.float32
+    assert labels.tolist() == list(range(b)) * 8  # row i * B + j is copy i of image j
+    source = views.flatten(1).mean(1) * 255 / 40
+    assert torch.allclose(source, labels.float(), atol=1e-3)
+    assert torch.allclose(views.flatten(1).std(1), torch.zeros(8 * b), atol=1e-5)
+
+
+def test_s4l_exemplar_triplet_runs_over_8_views_of_labeled_and_unlabeled(workdir, tiny, monkeypatch):
+    import ssl_ops.methods.s4l_exemplar as mod
+
+    seen, triplet = {}, mod.batch_hard_triplet
+
+    def spy(emb, labels):
+        seen.update(emb=emb.shape, labels=labels.clone())
+        return triplet(emb, labels)
+
+    monkeypatch.setattr(mod, "batch_hard_triplet", spy)
+    m = _method(tiny, "s4l_exemplar", "train.batch_size=4", "s4l_exemplar.unlabeled_batch_size=6",
+                "s4l_exemplar.embedding_dim=16")
+    out = m.training_step(0)
+    n = 4 + 6  # labeled and unlabeled images alike
+    assert seen["emb"] == (8 * n, 16)
+    assert seen["labels"].tolist() == list(range(n)) * 8
+    assert out["loss"].item() == pytest.approx((out["loss_sup"] + out["loss_triplet"]).item(), rel=1e-6)
+    assert m.images_per_step == 4 + 8 * n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# S4L-Rotation: class loss on rotated copies (paper) or upright only
+
+
+@pytest.mark.parametrize("on_rotations", [True, False])
+def test_rotation_class_loss_on_rotations_or_upright(workdir, tiny, on_rotations):
+    m = _method(tiny, "s4l_rotation")
+    net, head = m.model["net"].eval(), m.model["rotation_head"]  # eval: per-image outputs, no batch statistics
+    g = torch.Generator().manual_seed(0)
+    x, u = torch.rand(3, 1, 8, 8, generator=g), torch.rand(2, 1, 8, 8, generator=g)
+    y = torch.tensor([0, 4, 9])
+    cls, rot, upright = rotation_losses(net, head, x, y, u, on_rotations)
+    with torch.no_grad():
+        if on_rotations:
+            expected = F.cross_entropy(net(torch.cat([rot90(x, k) for k in range(4)])), y.repeat(4))
+        else:
+            expected = F.cross_entropy(net(x), y)
+        images = torch.cat([x, u])
+        rotated = torch.cat([rot90(images, k) for k in range(4)])
+        expected_rot = F.cross_entropy(head(net.features(rotated)), torch.arange(4).repeat_interleave(5))
+    assert cls.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert rot.item() == pytest.approx(expected_rot.item(), rel=1e-5)
+    assert torch.allclose(upright, net(images), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MOAM step 2: pseudo-labels averaged over crops x rotations
+
+
+def test_fixed_crops_are_centre_then_corners_of_the_padded_image():
+    x = torch.arange(9, dtype=torch.uint8).view(1, 1, 3, 3)
+    crops = fixed_crops(x, 1, 5, flip=True)
+    assert len(crops) == 10
+    assert torch.equal(crops[0], x)  # centre of the padded image = the image
+    assert crops[1][0, 0].tolist() == [[0, 0, 0], [0, 0, 1], [0, 3, 4]]  # top-left
+    assert crops[4][0, 0].tolist() == [[4, 5, 0], [7, 8, 0], [0, 0, 0]]  # bottom-right
+    assert torch.equal(crops[5], x.flip(-1))
+    with pytest.raises(ValueError, match="1..5"):
+        fixed_crops(x, 1, 6, flip=False)
+
+
+def test_tta_probs_equal_mean_over_crops_and_rotations_by_hand():
+    """A linear toy net on 3 x 3 images; the expected value is computed with numpy, crop by crop."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(9, 4)).astype(np.float32)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(9, 4, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.from_numpy(w.T))
+    x = rng.integers(0, 256, size=(2, 1, 3, 3)).astype(np.uint8)
+    got = tta_probs(net, torch.from_numpy(x), padding=1, crops=3, flip=True)
+
+    def softmax(z):
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    for i in range(2):
+        padded = np.pad(x[i, 0].astype(np.float32) / 255, 1)
+        views = [padded[1:4, 1:4], padded[0:3, 0:3], padded[0:3, 2:5]]  # centre, top-left, top-right
+        views += [v[:, ::-1] for v in views]
+        probs = [softmax(np.rot90(v, k).reshape(-1) @ w) for v in views for k in range(4)]
+        assert len(probs) == 24
+        np.testing.assert_allclose(got[i].numpy(), np.mean(probs, axis=0), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MOAM: the three steps chained
+
+
+def test_moam_step1_loss_weights_and_polyak_average(workdir, tiny):
+    m = _method(tiny, "moam")
+    out = m.training_step(0)
+    p = m.params
+    expected = p.w_sup * out["loss_sup"] + p.w_rot * out["loss_rot"] + p.w_vat * out["loss_vat"] \
+        + p.w_entmin * out["loss_entmin"]
+    assert (p.w_sup, p.w_rot, p.w_vat, p.w_entmin) == (0.3, 0.7, 0.3, 0.3)  # S4L §5
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert 0.0 < out["pred_max_fraction"].item() <= 1.0
+    before = {k: v.clone() for k, v in m.model["ema"].module.state_dict().items()}
+    with torch.no_grad():
+        for q in m.model["net"].parameters():
+            q.add_(1.0)
+    m.after_step(0)  # update number 1: decay min(0.999, 1 - 1/2) = 0.5, the mean of the two iterates
+    live = m.model["net"].state_dict()
+    for k, v in m.model["ema"].module.state_dict().items():
+        if v.dtype.is_floating_point:
+            assert torch.allclose(v, 0.5 * before[k] + 0.5 * live[k], atol=1e-6), k
+    assert m.classifier() is m.model["ema"].module
+
+
+@pytest.mark.parametrize("evaluate_ema", [True, False])
+def test_step2_starts_from_step1s_exported_network(workdir, tiny, evaluate_ema):
+    step1 = train_stage("moam", tiny(*STEPS, f"moam.evaluate_ema={str(evaluate_ema).lower()}"))
+    m = _method(tiny, "moam_retrain")  # which network step 1 exported is read from its saved params
+    exported = step1.method.classifier().state_dict()
+    for k, v in m.model["net"].state_dict().items():
+        assert torch.equal(v, exported[k]), k
+    assert m.parent_run == step1.run_id
+
+
+def test_step2_pseudo_labels_are_tta_argmax_of_step1(workdir, tiny):
+    step1 = train_stage("moam", tiny(*STEPS))
+    m = _method(tiny, "moam_retrain", "moam_retrain.crops=2", "moam_retrain.flip_crops=false",
+                "moam_retrain.max_images=40")
+    ctx = m.ctx
+    expected = tta_predict(step1.method.classifier(), ctx.store, m.pool, 256, ctx.train.crop_padding, 2,
+                           False).argmax(1)
+    m.training_step(0)
+    labels = m.model["pseudo"].labels
+    nl = len(ctx.pools["labeled"])
+    kept = labels >= 0
+    assert kept[:nl].all() and int(kept[nl:].sum()) == 40  # every labeled image + the random subset
+    assert torch.equal(labels[kept], expected[kept])
+
+
+def test_later_steps_need_the_previous_steps_model(workdir, tiny):
+    with pytest.raises(CheckpointError, match="ssl-ops train moam"):
+        _method(tiny, "moam_retrain")
+    train_stage("moam", tiny(*STEPS))
+    with pytest.raises(CheckpointError, match="not a moam_retrain model"):
+        _method(tiny, "moam_finetune", "moam_finetune.previous=models/moam.pt")
+
+
+def test_tags_link_the_three_runs(workdir, tiny, mlflow_uri):
+    runs = {name: train_stage(name, tiny(*STEPS)).run_id for name in ("moam", "moam_retrain", "moam_finetune")}
+    tags = {name: mlflow.get_run(rid).data.tags for name, rid in runs.items()}
+    assert [tags[n]["moam_step"] for n in runs] == ["1", "2", "3"]
+    assert "moam_parent_run" not in tags["moam"]
+    assert tags["moam_retrain"]["moam_parent_run"] == runs["moam"]
+    assert tags["moam_finetune"]["moam_parent_run"] == runs["moam_retrain"]
+    assert tags["moam_finetune"]["moam_parent_method"] == "moam_retrain"
+    # step 3 trained on from step 2's network: the file it read is the one step 2 wrote
+    assert io.torch_load(MODELS / "moam_retrain.pt")["mlflow_run_id"] == runs["moam_retrain"]
+
+
+def test_pipeline_chained_is_checked():
+    ok = PipelineParams(methods=["moam"], chained={"moam_retrain": "moam", "moam_finetune": "moam_retrain"})
+    assert ok.chained["moam_finetune"] == "moam_retrain"
+    for kwargs, match in [
+        ({"methods": ["moam"], "chained": {"moam_retrain": "supervised"}}, "starts from moam"),
+        ({"methods": ["supervised"], "chained": {"moam_retrain": "moam"}}, "add moam to pipeline.methods"),
+        ({"methods": ["moam", "moam_retrain"], "chained": {"moam_retrain": "moam"}}, "both"),
+        ({"methods": ["supervised"], "chained": {"vat": "supervised"}}, "chainable"),
+    ]:
+        with pytest.raises(ValidationError, match=match):
+            PipelineParams(**kwargs)
