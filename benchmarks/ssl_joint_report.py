@@ -60,6 +60,8 @@ def run_one(method: str, seed: int, args, init: str | None, variant: tuple[str, 
     if chained:  # a stale models/<m>.pt from another seed must not be picked up by the next step
         (MODELS / f"{method}.pt").unlink(missing_ok=True)
     checkpoint = CHECKPOINTS / f"bench_{args.out.name}" / label.replace(" ", "_") / "last.pt"
+    # never resume a run an interrupted benchmark left behind: its MLflow run lives in another throw-away store
+    checkpoint.unlink(missing_ok=True)
     result = train_stage(method, params, write_outputs=chained, run_tags={"benchmark": "ssl_joint"},
                          checkpoint=checkpoint)
     ctx, model = result.ctx, result.method.classifier()
