@@ -60,6 +60,8 @@ def run_one(method: str, seed: int, args, init: str | None, variant: tuple[str, 
     if chained:  # a stale models/<m>.pt from another seed must not be picked up by the next step
         (MODELS / f"{method}.pt").unlink(missing_ok=True)
     checkpoint = CHECKPOINTS / f"bench_{args.out.name}" / label.replace(" ", "_") / "last.pt"
+    # never resume a run an interrupted benchmark left behind: its MLflow run lives in another throw-away store
+    checkpoint.unlink(missing_ok=True)
     result = train_stage(method, params, write_outputs=chained, run_tags={"benchmark": "ssl_joint"},
                          checkpoint=checkpoint)
     ctx, model = result.ctx, result.method.classifier()
@@ -81,7 +83,7 @@ def _mean_std(xs: list[float]) -> str:
 
 def write_report(rows: list[dict], args, meta: dict) -> None:
     names = list(dict.fromkeys(r["method"] for r in rows))
-    base = [r["test_top1"] for r in rows if r["method"] == "supervised"]
+    base = {r["seed"]: r["test_top1"] for r in rows if r["method"] == "supervised"}
     lines = [
         f"# Joint semi-supervised methods: {meta['dataset']}, {args.labels_per_class} labels per class",
         "",
@@ -95,16 +97,19 @@ def write_report(rows: list[dict], args, meta: dict) -> None:
         "std). Val has 5 images per class (50 in all), so its accuracy moves in steps of 2%. Train seconds: wall "
         "time of `fit` on the CPU (a shared machine: other jobs were running, so times are upper bounds).",
         "",
-        "| method | test top-1 | vs supervised | val top-1 | steps x batch | train seconds |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | test top-1 | vs supervised (same seeds) | val top-1 | steps x batch | train seconds | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for n in names:
         rs = [r for r in rows if r["method"] == n]
         test = [r["test_top1"] for r in rs]
-        diff = (f"{statistics.mean(test) - statistics.mean(base):+.2%}" if base and n != "supervised" else "")
+        # against the baseline on the same seeds (a partial run may have fewer seeds for some rows)
+        same = [base[r["seed"]] for r in rs if r["seed"] in base]
+        diff = (f"{statistics.mean(test) - statistics.mean(same):+.2%}"
+                if len(same) == len(rs) and n != "supervised" else "")
         seconds = statistics.mean(r["train_seconds"] for r in rs)
         lines.append(f"| {n} | {_mean_std(test)} | {diff} | {_mean_std([r['val_top1'] for r in rs])} | "
-                     f"{rs[0]['steps']} x {rs[0]['batch_size']} | {seconds:.0f} |")
+                     f"{rs[0]['steps']} x {rs[0]['batch_size']} | {seconds:.0f} | {len(rs)} |")
     lines += ["", "Per run (final-epoch training losses and diagnostics; val top-1 after each epoch):", "",
               *(f"- {r['method']}, seed {r['seed']}: test {r['test_top1']:.4f}, val {r['val_top1']:.4f}, "
                 f"{r['train_seconds']:.0f} s, " + ", ".join(f"{k} {v:.4g}" for k, v in r["final_losses"].items())
@@ -125,6 +130,7 @@ def main() -> None:
                     help="pre-trained backbone for the '+ init' rows of " + ", ".join(WITH_INIT))
     ap.add_argument("--set", nargs="*", default=[], help="extra --set overrides for every run")
     ap.add_argument("--out", type=Path, default=OUT_MD.with_suffix(""), help="report path without suffix")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json, run nothing")
     ap.add_argument("--only-variants", action="store_true", help="run the --variant rows only")
     ap.add_argument("--variant", nargs="*", default=[], metavar="LABEL=METHOD:KEY=VALUE,...",
                     help="extra rows: METHOD with these overrides, reported as LABEL (run after METHOD)")
@@ -142,6 +148,10 @@ def main() -> None:
             "command": "python -m benchmarks.ssl_joint_report " + " ".join(sys.argv[1:])}
     rows = []
     out_json = args.out.with_suffix(".json")
+    if args.report_only:
+        saved = json.loads(out_json.read_text())
+        write_report(saved["rows"], args, saved["meta"])
+        return
     if args.resume and out_json.exists():
         previous = json.loads(out_json.read_text())
         rows = previous["rows"]
