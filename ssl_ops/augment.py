@@ -12,7 +12,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
+
+from ssl_ops.params import Section
 
 
 def _uniform(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -353,3 +356,32 @@ def occlude_tiles(tiles: Tensor, generator: torch.Generator, max_occluders: int 
     replaced = torch.where(mask.view(b, n, *([1] * (tiles.ndim - 2))), tiles[src_img, src_tile], tiles)
     return replaced, counts
 
+
+# -- exemplar views (Dosovitskiy et al. 2014; S4L §3.1): shared by the exemplar pretext and S4L-Exemplar, here
+# below both so that a method never imports the pretexts package (whose base imports the methods package)
+
+class ExemplarViewParams(Section):
+    """The exemplar views and embedding: the exemplar pretext's keys, and S4L-Exemplar's."""
+
+    instances: int = Field(8, ge=2)  # augmented copies per image (S4L §3.1: 8)
+    embedding_dim: int = Field(128, gt=0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # area range of the random resized crop (small images: not 0.08)
+    hue: float = Field(0.1, ge=0, le=0.5)  # HSV jitter: hue shift, saturation and value factors
+    saturation: float = Field(0.4, ge=0)
+    value: float = Field(0.4, ge=0)
+
+
+def exemplar_views(x: Tensor, generator: torch.Generator, instances: int, crop_scale: tuple[float, float],
+                   hue: float, saturation: float, value: float) -> Tensor:
+    """``instances`` augmented copies of each image of a uint8 batch -> float (instances * B, C, H, W) in [0, 1],
+    ordered by instance, then image (copy i of image j is row i * B + j)."""
+    xr = x.repeat(instances, 1, 1, 1)
+    v = random_resized_crop(xr, x.shape[-1], generator, crop_scale)
+    v = random_hflip(v, generator)
+    # HSV jitter: value = brightness; hue and saturation act on colour images only
+    return color_jitter(v, generator, brightness=value, contrast=0.0, saturation=saturation, hue=hue)
+
+
+def instance_labels(b: int, instances: int, device: torch.device) -> Tensor:
+    """The surrogate class of each row of :func:`exemplar_views`: the index of the image it was made from."""
+    return torch.arange(b, device=device).repeat(instances)

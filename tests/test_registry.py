@@ -380,3 +380,17 @@ def test_registry_artifact_with_pickled_payload_is_refused(champion, mlflow_uri,
     assert cli.main(["predict", "--model", str(tampered), "x.npy"]) == 2
     assert "refused for safety" in capsys.readouterr().err and not marker.exists()
     assert not (tmp_path / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize("module", ["ssl_ops.pretexts", "ssl_ops.pretrain", "ssl_ops.methods", "ssl_ops.stages"])
+def test_registries_import_in_any_order(module):
+    """Whichever package a fresh interpreter imports first, the method and pretext registries load: the
+    pretexts' base imports the methods package (which imports every method), so no method may import the
+    pretexts package (a circular import broke `import ssl_ops.pretrain` once)."""
+    p = subprocess.run([sys.executable, "-c", f"import {module}; from ssl_ops.methods import METHODS; "
+                        "from ssl_ops.pretexts import PRETEXTS; print(len(METHODS), len(PRETEXTS))"],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr[-2000:]
+    from ssl_ops.pretexts import PRETEXTS
+
+    assert p.stdout.split() == [str(len(METHODS)), str(len(PRETEXTS))]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ssl_ops import distributed
 from ssl_ops.errors import SslOpsError
 from ssl_ops.methods._moam import MoamStep, tta_predict
 from ssl_ops.methods.base import MethodParams, register_method
@@ -44,7 +45,11 @@ class MoamRetrain(MoamStep):
             raise SslOpsError("moam_retrain needs the train images in memory; raise data.max_in_memory_gb")
         net = self.build_classifier()
         self.start_from_previous(net, params.previous)
-        self.pool = torch.cat([ctx.pools["labeled"], ctx.pools["unlabeled"]])  # train-set indices
+        # train-set indices of the whole labeled + unlabeled pool, on every rank under torchrun: identical
+        # pseudo-label buffers (rank 0's are broadcast); each rank trains on its own share of the kept positions
+        self.labeled = torch.as_tensor(ctx.split.labeled, device=ctx.device)
+        self.unlabeled = torch.as_tensor(ctx.split.unlabeled, device=ctx.device)
+        self.pool = torch.cat([self.labeled, self.unlabeled])
         self.model = nn.ModuleDict({"net": net, "pseudo": PseudoLabels(len(self.pool))}).to(ctx.device)
         self._kept: Tensor | None = None
 
@@ -55,7 +60,7 @@ class MoamRetrain(MoamStep):
     def make_pseudo_labels(self) -> None:
         ctx, p = self.ctx, self.params
         positions = torch.arange(len(self.pool), device=ctx.device)
-        nl = len(ctx.pools["labeled"])
+        nl = len(self.labeled)
         if p.max_images is not None and p.max_images < len(self.pool) - nl:
             gen = torch.Generator(device=ctx.device).manual_seed(ctx.train.seed + 2)  # own stream: draws unchanged
             pick = torch.randperm(len(self.pool) - nl, generator=gen, device=ctx.device)[: p.max_images]
@@ -68,9 +73,9 @@ class MoamRetrain(MoamStep):
 
     def pseudo_stats(self) -> dict[str, float]:
         """Fraction of the pool labelled and (analysis only, never used) the accuracy of the unlabeled part."""
-        buf, nl = self.model["pseudo"], len(self.ctx.pools["labeled"])
+        buf, nl = self.model["pseudo"], len(self.labeled)
         keep = buf.labels[nl:] >= 0
-        true = self.ctx.store.y[self.ctx.pools["unlabeled"]]
+        true = self.ctx.store.y[self.unlabeled]
         acc = (buf.labels[nl:][keep] == true[keep]).float().mean().item() if keep.any() else float("nan")
         return {"kept_fraction": (buf.labels >= 0).float().mean().item(), "pseudo_label_accuracy": acc}
 
@@ -79,7 +84,7 @@ class MoamRetrain(MoamStep):
         if not bool(buf.done):
             self.make_pseudo_labels()
         if self._kept is None:
-            self._kept = torch.nonzero(buf.labels >= 0).squeeze(1)
+            self._kept = distributed.shard(torch.nonzero(buf.labels >= 0).squeeze(1))
             self._stats = {k: torch.tensor(v) for k, v in self.pseudo_stats().items()}
         pos = self._kept[torch.randint(0, len(self._kept), (ctx.train.batch_size,), generator=ctx.generator,
                                        device=ctx.device)]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ssl_ops import augment, io
+from ssl_ops import augment, distributed, io
 from ssl_ops.engine import make_optimizer, predict_logits
 from ssl_ops.errors import CheckpointError, DataIntegrityError, SslOpsError
 from ssl_ops.losses import select_pseudo_labels
@@ -59,7 +59,10 @@ class PseudoLabel(JointMethod):
             raise SslOpsError("pseudo_label needs the train images in memory; raise data.max_in_memory_gb")
         self.model = nn.ModuleDict({"net": self.build_classifier(),
                                     "pseudo": PseudoLabels(len(ctx.split.unlabeled))}).to(ctx.device)
-        self._kept: Tensor | None = None  # train-set indices of the kept unlabeled images
+        # the whole unlabeled pool on every rank under torchrun: identical buffers (rank 0's are broadcast), and
+        # each rank's student then samples its own share of the kept positions
+        self._unlabeled = torch.as_tensor(ctx.split.unlabeled, device=ctx.device)
+        self._kept: Tensor | None = None  # positions in the unlabeled pool of this rank's kept images
 
     def classifier(self) -> nn.Module:
         return self.model["net"]
@@ -85,6 +88,7 @@ class PseudoLabel(JointMethod):
         steps = p.teacher_epochs * ctx.train.steps_per_epoch
         opt, sched = make_optimizer(teacher, ctx.train, steps)
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.train.seed + 1)
+        distributed.broadcast_parameters(teacher)  # under torchrun one teacher, trained data-parallel like the student
         teacher.train()
         for _ in range(steps):
             xb, yb = ctx.store.sample(ctx.pools["labeled"], ctx.train.batch_size, gen)
@@ -92,6 +96,7 @@ class PseudoLabel(JointMethod):
             loss = F.cross_entropy(teacher(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(teacher)
             opt.step()
             sched.step()
         return teacher
@@ -100,7 +105,7 @@ class PseudoLabel(JointMethod):
     def _make_pseudo_labels(self) -> None:
         with torch.enable_grad():
             teacher = self._teacher()
-        logits, _ = predict_logits(teacher, self.ctx.store, self.ctx.split.unlabeled, self.ctx.train.eval_batch_size)
+        logits, _ = predict_logits(teacher, self.ctx.store, self._unlabeled, self.ctx.train.eval_batch_size)
         labels, keep = select_pseudo_labels(F.softmax(logits, 1), self.params.threshold)
         buf = self.model["pseudo"]
         buf.labels.copy_(torch.where(keep, labels, torch.full_like(labels, -1)))
@@ -110,7 +115,7 @@ class PseudoLabel(JointMethod):
         """Fraction of unlabeled images kept and (for analysis only) the accuracy of their pseudo-labels."""
         buf = self.model["pseudo"]
         keep = buf.labels >= 0
-        true = self.ctx.store.y[self.ctx.pools["unlabeled"]]
+        true = self.ctx.store.y[self._unlabeled]
         acc = (buf.labels[keep] == true[keep]).float().mean().item() if keep.any() else float("nan")
         return {"kept_fraction": keep.float().mean().item(), "pseudo_label_accuracy": acc}
 
@@ -125,13 +130,13 @@ class PseudoLabel(JointMethod):
             if not keep.any():
                 raise SslOpsError(f"pseudo_label: no unlabeled prediction is more confident than threshold="
                                   f"{self.params.threshold}; lower pseudo_label.threshold")
-            self._kept = torch.nonzero(keep).squeeze(1)
+            self._kept = distributed.shard(torch.nonzero(keep).squeeze(1))
             self._stats = {k: torch.tensor(v) for k, v in self.pseudo_stats().items()}
         ctx = self.ctx
         x, y = ctx.labeled_batch(ctx.train.batch_size)
         pos = self._kept[torch.randint(0, len(self._kept), (self.unlabeled_batch_size,), generator=ctx.generator,
                                        device=ctx.device)]
-        u, yu = ctx.augment(ctx.store.x[ctx.pools["unlabeled"][pos]]), buf.labels[pos]
+        u, yu = ctx.augment(ctx.store.x[self._unlabeled[pos]]), buf.labels[pos]
         logits = self.model["net"](torch.cat([x, u]))
         sup = F.cross_entropy(logits[: len(x)], y)
         pseudo = F.cross_entropy(logits[len(x):], yu)

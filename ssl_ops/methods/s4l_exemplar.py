@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_ops.augment import ExemplarViewParams, exemplar_views, instance_labels
 from ssl_ops.heads import Classifier
 from ssl_ops.losses import batch_hard_triplet
 from ssl_ops.methods._joint import JointMethod, JointParams
 from ssl_ops.methods.base import register_method
-from ssl_ops.pretexts.exemplar import ExemplarViewParams, exemplar_views, instance_labels
 
 
 class S4LExemplarParams(JointParams, ExemplarViewParams):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ssl_ops import augment, io
+from ssl_ops import augment, distributed, io
 from ssl_ops.backbones import build_backbone
 from ssl_ops.engine import make_optimizer
 from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError
@@ -167,12 +167,14 @@ class Simclrv2(Method):
         net.requires_grad_(True).train()
         opt, sched = make_optimizer(net, train, steps)
         gen = torch.Generator(device=ctx.device).manual_seed(seed)
+        distributed.broadcast_parameters(net)  # under torchrun: one teacher, trained data-parallel
         for _ in range(steps):
             xb, yb = ctx.store.sample(ctx.pools["labeled"], train.batch_size, gen)
             xb = augment.to_float(augment.weak_augment(xb, gen, train.crop_padding, train.hflip))
             loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(net)
             opt.step()
             sched.step()
         net.requires_grad_(False)

@@ -13,21 +13,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ssl_ops import augment
+from ssl_ops.augment import ExemplarViewParams, exemplar_views, instance_labels
 from ssl_ops.losses import batch_hard_triplet
-from ssl_ops.params import Section
 from ssl_ops.pretexts.base import Pretext, PretextParams, register_pretext
-
-
-class ExemplarViewParams(Section):
-    """The exemplar views and embedding (shared by this pretext and S4L-Exemplar)."""
-
-    instances: int = Field(8, ge=2)  # augmented copies per image (S4L §3.1: 8)
-    embedding_dim: int = Field(128, gt=0)
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # area range of the random resized crop (small images: not 0.08)
-    hue: float = Field(0.1, ge=0, le=0.5)  # HSV jitter: hue shift, saturation and value factors
-    saturation: float = Field(0.4, ge=0)
-    value: float = Field(0.4, ge=0)
 
 
 class ExemplarParams(PretextParams, ExemplarViewParams):
@@ -35,22 +23,6 @@ class ExemplarParams(PretextParams, ExemplarViewParams):
     steps_per_epoch: int | None = Field(30, gt=0)
     batch_size: int | None = Field(32, gt=0)  # distinct images per step (each one a class)
     lr: float | None = Field(0.05, gt=0)
-
-
-def exemplar_views(x: Tensor, generator: torch.Generator, instances: int, crop_scale: tuple[float, float],
-                   hue: float, saturation: float, value: float) -> Tensor:
-    """``instances`` augmented copies of each image of a uint8 batch -> float (instances * B, C, H, W) in [0, 1],
-    ordered by instance, then image (copy i of image j is row i * B + j)."""
-    xr = x.repeat(instances, 1, 1, 1)
-    v = augment.random_resized_crop(xr, x.shape[-1], generator, crop_scale)
-    v = augment.random_hflip(v, generator)
-    # HSV jitter: value = brightness; hue and saturation act on colour images only
-    return augment.color_jitter(v, generator, brightness=value, contrast=0.0, saturation=saturation, hue=hue)
-
-
-def instance_labels(b: int, instances: int, device: torch.device) -> Tensor:
-    """The surrogate class of each row of :func:`exemplar_views`: the index of the image it was made from."""
-    return torch.arange(b, device=device).repeat(instances)
 
 
 @register_pretext("exemplar")
