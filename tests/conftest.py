@@ -54,3 +54,25 @@ def tiny():
         return load_params("params.yaml", [*TINY, *extra])
 
     return make
+
+
+def wait_for_http(url: str, proc, log: Path, timeout_s: float = 120.0) -> None:
+    """Block until ``url`` answers 200 (a server ssl-ops or MLflow started in ``proc``); fail the test with the
+    tail of ``log`` when the process exits or ``timeout_s`` passes first."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+        if proc.poll() is not None:
+            pytest.fail(f"server exited before {url} answered:\n{tail}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} did not answer within {timeout_s:.0f} s:\n{tail}")
+        time.sleep(0.5)

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,7 +32,7 @@ from ssl_ops.params import load_params
 from ssl_ops.pretrain import pretrain_briefly_for
 from ssl_ops.registry import load_model, promote, read_inputs
 from ssl_ops.stages import load_trained, train_stage
-from conftest import TINY
+from conftest import TINY, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -300,17 +299,7 @@ def test_mlflow_models_serve_round_trip(champion, mlflow_uri, tmp_path, monkeypa
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, "server exited:\n" + (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in 120 s:\n" + (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
+        wait_for_http(f"{base}/ping", server, tmp_path / "serve.log")
 
         x = champion["x"][:5]
         status, body = _post(f"{base}/invocations", {"inputs": (x.astype(np.float32) / 255).tolist()})

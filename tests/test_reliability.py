@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, wait_for_http
 
 from ssl_ops import io
 from ssl_ops.cli import main
@@ -265,23 +265,16 @@ def _free_port() -> int:
 
 def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts), waited for until healthy."""
-    import time
-    import urllib.request
-
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
            "--artifacts-destination", str(root / "artifacts")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "ab"))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return proc
-        except OSError:
-            assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("mlflow server did not start in 120 s")
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, root / "server.log")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
 
 
 def test_tracking_server_lost_mid_run_stops_clearly_and_resumes(workdir, reference, monkeypatch, capsys):

@@ -19,10 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.name=digits", "train.epochs=2", "train.steps_per_epoch=3", "train.batch_size=16",
@@ -91,17 +92,8 @@ def mlflow_server(postgres, tmp_path_factory):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240  # the first start runs MLflow's migrations on the empty database
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up: {(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+        # the first start runs MLflow's migrations on the empty database
+        wait_for_http(f"{uri}/health", proc, root / "server.log", timeout_s=240)
         yield uri, artifacts
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started (its own session)
@@ -147,7 +139,8 @@ def test_tuning_workers_training_and_promotion_share_postgres_backed_mlflow_and_
     # every trial of both workers is in the shared study, each with its MLflow run on the server
     study = optuna.load_study(study_name="team", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
-    client = mlflow.MlflowClient(uri)
+    # registry_uri too: otherwise a registry URI set earlier in this process (another test) would be asked
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     exp = client.get_experiment_by_name("team")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     trial_runs = {r.data.tags["optuna.trial_number"]: r for r in runs if "optuna.trial_number" in r.data.tags}
