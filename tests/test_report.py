@@ -115,7 +115,9 @@ def test_dvc_plots_show_renders_one_colour_per_method(tmp_path):
     io.write_text(tmp_path / "reports/plots/accuracy_vs_labels.csv", report._csv(by_labels))
     io.write_text(tmp_path / "reports/plots/accuracy_vs_time.csv", report._csv(per_run))
     shutil.copy(repo / "dvc.yaml", tmp_path / "dvc.yaml")
-    (tmp_path / "params.yaml").write_text("pipeline: {methods: [supervised], pretexts: []}\ndata: {name: digits}\n")
+    # every list dvc.yaml's foreach stages iterate over must exist, even empty
+    (tmp_path / "params.yaml").write_text("pipeline: {methods: [supervised], pretexts: [], chained: {}}\n"
+                                          "data: {name: digits}\n")
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}
     for cmd in (["git", "init", "-q"], [str(bin_ / "dvc"), "init", "-q"]):
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True)
