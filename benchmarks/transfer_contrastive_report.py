@@ -93,6 +93,8 @@ def write_report(rows: list[dict], meta: dict, cost: list[dict]) -> None:
              f"torch {meta['torch']}; 1-min load average {meta['load_average_1min']:.1f} at the start (shared CPU: wall "
              "times are upper bounds). Backbone: convnet. Test top-1 of the model at the end of training (no selection "
              "on test), mean ± population std over seeds; the supervised baseline uses the same splits and budget.", "",
+             *([f"Resumed (--resume): the rows already recorded were made by `{prev['command']}` at {prev['date']}, "
+                f"git SHA `{prev['git_commit']}`.", ""] if (prev := meta.get("resumed_from")) else []),
              *method_table(rows)]
     lines += ["", "PAWS support-similarity cost (one SNN forward + backward on the CPU, 512 queries x 128-d):", "",
               "| support N | ms (median of 5) |", "|---:|---:|",
@@ -118,7 +120,10 @@ def main() -> None:
     params = load_params(args.params, args.set)
     meta = {**environment(), "dataset": params.data.name, "labels_per_class": params.split.labels_per_class,
             "command": "python -m benchmarks.transfer_contrastive_report " + " ".join(sys.argv[1:])}
-    rows = json.loads(OUT_JSON.read_text())["rows"] if args.resume and OUT_JSON.exists() else []
+    previous = json.loads(OUT_JSON.read_text()) if args.resume and OUT_JSON.exists() else {"rows": []}
+    rows = previous["rows"]
+    if "meta" in previous:  # the kept rows were made by another command: say which
+        meta["resumed_from"] = {k: previous["meta"].get(k) for k in ("command", "date", "git_commit")}
     cost = support_cost([10, 100, 640, 2560, 10240])
     scratch = Path(tempfile.mkdtemp())
     simclr = [f"simclrv2.pretrained={args.simclr}"]
@@ -141,8 +146,10 @@ def main() -> None:
         if paws.exists():
             plan.append(("paws fine-tuned", "paws_finetune", [f"paws_finetune.pretrained={paws}"]))
         for label, method, extra in plan:
-            if (label, seed) in done and not (label == "simclrv2 fine-tuned" and not teacher.exists()
-                                                and any(l.startswith("simclrv2 ") for l, _, _ in plan[2:])):
+            # the fine-tuned row is re-run only when a distillation row of this seed still needs its teacher
+            needs_teacher = any(l.startswith("simclrv2 ") and (l, seed) not in done for l, _, _ in plan[2:])
+            rerun_teacher = label == "simclrv2 fine-tuned" and not teacher.exists() and needs_teacher
+            if (label, seed) in done and not rerun_teacher:
                 continue
             row = run(label, method, seed, args, extra, save=teacher if label == "simclrv2 fine-tuned" else None)
             rows[:] = [r for r in rows if (r["method"], r["seed"]) != (label, seed)] + [row]
