@@ -9,7 +9,8 @@ pre-trained once on all train images without labels (``--simclr``, valid for eve
 pre-trained once per split (``--paws`` with ``{seed}``), because its support batches come from that split's
 labeled images. PAWS-NN accuracies are read from the ``metrics/pretrain_paws.json`` written beside each PAWS
 checkpoint's work directory by ``ssl-ops pretrain paws`` (test: ``paws_nn_top1``, never used to choose).
-The distilled student's teacher is the fine-tuned network of the same seed (saved to a scratch file).
+The distilled student's teacher is the fine-tuned network of the same seed (saved to a scratch file). Self-
+distillation runs twice: at the shared lr, and at lr x tau (eq. (2)'s gradient carries a 1/tau factor).
 Writes ``reports/ssl_transfer_contrastive.md`` and ``.json`` (per-run numbers, CPU wall time of ``fit``,
 machine, torch, git SHA, date, command line). The model evaluated is the one at the end of training.
 """
@@ -138,6 +139,12 @@ def main() -> None:
         plan = [("supervised", "supervised", []), ("simclrv2 fine-tuned", "simclrv2", simclr),
                 ("simclrv2 self-distilled", "simclrv2",
                  [*simclr, "simclrv2.distill=true", f"simclrv2.teacher={teacher}"])]
+        # Eq. (2)'s gradient w.r.t. the student logits is (p_S - p_T) / tau, so with SGD the default tau = 0.1
+        # takes 10x the step of a cross-entropy at the same lr; this row divides it back out (lr x tau).
+        tau = params.simclrv2.temperature or 0.1
+        plan.append((f"simclrv2 self-distilled, lr x tau = {params.train.lr * tau:g}", "simclrv2",
+                     [*simclr, "simclrv2.distill=true", f"simclrv2.teacher={teacher}",
+                      f"simclrv2.lr={params.train.lr * tau:g}"]))
         if args.big_to_small:
             plan.append(("simclrv2 big-to-small (w 0.5)", "simclrv2", [*simclr, "simclrv2.distill=true",
                                                                       f"simclrv2.teacher={teacher}",
