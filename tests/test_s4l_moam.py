@@ -118,6 +118,7 @@ def test_tta_probs_equal_mean_over_crops_and_rotations_by_hand():
         net[1].weight.copy_(torch.from_numpy(w.T))
     x = rng.integers(0, 256, size=(2, 1, 3, 3)).astype(np.uint8)
     got = tta_probs(net, torch.from_numpy(x), padding=1, crops=3, flip=True)
+    up = tta_probs(net, torch.from_numpy(x), padding=1, crops=3, flip=True, rotations=1)
 
     def softmax(z):
         e = np.exp(z - z.max())
@@ -130,6 +131,10 @@ def test_tta_probs_equal_mean_over_crops_and_rotations_by_hand():
         probs = [softmax(np.rot90(v, k).reshape(-1) @ w) for v in views for k in range(4)]
         assert len(probs) == 24
         np.testing.assert_allclose(got[i].numpy(), np.mean(probs, axis=0), rtol=1e-5, atol=1e-6)
+        upright = [softmax(v.reshape(-1) @ w) for v in views]  # rotations=1: the 6 upright crops only
+        np.testing.assert_allclose(up[i].numpy(), np.mean(upright, axis=0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="1 \\(upright\\) or 4"):
+        tta_probs(net, torch.from_numpy(x), padding=1, crops=3, flip=True, rotations=2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,6 +185,22 @@ def test_step2_pseudo_labels_are_tta_argmax_of_step1(workdir, tiny):
     kept = labels >= 0
     assert kept[:nl].all() and int(kept[nl:].sum()) == 40  # every labeled image + the random subset
     assert torch.equal(labels[kept], expected[kept])
+
+
+@pytest.mark.parametrize(("on_rotations", "override", "expected"),
+                         [("true", None, 4), ("false", None, 1), ("false", "true", 4), ("true", "false", 1)])
+def test_step2_averages_rotations_only_for_a_classifier_trained_on_them(workdir, tiny, on_rotations, override,
+                                                                       expected):
+    train_stage("moam", tiny(*STEPS, f"moam.class_on_rotations={on_rotations}"))
+    extra = [f"moam_retrain.rotations={override}"] if override else []
+    m = _method(tiny, "moam_retrain", "moam_retrain.crops=1", "moam_retrain.flip_crops=false",
+                "moam_retrain.max_images=20", *extra)
+    assert m.tta_rotations == expected
+    ctx = m.ctx
+    want = tta_predict(m.model["net"], ctx.store, m.pool, 256, ctx.train.crop_padding, 1, False, expected).argmax(1)
+    m.training_step(0)
+    labels = m.model["pseudo"].labels
+    assert torch.equal(labels[labels >= 0], want[labels >= 0])
 
 
 def test_later_steps_need_the_previous_steps_model(workdir, tiny):

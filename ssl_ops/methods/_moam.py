@@ -41,13 +41,17 @@ def fixed_crops(x: Tensor, padding: int, crops: int, flip: bool) -> list[Tensor]
 
 
 @torch.no_grad()
-def tta_probs(net: nn.Module, x: Tensor, padding: int, crops: int, flip: bool) -> Tensor:
+def tta_probs(net: nn.Module, x: Tensor, padding: int, crops: int, flip: bool, rotations: int = 4) -> Tensor:
     """Class probabilities of a uint8 batch averaged over :func:`fixed_crops` x the 4 rotations (S4L §5):
-    ``mean_{c, k} softmax(net(rot90(crop_c(x), k)))``. ``net`` maps floats in [0, 1] to logits."""
+    ``mean_{c, k} softmax(net(rot90(crop_c(x), k)))``. ``net`` maps floats in [0, 1] to logits. ``rotations=1``
+    averages over the upright crops only: for a classifier never trained on rotated images (step 1 with
+    ``class_on_rotations: false``) the rotated views are out of distribution and drag the average down."""
+    if rotations not in (1, 4):
+        raise ValueError(f"tta_probs: rotations must be 1 (upright) or 4, got {rotations}")
     total, n = 0.0, 0
     for view in fixed_crops(x, padding, crops, flip):
         view = augment.to_float(view)
-        for k in range(4):
+        for k in range(rotations):
             total = total + F.softmax(net(augment.rot90(view, k)).float(), 1)
             n += 1
     return total / n
@@ -55,11 +59,11 @@ def tta_probs(net: nn.Module, x: Tensor, padding: int, crops: int, flip: bool) -
 
 @torch.no_grad()
 def tta_predict(net: nn.Module, store, indices: np.ndarray | Tensor, batch_size: int, padding: int, crops: int,
-                flip: bool) -> Tensor:
+                flip: bool, rotations: int = 4) -> Tensor:
     """:func:`tta_probs` of ``indices`` of ``store``, in order (``net`` in eval mode, restored after)."""
     was_training = net.training
     net.eval()
-    out = [tta_probs(net, xb, padding, crops, flip) for xb, _ in store.iterate(indices, batch_size)]
+    out = [tta_probs(net, xb, padding, crops, flip, rotations) for xb, _ in store.iterate(indices, batch_size)]
     net.train(was_training)
     return torch.cat(out)
 

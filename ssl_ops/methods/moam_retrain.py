@@ -1,6 +1,8 @@
 """MOAM step 2 (S4L §5): pseudo-label the train images with step 1's model, its class probabilities averaged
 over fixed crops x the 4 rotations of each image (``_moam.tta_probs``), then retrain the same network,
-initialised from step 1's (Polyak-averaged) weights, with cross-entropy on those pseudo-labels.
+initialised from step 1's (Polyak-averaged) weights, with cross-entropy on those pseudo-labels. The rotations
+are averaged only when step 1 trained its class loss on rotated copies (``rotations: null``, the default);
+after an upright-only step 1 the rotated views are out of distribution (measured: reports/ssl_joint.md notes).
 
 "The whole train set" here is the labeled and unlabeled pools: the val images stay out of training, since
 model selection looks at them. Labeled images get pseudo-labels too, as in the paper; the true labels come
@@ -32,6 +34,9 @@ class MoamRetrainParams(MethodParams):
     crops: int = Field(5, ge=1, le=5)  # fixed crops: centre, then the 4 corners (after train.crop_padding)
     flip_crops: bool = True  # also their mirror images: 10 crops x 4 rotations with the defaults
     max_images: int | None = Field(None, gt=0)  # pseudo-label a random subset of this many unlabeled images
+    # average over the 4 rotations too (S4L §5); None: only when step 1 trained its class loss on rotated copies
+    # (moam.class_on_rotations), since an upright-only classifier mislabels rotated views
+    rotations: bool | None = None
 
 
 @register_method("moam_retrain")
@@ -44,7 +49,9 @@ class MoamRetrain(MoamStep):
         if not ctx.store.in_memory:
             raise SslOpsError("moam_retrain needs the train images in memory; raise data.max_in_memory_gb")
         net = self.build_classifier()
-        self.start_from_previous(net, params.previous)
+        previous = self.start_from_previous(net, params.previous)
+        on_rotations = previous["params"]["moam"].get("class_on_rotations", True)
+        self.tta_rotations = 4 if (on_rotations if params.rotations is None else params.rotations) else 1
         # train-set indices of the whole labeled + unlabeled pool, on every rank under torchrun: identical
         # pseudo-label buffers (rank 0's are broadcast); each rank trains on its own share of the kept positions
         self.labeled = torch.as_tensor(ctx.split.labeled, device=ctx.device)
@@ -66,7 +73,7 @@ class MoamRetrain(MoamStep):
             pick = torch.randperm(len(self.pool) - nl, generator=gen, device=ctx.device)[: p.max_images]
             positions = torch.cat([positions[:nl], nl + pick.sort().values])
         probs = tta_predict(self.model["net"], ctx.store, self.pool[positions], ctx.train.eval_batch_size,
-                            ctx.train.crop_padding, p.crops, p.flip_crops)
+                            ctx.train.crop_padding, p.crops, p.flip_crops, self.tta_rotations)
         buf = self.model["pseudo"]
         buf.labels[positions] = probs.argmax(1)
         buf.done.fill_(True)
