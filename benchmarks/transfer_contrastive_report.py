@@ -32,6 +32,7 @@ from benchmarks.common import environment, mean_std, method_table
 from ssl_ops import io
 from ssl_ops.engine import test_accuracy
 from ssl_ops.losses import smooth_labels, snn
+from ssl_ops.methods.simclrv2 import SELF_DISTILLATION_TAU
 from ssl_ops.params import load_params
 from ssl_ops.stages import split_stage, train_stage
 
@@ -141,10 +142,9 @@ def main() -> None:
                  [*simclr, "simclrv2.distill=true", f"simclrv2.teacher={teacher}"])]
         # Eq. (2)'s gradient w.r.t. the student logits is (p_S - p_T) / tau, so with SGD the default tau = 0.1
         # takes 10x the step of a cross-entropy at the same lr; this row divides it back out (lr x tau).
-        tau = params.simclrv2.temperature or 0.1
-        plan.append((f"simclrv2 self-distilled, lr x tau = {params.train.lr * tau:g}", "simclrv2",
-                     [*simclr, "simclrv2.distill=true", f"simclrv2.teacher={teacher}",
-                      f"simclrv2.lr={params.train.lr * tau:g}"]))
+        lr_tau = f"{params.train.lr * (params.simclrv2.temperature or SELF_DISTILLATION_TAU):g}"
+        plan.append((f"simclrv2 self-distilled, lr x tau = {lr_tau}", "simclrv2",
+                     [*simclr, "simclrv2.distill=true", f"simclrv2.teacher={teacher}", f"simclrv2.lr={lr_tau}"]))
         if args.big_to_small:
             plan.append(("simclrv2 big-to-small (w 0.5)", "simclrv2", [*simclr, "simclrv2.distill=true",
                                                                       f"simclrv2.teacher={teacher}",
@@ -152,9 +152,9 @@ def main() -> None:
         paws = Path(args.paws.format(seed=seed))
         if paws.exists():
             plan.append(("paws fine-tuned", "paws_finetune", [f"paws_finetune.pretrained={paws}"]))
+        # the fine-tuned row is re-run only when a distillation row of this seed still needs its teacher
+        needs_teacher = any(l.startswith("simclrv2 ") and (l, seed) not in done for l, _, _ in plan[2:])
         for label, method, extra in plan:
-            # the fine-tuned row is re-run only when a distillation row of this seed still needs its teacher
-            needs_teacher = any(l.startswith("simclrv2 ") and (l, seed) not in done for l, _, _ in plan[2:])
             rerun_teacher = label == "simclrv2 fine-tuned" and not teacher.exists() and needs_teacher
             if (label, seed) in done and not rerun_teacher:
                 continue

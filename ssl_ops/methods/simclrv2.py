@@ -41,6 +41,10 @@ from ssl_ops.methods.base import Method, MethodParams, register_method
 from ssl_ops.params import TrainParams
 
 
+# tau when simclrv2.temperature is null (the defaults; SimCLRv2 §3 uses tau = 1 in most runs)
+SELF_DISTILLATION_TAU, BIG_TO_SMALL_TAU = 0.1, 1.0
+
+
 class Simclrv2Params(MethodParams):
     pretrained: Path = Path("models/pretrain/simclr.pt")  # written by `ssl-ops pretrain simclr`
     finetune_from: int = Field(1, ge=0)  # projection-head layers kept (SimCLRv2 §2: 1 for few labels); 0: none
@@ -137,7 +141,7 @@ class Simclrv2(Method):
 
     @property
     def temperature(self) -> float:
-        return self.params.temperature or (0.1 if self.self_distillation else 1.0)
+        return self.params.temperature or (SELF_DISTILLATION_TAU if self.self_distillation else BIG_TO_SMALL_TAU)
 
     @property
     def images_per_step(self) -> int:
