@@ -23,6 +23,9 @@ err = Console(stderr=True, soft_wrap=True)
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--preset", dest="presets", action="append", default=[], metavar="PATH",
+                   help="params overlay merged onto --params before --set, e.g. presets/fmnist_10pc/supervised.yaml "
+                        "(repeatable, in order)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a param, e.g. --set train.lr=0.1 (repeatable; YAML values)")
 
@@ -30,7 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from ssl_ops.params import load_params
 
-    return load_params(args.params, args.overrides)
+    return load_params(args.params, args.overrides, args.presets)
 
 
 def cmd_prepare(args) -> None:

@@ -378,22 +378,48 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> BaseParams:
-    """Read, override and validate params; raise :class:`ParamsError` with every problem listed."""
+def _read_tree(path: Path, what: str) -> dict:
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ParamsError(f"{what} {path} must hold a mapping of sections (data:, split:, ...), got {type(tree).__name__}")
+    return tree
+
+
+def merge_tree(base: dict, overlay: dict) -> dict:
+    """``overlay`` deep-merged into ``base`` (in place): sections merge key by key, any other value replaces."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_tree(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None,
+                presets: list[str | Path] | None = None) -> BaseParams:
+    """Read, overlay presets, override and validate params; raise :class:`ParamsError` with every problem listed.
+
+    A preset is a params file holding only what differs from ``path`` (e.g. a tuned recipe,
+    ``presets/fmnist_10pc/supervised.yaml``): presets merge in order, then ``--set`` overrides apply.
+    """
     path = Path(path)
     if path.exists():
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ParamsError(f"{path} must hold a mapping of sections (data:, split:, ...), got {type(tree).__name__}")
+        tree = _read_tree(path, "params file")
     elif str(path) == "params.yaml":
         tree = {}  # defaults only
     else:
         raise ParamsError(f"params file {path} does not exist; pass --params PATH to an existing file")
+    for preset in presets or []:
+        preset = Path(preset)
+        if not preset.is_file():
+            raise ParamsError(f"preset {preset} does not exist; pass --preset PATH to a params overlay file "
+                              "(e.g. presets/fmnist_10pc/supervised.yaml)")
+        merge_tree(tree, _read_tree(preset, "preset"))
     apply_overrides(tree, overrides or [])
-    source = str(path) + (" with --set overrides" if overrides else "")
+    source = str(path) + "".join(f" + {p}" for p in presets or []) + (" with --set overrides" if overrides else "")
     try:
         return params_model().model_validate(tree)
     except ValidationError as err:

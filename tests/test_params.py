@@ -81,3 +81,20 @@ def test_every_subcommand_has_help():
     for name, p in sub.choices.items():
         text = p.format_help()
         assert p.description and "--params" in text and "--set" in text, name
+
+
+def test_presets_merge_in_order_then_set_overrides(tmp_path):
+    """--preset files overlay the params file key by key (sections merge, other values replace), in the order
+    given; --set applies last. A preset's typo is reported with the preset named."""
+    base = _write(tmp_path, {"train": {"lr": 0.1, "epochs": 7}, "model": {"width": 1.0}})
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(yaml.safe_dump({"train": {"lr": 0.2, "weight_decay": 0.001}, "model": {"width": 2.0}}))
+    second.write_text(yaml.safe_dump({"train": {"lr": 0.3}}))
+    p = load_params(base, ["model.width=1.5"], [first, second])
+    assert (p.train.lr, p.train.epochs, p.train.weight_decay, p.model.width) == (0.3, 7, 0.001, 1.5)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"lrr": 1}}))
+    with pytest.raises(ParamsError, match=r"bad\.yaml[\s\S]*train\.lrr: unknown key"):
+        load_params(base, [], [bad])
+    with pytest.raises(ParamsError, match="preset .*missing.yaml does not exist"):
+        load_params(base, [], [tmp_path / "missing.yaml"])
