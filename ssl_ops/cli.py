@@ -36,6 +36,11 @@ def _load(args):
     return load_params(args.params, args.overrides, args.presets)
 
 
+def _preset_tag(args) -> dict[str, str]:
+    """The presets a run was trained with, as an MLflow tag (reports name the recipe of each row)."""
+    return {"presets": ",".join(args.presets)} if args.presets else {}
+
+
 def cmd_prepare(args) -> None:
     from ssl_ops.stages import prepare_stage
 
@@ -62,7 +67,7 @@ def cmd_train(args) -> None:
     params = _load(args)
     if args.no_progress:
         params.train.progress = False
-    res = train_stage(args.method, params, resume=args.resume)
+    res = train_stage(args.method, params, resume=args.resume, run_tags=_preset_tag(args))
     out.print(f"trained [bold]{args.method}[/bold] in {res.metrics['train_seconds']:.1f}s, "
               f"val top-1 {res.metrics.get('val_top1', float('nan')):.2%} (MLflow run {res.run_id})")
 
@@ -100,13 +105,40 @@ def cmd_report(args) -> None:
         out.print(f"Runs are on the tracking server {uri}")
 
 
+def cmd_results(args) -> None:
+    from ssl_ops import results, tracking
+
+    params = _load(args)
+    experiment = args.experiment or params.tracking.experiment
+    out_path = Path(args.out or f"reports/results_{experiment}.md")
+    runs = tracking.search_runs(params.tracking, experiment)
+    rows = results.write(runs, lambda run_id, key: tracking.metric_history(params.tracking, run_id, key), out_path,
+                         source=f"experiment `{experiment}`")
+    if not rows:
+        raise SslOpsError(f"no evaluated runs in MLflow experiment {experiment!r} at "
+                          f"{tracking.mask_uri(tracking.tracking_uri(params.tracking))}: run the campaign first "
+                          "(`make results`), or name the experiment with --experiment and the store with "
+                          "tracking.uri / MLFLOW_TRACKING_URI")
+    table = Table(title=f"results: experiment {experiment}")
+    for col in ("method", "splits", "test top-1 %", "Δ vs supervised", "val top-1 %", "CPU-min"):
+        table.add_column(col, justify="left" if col in ("method", "splits") else "right")
+    for r in rows:
+        table.add_row(r.name + (" (collapsed)" if r.collapsed else ""), ",".join(map(str, r.seeds)),
+                      f"{100 * r.mean:.2f}" + (f" ± {100 * r.std:.2f}" if r.std is not None else ""),
+                      "" if r.delta is None else f"{100 * r.delta:+.2f}",
+                      "" if r.val is None else f"{100 * r.val:.2f}",
+                      "" if r.cpu_minutes is None else f"{r.cpu_minutes:.1f}")
+    out.print(table)
+    out.print(f"written {out_path} (+ .json, .png, _curves.png)")
+
+
 def cmd_pretrain(args) -> None:
     from ssl_ops.pretrain import model_path, pretrain_stage
 
     params = _load(args)
     if args.no_progress:
         params.train.progress = False
-    res = pretrain_stage(args.pretext, params, resume=args.resume)
+    res = pretrain_stage(args.pretext, params, resume=args.resume, run_tags=_preset_tag(args))
     m = res.metrics
     out.print(f"pre-trained [bold]{args.pretext}[/bold] in {m['train_seconds']:.1f}s -> {model_path(args.pretext)}: "
               f"k-NN test top-1 {m['knn_top1']:.2%}, linear probe {m['linear_top1']:.2%} "
@@ -212,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="write the file, print no table")
     p.add_argument("--experiment", default=None, help="MLflow experiment to read (default: tracking.experiment)")
     p.add_argument("--out-dir", default="reports", help="folder for summary.md, plots/ and the PNGs (default: reports)")
+    p = add("results", cmd_results, "a campaign's table: every method over labeled splits, with CPU cost and val "
+            "curves, from MLflow -> reports/results_<experiment>.md + .json + PNGs")
+    p.add_argument("--experiment", default=None, help="MLflow experiment to read (default: tracking.experiment)")
+    p.add_argument("--out", default=None, help="the markdown file (default: reports/results_<experiment>.md)")
     p = add("promote", cmd_promote, "register a run's model (alias challenger); make it champion if it wins on val")
     p.add_argument("method", help="method whose models/<method>.json names the run (unless --run-id)")
     p.add_argument("--run-id", help="MLflow run to promote (default: the one in models/<method>.json)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -221,12 +222,25 @@ def _rank_rng(state: dict[str, Any], checkpoint: Path) -> dict[str, Tensor]:
     return ranks[distributed.rank()]
 
 
+# per-epoch metrics that measure the machine, not the training (a resumed run equals an uninterrupted one
+# in everything else)
+MACHINE_METRICS = ("images_per_second", "loadavg_1m")
+
+
 @dataclass
 class FitResult:
     epochs_done: int
     train_seconds: float
     history: list[dict[str, float]]
     run_state: dict[str, Any]
+    cpu_seconds: float = 0.0  # process CPU time (user + sys, all threads) of the same training steps
+
+    @property
+    def machine(self) -> dict[str, float]:
+        """What the run cost and the company it had: for the run's record (reports compare methods by it)."""
+        loads = [h["loadavg_1m"] for h in self.history if "loadavg_1m" in h]
+        return {"train_seconds": self.train_seconds, "cpu_seconds": self.cpu_seconds,
+                **({"loadavg_mean": sum(loads) / len(loads)} if loads else {})}
 
 
 def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, config_hash: str = "",
@@ -246,7 +260,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
     optimizer, scheduler = make_optimizer(model, train, total)
     use_scaler = ctx.device.type == "cuda" and train.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    start_epoch, seconds, history, run_state = 0, 0.0, [], dict(run_state or {})
+    start_epoch, seconds, cpu_seconds, history, run_state = 0, 0.0, 0.0, [], dict(run_state or {})
 
     if resume and checkpoint.exists():
         state = io.torch_load(checkpoint, map_location=ctx.device)
@@ -261,6 +275,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(ctx, _rank_rng(state, checkpoint))
         start_epoch, seconds, history = state["epoch"], state["train_seconds"], state["history"]
+        cpu_seconds = state.get("cpu_seconds", 0.0)  # absent in checkpoints written before it was measured
         run_state.update(state["run_state"])
 
     if hasattr(method, "bind_optimizer"):  # a method that restarts momentum / schedule itself (alternating's cycles)
@@ -273,7 +288,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
     model.train()
     with TrainProgress(method.name, total, enabled=train.progress and main, completed=start_epoch * train.steps_per_epoch) as bar:
         for epoch in range(start_epoch, train.epochs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sums: dict[str, Tensor] = {}
             for i in range(train.steps_per_epoch):
                 step = epoch * train.steps_per_epoch + i
@@ -296,10 +311,14 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
                     _guard_finite(loss, epoch, checkpoint)
                     bar.update(step + 1, loss, method.images_per_step)
             seconds += time.perf_counter() - t0
+            # CPU time is what a budget in "CPU-minutes" means on a shared machine: wall time stretches with
+            # other jobs' load, CPU time much less (loadavg_1m records the company the run had)
+            cpu_seconds += time.process_time() - c0
             metrics = {k: (v / train.steps_per_epoch).item() for k, v in sums.items()}
             _guard_finite(metrics["loss"], epoch, checkpoint)
             metrics["lr"] = scheduler.get_last_lr()[0]
             metrics["images_per_second"] = train.steps_per_epoch * method.images_per_step / (time.perf_counter() - t0)
+            metrics["loadavg_1m"] = os.getloadavg()[0]
             distributed.broadcast_buffers(model)  # rank 0's BN running statistics everywhere, as DDP does
             if hasattr(method, "epoch_metrics"):  # e.g. pretexts: a k-NN monitor instead of a classifier
                 metrics.update(method.epoch_metrics())
@@ -317,7 +336,8 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
                 io.torch_save(checkpoint, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_ranks[0],
-                    "rng_ranks": rng_ranks, "epoch": epoch + 1, "train_seconds": seconds, "history": history,
+                    "rng_ranks": rng_ranks, "epoch": epoch + 1, "train_seconds": seconds, "cpu_seconds": cpu_seconds,
+                    "history": history,
                     "config_hash": config_hash, "run_state": run_state,
                 })
             distributed.barrier()  # no rank moves on (or dies) before rank 0's checkpoint is in place
@@ -325,7 +345,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
             bar.epoch_done(epoch + 1, metrics, (epoch + 1) * train.steps_per_epoch)
             if epoch_end:
                 epoch_end(epoch + 1, metrics)
-    return FitResult(train.epochs, seconds, history, run_state)
+    return FitResult(train.epochs, seconds, history, run_state, cpu_seconds)
 
 
 def global_batchnorm(model: nn.Module, ctx: RunContext) -> bool:

@@ -142,6 +142,8 @@ class PipelineParams(Section):
 
     methods: list[str] = Field(default_factory=lambda: ["supervised"])
     pretexts: list[str] = Field(default_factory=list)  # self-supervised pre-training runs (ssl-ops pretrain)
+    # campaign pipelines (pipelines/fmnist_10pc): the labeled splits (split.seed = train.seed) every method runs on
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
 
     @model_validator(mode="after")
     def _known_methods(self) -> PipelineParams:

@@ -8,7 +8,8 @@ Outputs (written atomically):
   :func:`load_pretrained_backbone`.
 - ``metrics/pretrain_<pretext>.json``: ``knn_top1`` and ``linear_top1`` (test accuracy of a weighted k-NN
   and of a logistic regression fit on frozen features of the labeled split), ``knn_val_top1``,
-  ``pretext_loss`` (mean loss of the last epoch) and ``train_seconds``; also logged to the MLflow run.
+  ``pretext_loss`` (mean loss of the last epoch), ``train_seconds``, ``cpu_seconds`` and ``loadavg_mean``;
+  also logged to the MLflow run.
 - ``checkpoints/pretrain/<pretext>/last.pt``: per-epoch checkpoint for ``--resume``.
 """
 
@@ -67,7 +68,8 @@ def probe_encoder(encoder: nn.Module, ctx: RunContext, knn_k: int = 20, knn_temp
     return out
 
 
-def pretrain_stage(name: str, params: BaseParams, resume: bool = False, write_outputs: bool = True) -> PretrainResult:
+def pretrain_stage(name: str, params: BaseParams, resume: bool = False, write_outputs: bool = True,
+                   run_tags: dict[str, str] | None = None) -> PretrainResult:
     """Pre-train pretext ``name`` on all train images (no labels), probe it, write its outputs."""
     data, split, spath = load_data(params)
     pretext = build_pretext(name, params, data, split)
@@ -77,13 +79,13 @@ def pretrain_stage(name: str, params: BaseParams, resume: bool = False, write_ou
     checkpoint = CHECKPOINTS / "pretrain" / name / "last.pt"
     resume, prev_run = recovery.resume_from(checkpoint, config_hash, ctx.train.epochs, explicit=resume)
     tags = {"pretext": name, "stage": "pretrain", "dataset": params.data.name, "split_file": str(spath),
-            "split_sha256": split.sha256, "dataset_sha256": data.sha256}
+            "split_sha256": split.sha256, "dataset_sha256": data.sha256, **(run_tags or {})}
     with tracking.start_run(params.tracking, run_name=f"pretrain-{name}", params=resolved, tags=tags,
                             run_id=prev_run) as run_id:
         result = fit(pretext, ctx, checkpoint, resume=resume, config_hash=config_hash, log=tracking.log_metrics,
                      run_state={"mlflow_run_id": run_id})
         metrics = {**probe_encoder(pretext.encoder, ctx, pparams.knn_k, pparams.knn_temperature),
-                   "pretext_loss": result.history[-1]["loss"], "train_seconds": result.train_seconds}
+                   "pretext_loss": result.history[-1]["loss"], **result.machine}
         if hasattr(pretext, "test_metrics"):  # a pretext's own evaluation, e.g. PAWS-NN
             metrics.update(pretext.test_metrics())
         tracking.log_metrics(metrics)

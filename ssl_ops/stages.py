@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 
 from ssl_ops import distributed, io, recovery, tracking
 from ssl_ops.data.prepare import PreparedDataset, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
-from ssl_ops.engine import RunContext, fit, make_context, predict_logits, test_accuracy, topk_accuracy
+from ssl_ops.engine import RunContext, fit, make_context, predict_logits, topk_accuracy
 from ssl_ops.errors import CheckpointError, DataIntegrityError, SslOpsError
 from ssl_ops.methods import METHODS, Method
 from ssl_ops.params import BaseParams, params_model
@@ -89,9 +91,8 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
                             nested=nested) as run_id:
         result = fit(method, method.ctx, checkpoint, resume=resume, config_hash=config_hash,
                      log=tracking.log_metrics, run_state={"mlflow_run_id": run_id}, epoch_end=epoch_end)
-        metrics = {"train_seconds": result.train_seconds, **{k: v for k, v in result.history[-1].items()
-                                                             if k != "epoch"}}
-        tracking.log_metrics({"train_seconds": result.train_seconds})
+        metrics = {**result.machine, **{k: v for k, v in result.history[-1].items() if k != "epoch"}}
+        tracking.log_metrics(result.machine)
         if write_outputs and distributed.is_main():  # under torchrun rank 0 alone writes files and logs
             model_file = MODELS / f"{name}.pt"
             io.torch_save(model_file, {
@@ -110,7 +111,8 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
             # DVC-tracked pointer from the pipeline to the MLflow run (dvc.lock then pins the run)
             io.write_json(MODELS / f"{name}.json", {
                 "mlflow_run_id": run_id, "tracking_uri": tracking.mask_uri(tracking.tracking_uri(params.tracking)),
-                "train_seconds": result.train_seconds, "split_file": str(spath), "split_sha256": split.sha256,
+                "train_seconds": result.train_seconds, "cpu_seconds": result.cpu_seconds, "split_file": str(spath),
+                "split_sha256": split.sha256,
             })
     return TrainResult(metrics, method, method.ctx, run_id)
 
@@ -138,12 +140,14 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
     method, ck = load_trained(name, params)
     ctx, model = method.ctx, method.classifier()
     bs = ctx.train.eval_batch_size
-    test_top1, test_top5 = test_accuracy(model, ctx)
+    logits, labels = predict_logits(model, ctx.test_store(), np.arange(len(ctx.data.test_y)), bs, ctx.train.amp)
     val_logits, val_labels = predict_logits(model, ctx.store, ctx.split.val, bs, ctx.train.amp)
     metrics = {
-        "test_top1": test_top1,
-        "test_top5": test_top5,
+        "test_top1": topk_accuracy(logits, labels, 1),
+        "test_top5": topk_accuracy(logits, labels, 5),
         "val_top1": topk_accuracy(val_logits, val_labels, 1),
+        # a collapsed model predicts (nearly) one class: the share of the test set its commonest prediction takes
+        "test_max_class_fraction": max_class_fraction(logits),
         "train_seconds": float(ck["train_seconds"]),
     }
     if distributed.is_main():  # under torchrun every rank evaluates, rank 0 writes
@@ -151,6 +155,13 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
     with tracking.start_run(params.tracking, run_name=name, run_id=ck["mlflow_run_id"]):
         tracking.log_metrics({k: v for k, v in metrics.items() if k != "train_seconds"})
     return metrics
+
+
+def max_class_fraction(logits) -> float:
+    """The fraction of rows whose arg-max is the most frequent class (1/K for a balanced predictor, 1 for a
+    collapsed one)."""
+    counts = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1])
+    return (counts.max() / counts.sum()).item()
 
 
 def report_stage(params: BaseParams, out_dir: Path = REPORTS, experiment: str | None = None) -> list[dict]:

@@ -42,8 +42,9 @@ def test_dvc_repro_on_digits(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     metrics = json.loads((tmp_path / "metrics/supervised.json").read_text())
-    assert set(metrics) == {"test_top1", "test_top5", "val_top1", "train_seconds"}
+    assert set(metrics) == {"test_top1", "test_top5", "val_top1", "train_seconds", "test_max_class_fraction"}
     assert all(0 <= metrics[k] <= 1 for k in ("test_top1", "test_top5", "val_top1"))
+    assert 0.1 - 1e-9 <= metrics["test_max_class_fraction"] <= 1  # digits: 10 classes
     assert metrics["test_top1"] > 0.5  # 60 steps on 100 labeled digits: far above chance (0.1)
     assert "| supervised |" in (tmp_path / "reports/summary.md").read_text()
     # dvc.lock pins the MLflow run through models/supervised.json

@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import TINY, wait_for_http
 
-from ssl_ops import io
+from ssl_ops import engine, io
 from ssl_ops.cli import main
 from ssl_ops.errors import WriteFailedError
 from ssl_ops.params import load_params
@@ -48,8 +48,8 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def _curve(checkpoint: Path) -> list[tuple]:
-    """Everything of an epoch's record but its wall-clock throughput."""
-    return [tuple(sorted((k, v) for k, v in h.items() if k != "images_per_second"))
+    """Everything of an epoch's record but what measures the machine (throughput, load)."""
+    return [tuple(sorted((k, v) for k, v in h.items() if k not in engine.MACHINE_METRICS))
             for h in io.torch_load(checkpoint)["history"]]
 
 

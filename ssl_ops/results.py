@@ -1,0 +1,283 @@
+"""The results report of a campaign (``ssl-ops results``): every method on several labeled splits, with its cost.
+
+Reads one MLflow experiment (e.g. the runs ``dvc repro`` made in ``pipelines/fmnist_10pc/``) and writes
+``<out>.md``, ``<out>.json``, ``<out>.png`` (test top-1 per method with every split's point, and test top-1 against
+CPU-minutes) and ``<out>_curves.png`` (val top-1 per epoch: has the curve flattened?).
+
+Rows: each method's evaluated training runs (the latest run per labeled split), and PAWS-NN from the PAWS
+pre-trainings (PAWS §5: the pretext's own soft nearest-neighbour classifier). Per row: test top-1 (mean ± sample
+std over splits; the test set is only reported), the paired difference to ``supervised`` on the same splits, val
+top-1 (what recipes were chosen on), CPU-minutes (process CPU time of the training steps, teacher phases
+included), the commonest predicted class's share of the test set (a collapsed model predicts one class), the
+recipe (``--preset`` files), git commits and the mean 1-minute load average during training. Label-free
+pre-trainings are a table of their own: a transfer method costs its row plus the pre-training it starts from.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssl_ops import io
+
+BASELINE = "supervised"
+PAWS_NN = "paws_nn"  # the row made from PAWS pre-training runs
+COLLAPSE = 0.5  # a run whose commonest predicted class takes more than this share of the test set collapsed
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluated run on one labeled split."""
+
+    run_id: str
+    row: str  # method name, or PAWS_NN
+    seed: int  # split.seed
+    test_top1: float
+    val_top1: float | None
+    cpu_seconds: float | None
+    max_class_fraction: float | None
+    presets: str
+    git_commit: str
+    load: float | None
+    start_time: int
+    curve_key: str  # the per-epoch val metric of this run (val_top1; the pretexts' k-NN monitor)
+
+
+def parse(run: dict[str, Any]) -> Run | None:
+    """An evaluated training run or a PAWS pre-training as a :class:`Run`; None for anything else."""
+    p, m, tags = run["params"], run["metrics"], run["tags"]
+    if run["status"] != "FINISHED" or "split.seed" not in p:
+        return None
+    common = dict(run_id=run["run_id"], seed=int(p["split.seed"]), cpu_seconds=m.get("cpu_seconds"),
+                  presets=tags.get("presets", ""), git_commit=tags.get("git_commit", "unknown"),
+                  load=m.get("loadavg_mean"), start_time=run["start_time"] or 0)
+    if tags.get("method") and "test_top1" in m:
+        return Run(row=tags["method"], test_top1=m["test_top1"], val_top1=m.get("val_top1"),
+                   max_class_fraction=m.get("test_max_class_fraction"), curve_key="val_top1", **common)
+    if tags.get("pretext") == "paws" and "paws_nn_top1" in m:
+        return Run(row=PAWS_NN, test_top1=m["paws_nn_top1"], val_top1=m.get("paws_nn_val_top1"),
+                   max_class_fraction=m.get("paws_nn_max_class_fraction"), curve_key="knn_val_top1", **common)
+    return None
+
+
+def latest(runs: list[Run]) -> list[Run]:
+    """The latest run of each (row, split): a re-run replaces the run it repeats."""
+    best: dict[tuple[str, int], Run] = {}
+    for r in runs:
+        if (r.row, r.seed) not in best or r.start_time > best[(r.row, r.seed)].start_time:
+            best[(r.row, r.seed)] = r
+    return sorted(best.values(), key=lambda r: (r.row, r.seed))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+@dataclass
+class Row:
+    name: str
+    seeds: list[int]
+    test: list[float]
+    mean: float
+    std: float | None  # sample std over splits; None for one split
+    delta: float | None  # mean paired difference to the baseline on the splits both have
+    val: float | None
+    cpu_minutes: float | None
+    max_class_fraction: float | None  # the worst split's
+    presets: list[str]
+    commits: list[str]
+    load: float | None
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def collapsed(self) -> bool:
+        return self.max_class_fraction is not None and self.max_class_fraction > COLLAPSE
+
+
+def rows_of(runs: list[Run]) -> list[Row]:
+    """One row per method (the baseline first, then by mean test top-1, best first)."""
+    by_row: dict[str, list[Run]] = {}
+    for r in latest(runs):
+        by_row.setdefault(r.row, []).append(r)
+    base = {r.seed: r.test_top1 for r in by_row.get(BASELINE, [])}
+    out = []
+    for name, rs in by_row.items():
+        test = [r.test_top1 for r in rs]
+        paired = [r.test_top1 - base[r.seed] for r in rs if r.seed in base]
+        fractions = [r.max_class_fraction for r in rs if r.max_class_fraction is not None]
+        cpu = _mean([r.cpu_seconds for r in rs])
+        out.append(Row(
+            name=name, seeds=[r.seed for r in rs], test=test, mean=statistics.fmean(test),
+            std=statistics.stdev(test) if len(test) > 1 else None,
+            delta=statistics.fmean(paired) if paired and name != BASELINE else None,
+            val=_mean([r.val_top1 for r in rs]), cpu_minutes=None if cpu is None else cpu / 60,
+            max_class_fraction=max(fractions) if fractions else None,
+            presets=sorted({r.presets for r in rs if r.presets}), commits=sorted({r.git_commit[:10] for r in rs}),
+            load=_mean([r.load for r in rs]), run_ids=[r.run_id for r in rs]))
+    return sorted(out, key=lambda row: (row.name != BASELINE, -row.mean))
+
+
+@dataclass
+class Pretraining:
+    pretext: str
+    seeds: list[int]
+    cpu_minutes: float | None
+    knn_top1: float | None
+    linear_top1: float | None
+
+
+def pretrainings_of(runs: list[dict[str, Any]]) -> list[Pretraining]:
+    """The label-free pre-trainings' costs and probes (latest run per pretext and split)."""
+    latest_runs: dict[tuple[str, str], dict] = {}
+    for run in runs:
+        pretext = run["tags"].get("pretext")
+        if run["status"] != "FINISHED" or not pretext or "cpu_seconds" not in run["metrics"]:
+            continue
+        key = (pretext, run["params"].get("split.seed", "?"))
+        if key not in latest_runs or (run["start_time"] or 0) > (latest_runs[key]["start_time"] or 0):
+            latest_runs[key] = run
+    out: dict[str, list[dict]] = {}
+    for (pretext, _), run in sorted(latest_runs.items()):
+        out.setdefault(pretext, []).append(run)
+    return [Pretraining(p, [int(r["params"].get("split.seed", -1)) for r in rs],
+                        statistics.fmean(r["metrics"]["cpu_seconds"] for r in rs) / 60,
+                        _mean([r["metrics"].get("knn_top1") for r in rs]),
+                        _mean([r["metrics"].get("linear_top1") for r in rs])) for p, rs in out.items()]
+
+
+def _pct(x: float | None, sign: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
+
+
+def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: str, curves: str) -> str:
+    seeds = sorted({s for r in rows for s in r.seeds})
+    best = max((r for r in rows if r.name != BASELINE and not r.collapsed), key=lambda r: r.mean, default=None)
+    lines = [
+        "# Results: test top-1 per method over labeled splits", "",
+        f"From MLflow ({source}); labeled splits (split seed = train seed): {', '.join(map(str, seeds)) or '—'}. "
+        "Test top-1 is mean ± sample std over the splits (%); the test set is only reported, recipes were chosen "
+        f"on the val split of split 0. **Δ** is the mean paired difference to `{BASELINE}` on the same splits. "
+        "**CPU-min** is the mean process CPU time of the training steps (user + sys, teacher phases included; "
+        "not evaluation); a transfer method also needs its pre-training (table below). **max class** is the "
+        f"worst split's share of test images given the commonest predicted class (> {COLLAPSE:.0%}: collapsed).",
+        "",
+    ]
+    if best is not None:
+        lines += [f"Best method: **{best.name}**, {_pct(best.mean)} ± {_pct(best.std)} % "
+                  f"({_pct(best.delta, sign=True)} points over {BASELINE}).", ""]
+    lines += ["| method | splits | test top-1 | Δ vs supervised | val top-1 | CPU-min | max class | recipe | commit "
+              "| load |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    for r in rows:
+        test = f"{_pct(r.mean)}" + (f" ± {_pct(r.std)}" if r.std is not None else "")
+        flag = " collapsed" if r.collapsed else ""
+        lines.append(
+            f"| {r.name} | {','.join(map(str, r.seeds))} | {test} | {_pct(r.delta, sign=True)} | {_pct(r.val)} "
+            f"| {'—' if r.cpu_minutes is None else f'{r.cpu_minutes:.1f}'} "
+            f"| {'—' if r.max_class_fraction is None else f'{r.max_class_fraction:.2f}'}{flag} "
+            f"| {'<br>'.join(Path(p).name for ps in r.presets for p in ps.split(',')) or 'defaults'} "
+            f"| {' '.join(r.commits)} | {'—' if r.load is None else f'{r.load:.1f}'} |")
+    if pretrainings:
+        lines += ["", "Pre-trainings (label-free ones run once and serve every split; PAWS reads the labels and runs "
+                  "per split):", "", "| pretext | splits | CPU-min | k-NN test top-1 | linear probe |",
+                  "|---|---|---:|---:|---:|"]
+        for p in pretrainings:
+            lines.append(f"| {p.pretext} | {','.join(map(str, p.seeds))} | "
+                         f"{'—' if p.cpu_minutes is None else f'{p.cpu_minutes:.1f}'} | {_pct(p.knn_top1)} | "
+                         f"{_pct(p.linear_top1)} |")
+    lines += ["", f"![test top-1 per method and against CPU-minutes]({png})", "",
+              f"![val top-1 per epoch: has each curve flattened?]({curves})", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * max(len(rows), 4) + 1.5))
+    names = [r.name for r in rows][::-1]
+    for y, r in enumerate(rows[::-1]):
+        colour = "tab:red" if r.collapsed else "tab:blue"
+        left.scatter([100 * t for t in r.test], [y] * len(r.test), color=colour, alpha=0.5, s=18)
+        left.errorbar(100 * r.mean, y, xerr=100 * (r.std or 0), fmt="D", color=colour, capsize=3)
+    base = next((r for r in rows if r.name == BASELINE), None)
+    if base is not None:
+        left.axvline(100 * base.mean, color="grey", ls="--", lw=1, label=f"{BASELINE} mean")
+        left.legend(loc="lower right")
+    left.set(yticks=range(len(names)), yticklabels=names, xlabel="test top-1 (%)",
+             title="Test top-1 (dots: splits; diamond: mean ± std)")
+    left.grid(alpha=0.3, axis="x")
+    for r in rows:
+        if r.cpu_minutes is not None:
+            right.errorbar(r.cpu_minutes, 100 * r.mean, yerr=100 * (r.std or 0), fmt="o", capsize=3)
+            right.annotate(r.name, (r.cpu_minutes, 100 * r.mean), fontsize=7, xytext=(3, 3),
+                           textcoords="offset points")
+    right.set(xlabel="CPU-minutes of training (mean over splits)", ylabel="test top-1 (%)",
+              title="Accuracy against cost")
+    right.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Path) -> None:
+    """One panel per row: its per-epoch val metric, one line per split."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(curves) or ["(no runs)"]
+    cols = min(4, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, names):
+        for seed, points in sorted(curves.get(name, {}).items()):
+            ax.plot([s for s, _ in points], [100 * v for _, v in points], marker=".", label=f"split {seed}")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("val top-1 (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.supxlabel("epoch")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import io as _io
+
+    import matplotlib.pyplot as plt
+
+    buf = _io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    io.write_bytes(path, buf.getvalue())
+
+
+def write(runs: list[dict[str, Any]], history, out: Path, source: str) -> list[Row]:
+    """Write ``out`` (.md) and its .json / .png / _curves.png from ``runs`` (``tracking.search_runs``);
+    ``history(run_id, key)`` gives a run's per-epoch metric. Returns the rows (empty: nothing written)."""
+    parsed = [r for r in map(parse, runs) if r is not None]
+    rows = rows_of(parsed)
+    if not rows:
+        return rows
+    png, curves_png = out.with_suffix(".png"), out.with_name(out.stem + "_curves.png")
+    curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    for r in latest(parsed):
+        curves.setdefault(r.row, {})[r.seed] = history(r.run_id, r.curve_key)
+    pretrainings = pretrainings_of(runs)
+    plot(rows, png)
+    plot_curves(curves, curves_png)
+    io.write_json(out.with_suffix(".json"), {
+        "source": source, "rows": [asdict(r) | {"collapsed": r.collapsed} for r in rows],
+        "pretrainings": [asdict(p) for p in pretrainings], "curves": curves})
+    io.write_text(out, render(rows, pretrainings, source, png.name, curves_png.name))
+    return rows

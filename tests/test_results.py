@@ -1,0 +1,73 @@
+"""``ssl-ops results``: a campaign's runs -> one row per method, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ssl_ops import results
+
+
+def _run(run_id, seed, start, *, method=None, pretext=None, status="FINISHED", **metrics):
+    tags = {"git_commit": "abcdef1234567", **({"method": method} if method else {}),
+            **({"pretext": pretext} if pretext else {})}
+    if method == "supervised":
+        tags["presets"] = "presets/fmnist_10pc/supervised.yaml"
+    return {"run_id": run_id, "status": status, "start_time": start, "params": {"split.seed": str(seed)},
+            "metrics": metrics, "tags": tags}
+
+
+RUNS = [
+    _run("s0-old", 0, 1, method="supervised", test_top1=0.10, val_top1=0.1),  # replaced by the later run of split 0
+    _run("s0", 0, 5, method="supervised", test_top1=0.70, val_top1=0.60, cpu_seconds=60.0, loadavg_mean=1.0,
+         test_max_class_fraction=0.2),
+    _run("s1", 1, 5, method="supervised", test_top1=0.72, val_top1=0.62, cpu_seconds=120.0, loadavg_mean=2.0,
+         test_max_class_fraction=0.3),
+    _run("s2", 2, 5, method="supervised", test_top1=0.74, val_top1=0.64, cpu_seconds=180.0, loadavg_mean=3.0,
+         test_max_class_fraction=0.1),
+    _run("v0", 0, 6, method="vat", test_top1=0.75, val_top1=0.7, cpu_seconds=600.0, test_max_class_fraction=0.2),
+    _run("v1", 1, 6, method="vat", test_top1=0.73, val_top1=0.7, cpu_seconds=1200.0, test_max_class_fraction=0.2),
+    _run("m0", 0, 7, method="moam", test_top1=0.10, val_top1=0.1, test_max_class_fraction=0.9),
+    _run("bad", 2, 9, method="vat", status="FAILED", test_top1=0.99),  # not finished: never counted
+    _run("untested", 2, 9, method="pi_model", val_top1=0.5),  # never evaluated: not a row
+    _run("p0", 0, 8, pretext="paws", paws_nn_top1=0.80, knn_top1=0.7, cpu_seconds=300.0),
+    _run("r", 0, 2, pretext="rotation", knn_top1=0.5, linear_top1=0.6, cpu_seconds=120.0),
+]
+
+
+def test_rows_against_hand_values():
+    rows = {r.name: r for r in results.rows_of([r for r in map(results.parse, RUNS) if r])}
+    assert set(rows) == {"supervised", "vat", "moam", "paws_nn"}
+    sup, vat, moam = rows["supervised"], rows["vat"], rows["moam"]
+    assert sup.seeds == [0, 1, 2] and sup.mean == pytest.approx(0.72) and sup.std == pytest.approx(0.02)
+    assert sup.delta is None and sup.val == pytest.approx(0.62) and sup.cpu_minutes == pytest.approx(2.0)
+    assert sup.load == pytest.approx(2.0) and sup.max_class_fraction == pytest.approx(0.3) and not sup.collapsed
+    # vat on splits 0 and 1: (0.75 - 0.70 + 0.73 - 0.72) / 2 = 0.03, paired on the same splits
+    assert vat.delta == pytest.approx(0.03) and vat.mean == pytest.approx(0.74) and vat.cpu_minutes == pytest.approx(15)
+    assert moam.collapsed and moam.std is None
+    assert rows["paws_nn"].mean == pytest.approx(0.80) and rows["paws_nn"].delta == pytest.approx(0.10)
+    ordered = [r.name for r in results.rows_of([r for r in map(results.parse, RUNS) if r])]
+    assert ordered == ["supervised", "paws_nn", "vat", "moam"]  # the baseline first, then best first
+
+
+def test_write_outputs_and_names_the_best_uncollapsed(tmp_path):
+    out = tmp_path / "reports" / "results_x.md"
+    curve = [(1, 0.5), (2, 0.6)]
+    rows = results.write(RUNS, lambda run_id, key: curve, out, source="experiment `x`")
+    assert len(rows) == 4
+    md = out.read_text()
+    assert "Best method: **paws_nn**, 80.00 ± — % (+10.00 points over supervised)" in md
+    assert "| supervised | 0,1,2 | 72.00 ± 2.00 | — | 62.00 | 2.0 | 0.30 | supervised.yaml |" in md
+    assert "| moam | 0 | 10.00 | -60.00 |" in md and "0.90 collapsed" in md
+    assert "| rotation | 0 | 2.0 | 50.00 | 60.00 |" in md  # the pre-trainings table
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["curves"]["supervised"]["0"] == [[1, 0.5], [2, 0.6]]
+    for png in (out.with_suffix(".png"), tmp_path / "reports" / "results_x_curves.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_evaluated_run_writes_nothing(tmp_path):
+    out = tmp_path / "r.md"
+    assert results.write([RUNS[-1]], lambda *a: [], out, source="x") == []
+    assert not out.exists()
