@@ -148,6 +148,11 @@ def pretrainings_of(runs: list[dict[str, Any]]) -> list[Pretraining]:
                         _mean([r["metrics"].get("linear_top1") for r in rs])) for p, rs in out.items()]
 
 
+def _short(path: str) -> str:
+    """A preset's path from its folder's parent on (``presets/fmnist_10pc/vat.yaml``): enough to find it."""
+    return "/".join(Path(path).parts[-3:])
+
+
 def _pct(x: float | None, sign: bool = False) -> str:
     if x is None:
         return "—"
@@ -168,7 +173,8 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
         "",
     ]
     if best is not None:
-        lines += [f"Best method: **{best.name}**, {_pct(best.mean)} ± {_pct(best.std)} % "
+        spread = f" ± {_pct(best.std)}" if best.std is not None else ""
+        lines += [f"Best method: **{best.name}**, {_pct(best.mean)}{spread} % "
                   f"({_pct(best.delta, sign=True)} points over {BASELINE}).", ""]
     lines += ["| method | splits | test top-1 | Δ vs supervised | val top-1 | CPU-min | max class | recipe | commit "
               "| load |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
@@ -177,9 +183,9 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
         flag = " collapsed" if r.collapsed else ""
         lines.append(
             f"| {r.name} | {','.join(map(str, r.seeds))} | {test} | {_pct(r.delta, sign=True)} | {_pct(r.val)} "
-            f"| {'—' if r.cpu_minutes is None else f'{r.cpu_minutes:.1f}'} "
+            f"| {'—' if r.cpu_minutes is None else f'{r.cpu_minutes:.2f}'} "
             f"| {'—' if r.max_class_fraction is None else f'{r.max_class_fraction:.2f}'}{flag} "
-            f"| {'<br>'.join(Path(p).name for ps in r.presets for p in ps.split(',')) or 'defaults'} "
+            f"| {'<br>'.join(_short(p) for ps in r.presets for p in ps.split(',')) or 'params.yaml'} "
             f"| {' '.join(r.commits)} | {'—' if r.load is None else f'{r.load:.1f}'} |")
     if pretrainings:
         lines += ["", "Pre-trainings (label-free ones run once and serve every split; PAWS reads the labels and runs "
@@ -187,7 +193,7 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
                   "|---|---|---:|---:|---:|"]
         for p in pretrainings:
             lines.append(f"| {p.pretext} | {','.join(map(str, p.seeds))} | "
-                         f"{'—' if p.cpu_minutes is None else f'{p.cpu_minutes:.1f}'} | {_pct(p.knn_top1)} | "
+                         f"{'—' if p.cpu_minutes is None else f'{p.cpu_minutes:.2f}'} | {_pct(p.knn_top1)} | "
                          f"{_pct(p.linear_top1)} |")
     lines += ["", f"![test top-1 per method and against CPU-minutes]({png})", "",
               f"![val top-1 per epoch: has each curve flattened?]({curves})", ""]
@@ -232,6 +238,7 @@ def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = sorted(curves) or ["(no runs)"]
     cols = min(4, len(names))
@@ -241,6 +248,7 @@ def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Pat
         for seed, points in sorted(curves.get(name, {}).items()):
             ax.plot([s for s, _ in points], [100 * v for _, v in points], marker=".", label=f"split {seed}")
         ax.set_title(name, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
@@ -272,7 +280,8 @@ def write(runs: list[dict[str, Any]], history, out: Path, source: str) -> list[R
     png, curves_png = out.with_suffix(".png"), out.with_name(out.stem + "_curves.png")
     curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
     for r in latest(parsed):
-        curves.setdefault(r.row, {})[r.seed] = history(r.run_id, r.curve_key)
+        # training logs one point per epoch (step = epoch >= 1); `ssl-ops evaluate` may add its final value at step 0
+        curves.setdefault(r.row, {})[r.seed] = [(step, v) for step, v in history(r.run_id, r.curve_key) if step > 0]
     pretrainings = pretrainings_of(runs)
     plot(rows, png)
     plot_curves(curves, curves_png)

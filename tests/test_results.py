@@ -53,14 +53,14 @@ def test_rows_against_hand_values():
 
 def test_write_outputs_and_names_the_best_uncollapsed(tmp_path):
     out = tmp_path / "reports" / "results_x.md"
-    curve = [(1, 0.5), (2, 0.6)]
+    curve = [(0, 0.7), (1, 0.5), (2, 0.6)]  # step 0: evaluate's final value, not an epoch
     rows = results.write(RUNS, lambda run_id, key: curve, out, source="experiment `x`")
     assert len(rows) == 4
     md = out.read_text()
-    assert "Best method: **paws_nn**, 80.00 ± — % (+10.00 points over supervised)" in md
-    assert "| supervised | 0,1,2 | 72.00 ± 2.00 | — | 62.00 | 2.0 | 0.30 | supervised.yaml |" in md
+    assert "Best method: **paws_nn**, 80.00 % (+10.00 points over supervised)" in md
+    assert "| supervised | 0,1,2 | 72.00 ± 2.00 | — | 62.00 | 2.00 | 0.30 | presets/fmnist_10pc/supervised.yaml |" in md
     assert "| moam | 0 | 10.00 | -60.00 |" in md and "0.90 collapsed" in md
-    assert "| rotation | 0 | 2.0 | 50.00 | 60.00 |" in md  # the pre-trainings table
+    assert "| rotation | 0 | 2.00 | 50.00 | 60.00 |" in md  # the pre-trainings table
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["curves"]["supervised"]["0"] == [[1, 0.5], [2, 0.6]]
     for png in (out.with_suffix(".png"), tmp_path / "reports" / "results_x_curves.png"):
