@@ -222,9 +222,9 @@ def _rank_rng(state: dict[str, Any], checkpoint: Path) -> dict[str, Tensor]:
     return ranks[distributed.rank()]
 
 
-# per-epoch metrics that measure the machine, not the training (a resumed run equals an uninterrupted one
-# in everything else)
-MACHINE_METRICS = ("images_per_second", "loadavg_1m")
+# metrics that measure the machine, not the training (a resumed run equals an uninterrupted one in everything
+# else): per epoch, and per run (FitResult.machine)
+MACHINE_METRICS = ("images_per_second", "loadavg_1m", "train_seconds", "cpu_seconds", "loadavg_mean")
 
 
 @dataclass
