@@ -10,7 +10,7 @@ Each of ``cycles`` cycles (the run's ``epochs x steps_per_epoch`` optimiser step
 
 (5) fine-tune **only the classification layer** on the labeled set with cross-entropy (``classifier_steps``
     full-batch steps on frozen, un-augmented features; the backbone is in eval mode, so not even its
-    BatchNorm statistics move); it starts from the classifier phase (9) of the previous cycle trained;
+    BatchNorm statistics move); it starts from the classifier as phase (9) of the previous cycle left it;
 (6) pseudo-label every unlabeled image with that network: one-hot argmax (``labels: hard``) or its softmax
     (``soft``);
 (7) draw a random ``subset_fraction`` (two thirds) of the unlabeled set; the last ``full_set_cycles``
@@ -37,8 +37,8 @@ Refinement mode (§4.3, ``refine: true``): the network (all of it) starts from a
 (``teacher: models/mean_teacher.pt``, its EMA network), step (8) resets N_t to those weights, there is no
 random split and the pseudo-labels are soft.
 
-Ablations (§4.2): ``reinit: false`` skips step (8) (blocks and classifier), ``split: false`` uses the whole unlabeled set in every
-cycle, ``temporal: false`` drops L_temp (then L = L_pseudo).
+Ablations (§4.2): ``reinit: false`` skips step (8) (blocks and classifier), ``split: false`` uses the whole
+unlabeled set in every cycle, ``temporal: false`` drops L_temp (then L = L_pseudo).
 
 Per cycle, ``self.cycle_log`` (and the step metrics, averaged per epoch by the engine) records the phase-1
 labeled accuracy, the val accuracy after phase 1 and at the end of the previous cycle, and how many
