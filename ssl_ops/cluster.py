@@ -18,7 +18,7 @@ class KMeansResult:
     inertia: float  # sum of squared distances to the nearest centre
 
 
-def _nearest(x: torch.Tensor, centers: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(x: torch.Tensor, centers: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centre and its squared distance for every row, chunk rows at a time (bounded memory)."""
     c_sq = (centers * centers).sum(1)
     labels, dists = [], []
@@ -36,12 +36,12 @@ def _init_pp(x: torch.Tensor, k: int, gen: torch.Generator, chunk: int) -> torch
     """k-means++: each next centre drawn with probability proportional to D(x)^2."""
     n = x.shape[0]
     centers = x[torch.randint(n, (1,), generator=gen, device="cpu").to(x.device)]
-    _, d2 = _nearest(x, centers, chunk)
+    _, d2 = assign(x, centers, chunk)
     for _ in range(1, k):
         probs = (d2 / d2.sum()).cpu() if d2.sum() > 0 else torch.full((n,), 1.0 / n)
         idx = torch.multinomial(probs, 1, generator=gen).to(x.device)
         centers = torch.cat([centers, x[idx]])
-        _, d_new = _nearest(x, x[idx], chunk)
+        _, d_new = assign(x, x[idx], chunk)
         d2 = torch.minimum(d2, d_new)
     return centers
 
@@ -61,7 +61,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 50, seed: int = 0, init: str
         centers = _init_pp(x, k, gen, chunk)
     prev = None
     for _ in range(iters):
-        labels, _ = _nearest(x, centers, chunk)
+        labels, _ = assign(x, centers, chunk)
         sums = torch.zeros_like(centers).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k).to(x.dtype)
         # an empty cluster keeps its previous centre rather than becoming NaN
@@ -71,5 +71,5 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 50, seed: int = 0, init: str
         if prev is not None and tol > 0 and shift <= tol:
             break
         prev = shift
-    labels, d2 = _nearest(x, centers, chunk)
+    labels, d2 = assign(x, centers, chunk)
     return KMeansResult(centers=centers, labels=labels, inertia=float(d2.sum()))

@@ -101,6 +101,35 @@ def test_reinit_switch(make, reinit):
         torch.testing.assert_close(got[key], want[key].to(got[key].device), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("reset", [True, False])
+def test_phase2_starts_from_the_preparation_classifier(make, reset):
+    """Alg. 1 l.2 + l.8: N_t (blocks after K and the new last layer) goes back to its preparation-phase weights, so
+    only the pseudo-labels flow from phase 1 to phase 2 (§3.2 "Information flow"); reset_classifier=false keeps the
+    classifier fitted in phase 1."""
+    m = make(f"alternating.reset_classifier={str(reset).lower()}")
+    fc = m.model["net"].fc
+    prep = {k: v.clone() for k, v in fc.state_dict().items()}
+    m.fit_classifier()
+    fitted = {k: v.clone() for k, v in fc.state_dict().items()}
+    assert any(not torch.equal(prep[k], fitted[k]) for k in prep)  # phase 1 moved it
+    m.reset_trainable()
+    want = prep if reset else fitted
+    for k, v in fc.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("labeled", [0, 4])
+def test_phase2_trains_on_the_pseudo_labelled_set_only(make, labeled):
+    """Alg. 1 l.9 "Train Nt on the unlabelled metaset Ti" (§1: "using the pseudo-labels only"): by default no
+    labeled image is drawn in phase 2; labeled_batch_size > 0 is the switch that adds true-labeled images."""
+    m = make() if labeled == 0 else make(f"alternating.labeled_batch_size={labeled}")
+    assert m.params.labeled_batch_size == labeled and m.images_per_step == m.ctx.train.batch_size + labeled
+    m.training_step(0)
+    seen, n_u = m.model["state"].seen, len(m.unlabeled)
+    assert bool(seen[:n_u].any())
+    assert bool(seen[n_u:].any()) == (labeled > 0)
+
+
 def test_pseudo_label_change_count(make):
     m = make()
     st = m.model["state"]
@@ -151,7 +180,7 @@ def test_first_draw_has_no_temporal_term(make):
 
 
 def test_pseudo_term_is_soft_cross_entropy(make):
-    m = make("alternating.labels=soft")
+    m = make("alternating.labels=soft", "alternating.reset_classifier=false")  # keep the phase-1 network
     m.start_cycle(0)
     st = m.model["state"]
     net = m.model["net"].eval()

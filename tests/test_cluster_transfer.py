@@ -1,5 +1,6 @@
-"""Cluster transfer (Noroozi et al. 2018 §3): HOG features, cluster pseudo-labels = nearest k-means centre,
-purity, the two training phases, and clear errors."""
+"""Cluster transfer (Noroozi et al. 2018 §3, §5): HOG bag of words, pooled mid-level features, the data-size rule
+for k, cluster pseudo-labels = nearest k-means centre, purity, the two training phases with their own budgets
+(across a resume), and clear errors."""
 
 from __future__ import annotations
 
@@ -9,12 +10,24 @@ import numpy as np
 import pytest
 import torch
 
+from torch import nn
+
+from ssl_ops import io
+from ssl_ops.backbones import Backbone
 from ssl_ops.cluster import kmeans
 from ssl_ops.errors import CheckpointError, ParamsError
-from ssl_ops.methods.cluster_transfer import cluster_purity, hog_features
-from ssl_ops.stages import build_method, evaluate_stage, load_data, train_stage
+from ssl_ops.heads import Encoder, Normalize
+from ssl_ops.methods.cluster_transfer import (ClusterTransfer, PooledBlock, bag_of_words, cluster_count,
+                                              cluster_purity, hog_descriptors)
+from ssl_ops.stages import CHECKPOINTS, MODELS, build_method, evaluate_stage, load_data, train_stage
 
-HOG = ["cluster_transfer.source=hog", "cluster_transfer.k=10"]
+# digits are 8x8: 2 px cells give 3 x 3 blocks (descriptors) per image
+HOG = ["cluster_transfer.source=hog", "cluster_transfer.k=10", "cluster_transfer.hog_cell=2",
+       "cluster_transfer.hog_words=16"]
+
+
+def hog_features(images, orientations, cell, block):
+    return hog_descriptors(images, orientations, cell, block).reshape(len(images), -1)  # the whole-image vector
 
 
 def _build(tiny, *extra: str):
@@ -45,6 +58,54 @@ def test_hog_is_contrast_invariant():
     np.testing.assert_allclose(rgb, f1, atol=1e-6)
 
 
+def test_hog_bag_of_words_ignores_where_the_pattern_is():
+    """A bag of words (Noroozi et al. Table 3: "we cluster bag of words of HOG") counts visual words wherever they
+    occur: a blob moved by whole cells gives the same histogram, while the whole-image HOG vector changes."""
+    a = np.zeros((2, 1, 24, 24), dtype=np.uint8)
+    a[0, 0, 4:8, 4:8] = 255  # top left
+    a[1, 0, 12:16, 12:16] = 255  # the same blob 8 px (2 cells) lower and to the right
+    desc = hog_descriptors(a, 9, 4, 2)
+    assert desc.shape == (2, 25, 36)  # 6 x 6 cells -> 5 x 5 blocks of 2 x 2 cells x 9 bins
+    assert not np.allclose(desc[0].reshape(-1), desc[1].reshape(-1))
+    bow = bag_of_words(torch.from_numpy(desc), 4, iters=10, seed=0)
+    assert bow.shape == (2, 4) and torch.equal(bow.sum(1), torch.tensor([25.0, 25.0]))  # one word per block
+    assert torch.equal(bow[0], bow[1])
+
+
+def test_k_rule_keeps_the_papers_images_per_cluster():
+    """§5: k = 2000 for the 1.3M ImageNet images; the rule keeps 650 images per cluster, at least one per class."""
+    assert cluster_count(1_300_000, 1000) == 2000
+    assert cluster_count(60_000, 10) == 92  # Fashion-MNIST / CIFAR-10 size
+    assert cluster_count(1_000, 10) == 10  # small data: one cluster per class
+
+
+def test_k_null_uses_the_rule(workdir, tiny):
+    m = _build(tiny, "cluster_transfer.source=hog", "cluster_transfer.k=null")
+    assert m.k == cluster_count(m.ctx.store.n, m.ctx.num_classes) and m.model["cluster_fc"].out_features == m.k
+
+
+def test_pooled_block_is_the_max_over_grid_cells():
+    """§5: the clustered feature is a mid-level block max-pooled to a small grid. With identity blocks the 4x4
+    input pooled to 2x2 is the max of each quadrant of arange(16): 5, 7, 13, 15."""
+    enc = Encoder(Normalize([0.0], [1.0]), Backbone([nn.Identity(), nn.Identity(), nn.Identity()], feature_dim=1))
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert torch.equal(PooledBlock(enc, -2, 2)(x), torch.tensor([[5.0, 7.0, 13.0, 15.0]]))
+    assert torch.equal(PooledBlock(enc, 0, 1)(x), torch.tensor([[15.0]]))
+    with pytest.raises(ParamsError, match="feature_block"):
+        PooledBlock(enc, 3, 2)
+
+
+def test_pretext_source_clusters_the_pooled_block(workdir, tiny):
+    from ssl_ops.pretrain import pretrain_briefly_for
+
+    pretrain_briefly_for("cluster_transfer", tiny)
+    m = _build(tiny, "cluster_transfer.feature_grid=2")
+    src = io.torch_load("models/pretrain/jigsaw_pp.pt")
+    feats = m.source_features()
+    channels = [v.shape[0] for k, v in src["backbone"].items() if k.endswith("weight") and v.ndim == 4]
+    assert feats.shape == (m.ctx.store.n, channels[-2] * 4)  # the block before the last, 2 x 2 cells
+
+
 def test_purity_by_hand():
     clusters = torch.tensor([0, 0, 1, 1, 2])
     labels = torch.tensor([0, 1, 1, 1, 2])
@@ -55,6 +116,7 @@ def test_pseudo_labels_are_the_nearest_centres(workdir, tiny):
     m = _build(tiny, *HOG)
     m.make_clusters()
     feats = m.source_features()
+    assert feats.shape[1] == 16  # a histogram over hog_words visual words
     assert torch.allclose(feats.norm(dim=1), torch.ones(len(feats)))  # L2-normalised before k-means
     res = kmeans(feats, 10, iters=m.params.kmeans_iters, seed=m.ctx.train.seed)
     labels = m.model["clusters"].labels
@@ -64,27 +126,59 @@ def test_pseudo_labels_are_the_nearest_centres(workdir, tiny):
     assert labels.min() >= 0 and labels.max() < 10
 
 
-def test_hog_pipeline_trains_both_phases_and_evaluates(workdir, tiny):
-    params = tiny(*HOG, "train.epochs=2", "train.steps_per_epoch=3")
+def test_cluster_phase_has_its_own_budget(workdir, tiny):
+    """§3 (d) then fine-tuning: cluster_epochs of cluster classification, then the run's epochs on the labels (the
+    budget a supervised run gets), each with its own schedule from its own peak lr."""
+    params = tiny(*HOG, "cluster_transfer.cluster_epochs=2", "cluster_transfer.cluster_lr=0.2", "train.lr=0.05",
+                  "train.epochs=1", "train.steps_per_epoch=3", "train.warmup_epochs=0")
     res = train_stage("cluster_transfer", params)
     m = res.method
-    assert m.switch_step == 3
-    history = [h["fine_tuning"] for h in _history()]
-    assert history == [0.0, 1.0]  # epoch 1 classifies clusters, epoch 2 fine-tunes on labels
+    assert m.ctx.train.epochs == 3 and m.switch_step == 6
+    assert [h["fine_tuning"] for h in _history()] == [0.0, 0.0, 1.0]  # 2 epochs on clusters, 1 on labels
+    f = m.scheduler.lr_lambdas[0]
+    assert f(0) == pytest.approx(0.2 / 0.05) and f(6) == pytest.approx(1.0)  # both phases start at their peak
+    assert f(5) < f(0) and f(8) < f(6)  # and decay over their own length
     assert 0.0 <= res.metrics["purity_labeled_val"] <= 1.0
     metrics = evaluate_stage("cluster_transfer", params)
     assert 0.0 <= metrics["test_top1"] <= 1.0
 
 
-def _history() -> list[dict]:
-    from ssl_ops import io
-    from ssl_ops.stages import CHECKPOINTS
+def test_resume_across_the_phase_switch(workdir, tiny, monkeypatch):
+    """Killed at the end of the cluster phase and resumed: the run continues with fine-tuning, keeps its clusters
+    (no second k-means) and ends bit-identical to an uninterrupted run."""
+    params = tiny(*HOG, "cluster_transfer.cluster_epochs=1", "train.epochs=2", "train.steps_per_epoch=2")
+    full = train_stage("cluster_transfer", params)
+    reference = {k: v.clone() for k, v in full.method.model.state_dict().items()}
+    curve = [h["loss"] for h in _history()]
+    (MODELS / "cluster_transfer.pt").unlink()
 
+    class Killed(Exception):
+        pass
+
+    def die(epoch, metrics):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_stage("cluster_transfer", params, epoch_end=die)
+    assert io.torch_load(CHECKPOINTS / "cluster_transfer" / "last.pt")["epoch"] == 1
+    calls = []
+    original = ClusterTransfer.make_clusters
+    monkeypatch.setattr(ClusterTransfer, "make_clusters", lambda self: calls.append(1) or original(self))
+    resumed = train_stage("cluster_transfer", params, resume=True)
+    assert calls == []
+    assert [h["fine_tuning"] for h in _history()] == [0.0, 1.0, 1.0]
+    assert [h["loss"] for h in _history()] == curve
+    for k, v in resumed.method.model.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+def _history() -> list[dict]:
     return io.torch_load(CHECKPOINTS / "cluster_transfer" / "last.pt")["history"]
 
 
 def test_fine_tuning_leaves_the_cluster_layer_alone(workdir, tiny):
-    m = _build(tiny, *HOG, "train.epochs=2", "train.steps_per_epoch=3")
+    m = _build(tiny, *HOG, "cluster_transfer.cluster_epochs=1", "train.epochs=1", "train.steps_per_epoch=3")
     m.make_clusters()
     before = m.model["cluster_fc"].weight.clone()
     out = m.training_step(m.switch_step)  # a fine-tuning step: labels through net.fc only

@@ -1,33 +1,44 @@
 """Alternating optimisation of the classifier and the pseudo-labels (Rebuffi et al. 2020, §3.2, Algorithm 1).
 
-Preparation: the backbone comes from a self-supervised pre-training (``init``, RotNet by default: ``ssl-ops
-pretrain rotation``), its first K blocks are frozen (``freeze_blocks``, 2 as in the paper) and a linear
-classifier sits on top. N_t, the trainable weights, are the unfrozen blocks (parameters and BatchNorm
-statistics); their pre-trained values are kept to re-initialise them in every cycle.
+Preparation (Alg. 1 l.1-2): the backbone comes from a self-supervised pre-training (``init``, RotNet by default:
+``ssl-ops pretrain rotation``), its first K blocks are frozen (``freeze_blocks``, 2 as in the paper) and a new linear
+classifier sits on top. N_t, the trainable weights, are the unfrozen blocks (parameters and BatchNorm statistics)
+**and that classification layer** (l.2: "Replace the last layer with one dimensioned for the classification task.
+The trainable weights now form a network Nt"); their preparation-phase values are kept to re-initialise them.
 
 Each of ``cycles`` cycles (the run's ``epochs x steps_per_epoch`` optimiser steps are shared equally):
 
 (5) fine-tune **only the classification layer** on the labeled set with cross-entropy (``classifier_steps``
     full-batch steps on frozen, un-augmented features; the backbone is in eval mode, so not even its
-    BatchNorm statistics move);
+    BatchNorm statistics move); it starts from the classifier as phase (9) of the previous cycle left it;
 (6) pseudo-label every unlabeled image with that network: one-hot argmax (``labels: hard``) or its softmax
     (``soft``);
 (7) draw a random ``subset_fraction`` (two thirds) of the unlabeled set; the last ``full_set_cycles``
     cycles use all of it;
-(8) reset N_t to the pre-trained weights;
-(9) train N_t and the classifier on the subset (plus a labeled batch with its true labels each step) with
-    L = 0.5 * L_temp + 0.5 * L_pseudo, where L_pseudo is the cross-entropy against the (soft) pseudo-label
-    and L_temp = KL(p_prev || p_now), p_prev the prediction for the same image the last time it was drawn
-    in this cycle (the paper's "previous epoch"; images not yet drawn in the cycle have none and add no term).
-    At each cycle start the optimiser's momentum is cleared and the learning-rate schedule (warm-up, cosine)
-    restarts, as a new training run would.
+(8) reset N_t, the classifier included, to the preparation-phase weights;
+(9) train N_t on the pseudo-labelled subset only with L = 0.5 * L_temp + 0.5 * L_pseudo, where L_pseudo is the
+    cross-entropy against the (soft) pseudo-label and L_temp = KL(p_prev || p_now), p_prev the prediction for the
+    same image the last time it was drawn in this cycle (the paper's "previous epoch"; images not yet drawn in the
+    cycle have none and add no term). At each cycle start the optimiser's momentum is cleared and the
+    learning-rate schedule (warm-up, cosine) restarts, as a new training run would.
+
+What the paper says about (8) and (9), the default here:
+- §1: "At this point, the representation is reset to initial state (from the pre-text task) and fine-tuned using
+  the pseudo-labels only." Alg. 1 l.9: "Train Nt on the unlabelled metaset Ti"; §3.2: "we fine-tune the whole
+  architecture on the unlabelled set". So phase 2 sees no true labels: ``labeled_batch_size: 0``. A positive
+  value adds that many labeled images (their true labels) to each step: an extension, not the paper.
+- Alg. 1 l.8: "Reassign Nt to the weights extracted from the preparation phase", and §3.2 "Information flow":
+  "the information that flows from phase one to phase two is only the pseudo-labels on the unlabelled data,
+  whereas the information that flows from phase two back to phase one are the weights of the network". So the
+  classifier fitted in phase 1 does not carry into phase 2: ``reset_classifier: true`` resets it with the
+  blocks; ``false`` keeps the phase-1 classifier as phase 2's starting point (and resets the blocks only).
 
 Refinement mode (§4.3, ``refine: true``): the network (all of it) starts from a trained Mean Teacher
 (``teacher: models/mean_teacher.pt``, its EMA network), step (8) resets N_t to those weights, there is no
 random split and the pseudo-labels are soft.
 
-Ablations (§4.2): ``reinit: false`` skips step (8), ``split: false`` uses the whole unlabeled set in every
-cycle, ``temporal: false`` drops L_temp (then L = L_pseudo).
+Ablations (§4.2): ``reinit: false`` skips step (8) (blocks and classifier), ``split: false`` uses the whole
+unlabeled set in every cycle, ``temporal: false`` drops L_temp (then L = L_pseudo).
 
 Per cycle, ``self.cycle_log`` (and the step metrics, averaged per epoch by the engine) records the phase-1
 labeled accuracy, the val accuracy after phase 1 and at the end of the previous cycle, and how many
@@ -63,7 +74,12 @@ class AlternatingParams(MethodParams):
     subset_fraction: float = Field(2 / 3, gt=0, le=1)  # step (7): the paper's random two thirds
     full_set_cycles: int = Field(1, ge=0)  # the last this many cycles train on the whole unlabeled set
     temporal_weight: float = Field(0.5, ge=0, le=1)  # L = w * L_temp + (1 - w) * L_pseudo; the paper: 0.5
-    labeled_batch_size: int = Field(16, ge=0)  # labeled images (true labels) added to each step; 0: none
+    # step (9) trains on the pseudo-labelled set only (Alg. 1 l.9, §1 "using the pseudo-labels only"): 0. A positive
+    # value adds this many labeled images with their true labels to each step (not the paper; choose it on val)
+    labeled_batch_size: int = Field(0, ge=0)
+    # step (8) resets the classification layer too (Alg. 1 l.2: it is part of N_t; §3.2: only the pseudo-labels
+    # flow from phase 1 to phase 2). False: the classifier fitted in phase 1 carries into phase 2
+    reset_classifier: bool = True
     # A compute cap, not part of the algorithm: use a fixed random subset of this many unlabeled images (seeded
     # by train.seed) in every cycle. Pseudo-labelling is a forward pass over the whole pool each cycle, which
     # on a CPU costs more than the training itself. None: all of them (the paper).
@@ -139,7 +155,9 @@ class Alternating(Method):
         # train-set index of every CycleState position: unlabeled ones first, then the labeled ones
         self.positions = torch.as_tensor(np.concatenate([self.unlabeled, ctx.split.labeled]), device=ctx.device).long()
         self.model = nn.ModuleDict({"net": net, "state": CycleState(n_u, n_l, ctx.num_classes)}).to(ctx.device)
+        # N_t's preparation-phase weights, restored by step (8): the trainable blocks and the new classifier
         self.pretext_state = {k: v.detach().clone() for k, v in self.trainable_blocks().state_dict().items()}
+        self.classifier_state = {k: v.detach().clone() for k, v in net.fc.state_dict().items()}
         self.cycle_log: list[dict[str, float]] = []
         self.optimizer = self.scheduler = None
         self._stats: dict[str, Tensor] = {}
@@ -257,8 +275,11 @@ class Alternating(Method):
 
     @torch.no_grad()
     def reset_trainable(self) -> None:
-        """Step (8): N_t back to the pre-trained (or, refining, the Mean Teacher's) weights."""
+        """Step (8): N_t back to the preparation-phase (or, refining, the Mean Teacher's) weights: the trainable
+        blocks, and the classification layer unless ``reset_classifier`` is false."""
         self.trainable_blocks().load_state_dict(self.pretext_state)
+        if self.params.reset_classifier:
+            self.model["net"].fc.load_state_dict(self.classifier_state)
 
     def start_cycle(self, cycle: int) -> None:
         st, p = self.model["state"], self.params
