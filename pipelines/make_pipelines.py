@@ -78,6 +78,8 @@ ROTNET = Stage("pretrain", "rotation", dict(epochs=200, steps_per_epoch=391, bat
                overlay={"train": {"schedule": "step", "milestones": [0.3, 0.6, 0.8], "gamma": 0.1}})
 SUPERVISED = Stage("train", "supervised", {}, note="baseline: the labeled split alone, same backbone and budget")
 ROT = ("models/pretrain/rotation.pt",)
+# Rebuffi §3.2, phase two: "fine-tune the whole architecture on the unlabelled set" (no true-labeled batches)
+ALTERNATING = dict(init=ROT[0], freeze_blocks=2, labeled_batch_size=0)
 
 
 def _mean_teacher_refine(name: str, dataset: str, lpc: int, table: str, top1: float, mt: str) -> Pipeline:
@@ -94,8 +96,8 @@ def _mean_teacher_refine(name: str, dataset: str, lpc: int, table: str, top1: fl
         stages=[ROTNET, SUPERVISED,
                 Stage("train", "mean_teacher", dict(init=ROT[0], freeze_blocks=2), needs=ROT),
                 # §4.3: "we do not use the dataset random splitting ... and we choose soft labels assignment"
-                Stage("train", "alternating", dict(init=ROT[0], freeze_blocks=2, refine=True, labels="soft",
-                                                   split=False, teacher="models/mean_teacher.pt"),
+                Stage("train", "alternating", dict(ALTERNATING, refine=True, labels="soft", split=False,
+                                                   teacher="models/mean_teacher.pt"),
                       needs=(*ROT, "models/mean_teacher.pt"))])
 
 
@@ -109,7 +111,7 @@ PIPELINES = [
                "per class, RotNet pre-trained, first two blocks frozen)",
         target_test_top1=0.836, dataset="cifar10", labels_per_class=10, backbone="resnet18_cifar",
         experiment="paper-rebuffi-cifar10-10pc",
-        stages=[ROTNET, SUPERVISED, Stage("train", "alternating", dict(init=ROT[0], freeze_blocks=2), needs=ROT)]),
+        stages=[ROTNET, SUPERVISED, Stage("train", "alternating", ALTERNATING, needs=ROT)]),
     _mean_teacher_refine("meanteacher_cifar10_refine", "cifar10", 10, "Rebuffi et al. Table 1, CIFAR-10, 10 labels per class", 0.877, "86.4"),
     _mean_teacher_refine("meanteacher_cifar100_refine", "cifar100", 10, "Rebuffi et al. Table 1, CIFAR-100, 10 labels per class", 0.583, "53.7"),
     _mean_teacher_refine("meanteacher_cifar100_25pc_refine", "cifar100", 25, "Rebuffi et al. Table 1, CIFAR-100, 25 labels per class", 0.639, "60.7"),
