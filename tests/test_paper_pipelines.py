@@ -30,7 +30,18 @@ from ssl_ops.pretexts import PRETEXTS
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PIPELINES = sorted(p.parent.name for p in (REPO / "pipelines").glob("*/dvc.yaml"))
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_pipelines", REPO / "pipelines" / "make_pipelines.py")
+    gen = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gen  # dataclasses resolve their string annotations through sys.modules
+    spec.loader.exec_module(gen)
+    return gen
+
+
+GEN = _generator()
+PIPELINES = sorted(p.name for p in GEN.PIPELINES)  # the paper pipelines; --check flags any other dvc.yaml folder
 # the synthetic stand-in of each dataset: (channels, image size, classes)
 SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "svhn": (3, 32, 10), "stl10": (3, 96, 10)}
 
@@ -64,12 +75,8 @@ def test_there_are_pipelines():
 
 
 def test_generated_files_are_up_to_date(capsys):
-    spec = importlib.util.spec_from_file_location("make_pipelines", REPO / "pipelines" / "make_pipelines.py")
-    gen = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = gen  # dataclasses resolve their string annotations through sys.modules
-    spec.loader.exec_module(gen)
-    assert gen.main(["--check"]) == 0, capsys.readouterr().err
-    assert sorted(p.name for p in gen.PIPELINES) == PIPELINES
+    """Every pipeline folder is generated (or listed in NOT_GENERATED) and matches what the generator writes."""
+    assert GEN.main(["--check"]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -196,7 +203,7 @@ def _smoke(tree: dict, base: dict | None = None) -> dict:
     if base is None:  # params.yaml: the synthetic stand-in of the dataset's shape, 2 labels per class
         channels, size, classes = SHAPES[tree["data"]["name"]]
         tree["data"] = {"name": "synthetic", "synthetic": {"channels": channels, "image_size": size,
-                                                           "classes": classes, "train_per_class": 6, "test_per_class": 2}}
+                                                           "classes": classes, "train_per_class": 4, "test_per_class": 1}}
         tree["split"].update(labels_per_class=2, val_per_class=1)
         tree["tracking"]["log_model"] = False
     else:  # a preset: the same data and split as the smoke params.yaml
