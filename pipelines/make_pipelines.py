@@ -364,8 +364,8 @@ def readme() -> str:
     for p in PIPELINES:
         est = estimate(p)
         top1 = f"{p.target_test_top1:.1%}" if p.target_test_top1 is not None else "none (see target)"
-        table = yaml.safe_load((HERE / p.name / "paper.yaml").read_text())["target"]["section"] \
-            if (HERE / p.name / "paper.yaml").exists() else p.target
+        target = yaml.safe_load((HERE / p.name / "paper.yaml").read_text())["target"]
+        table = f"{target['paper']}: {target['section']}"
         budget = "; ".join(f"{name.split('_', 1)[1]} {steps:,} x {batch}" for name, steps, batch, _ in est)
         rows.append(f"| `{p.name}` | {p.title} | {top1} | {table} | {budget} | {sum(h for *_, h in est):.1f} |")
     return README_HEAD + "\n".join(rows) + "\n" + README_TAIL
