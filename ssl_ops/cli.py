@@ -52,8 +52,9 @@ def cmd_split(args) -> None:
     from ssl_ops.stages import split_stage
 
     path, split = split_stage(_load(args))
+    extra = f", of which {split.unlabeled_only} from the unlabeled-only images" if split.unlabeled_only else ""
     out.print(f"split -> {path}: {len(split.labeled)} labeled, {len(split.val)} val, "
-              f"{len(split.unlabeled)} unlabeled (seed {split.seed})")
+              f"{len(split.unlabeled)} unlabeled{extra} (seed {split.seed})")
 
 
 def cmd_train(args) -> None:

@@ -34,7 +34,7 @@ def prepare_stage(params: BaseParams) -> Path:
 
 def split_stage(params: BaseParams) -> tuple[Path, Split]:
     data = load_prepared(params.data.name)
-    split = make_split(data.train_y, params.split, data.sha256, data.classes)
+    split = make_split(data.train_y, params.split, data.sha256, data.classes, unlabeled_only=data.num_unlabeled_only)
     path = split_path(params.data.name, params.split)
     write_split(split, path)
     return path, split
@@ -44,7 +44,12 @@ def load_data(params: BaseParams) -> tuple[PreparedDataset, Split, Path]:
     """The prepared dataset (hashes verified) and its split (checked to come from this dataset)."""
     data = load_prepared(params.data.name)
     path = split_path(params.data.name, params.split)
-    return data, load_split(path, data.sha256, len(data.train_y)), path
+    split = load_split(path, data.sha256, len(data.train_y) + data.num_unlabeled_only)
+    if split.unlabeled_only != data.num_unlabeled_only:
+        raise DataIntegrityError(
+            f"split file {path} counts {split.unlabeled_only} unlabeled-only images but the prepared dataset has "
+            f"{data.num_unlabeled_only}; re-run `ssl-ops split` (or `dvc repro`)")
+    return data, split, path
 
 
 def _config_hash(resolved: dict[str, Any], method: str) -> str:

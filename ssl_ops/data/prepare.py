@@ -43,6 +43,11 @@ class PreparedDataset:
         return len(self.classes)
 
     @property
+    def num_unlabeled_only(self) -> int:
+        """Images without labels (``unlabeled_x``): they join the split's unlabeled pool after the train set."""
+        return 0 if self.unlabeled_x is None else len(self.unlabeled_x)
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
 

@@ -1,0 +1,114 @@
+"""Issue 20: a user's own image folder end to end (prepare, split, train, predict, DVC, parallel tuning).
+
+Every test writes its own tiny folder with PIL: three classes of 8x8 images, a third RGB and the rest grey,
+plus a folder of unlabeled images (a distinct constant colour, so draws from it are recognisable).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssl_ops.params import load_params
+
+CLASSES = ("cat", "dog", "frog")
+PER_CLASS = 10
+N_UNLABELED = 6
+UNLABELED_VALUE = 255  # every unlabeled image is pure white; no labelled image is
+
+
+def write_folder(root: Path, unlabeled: bool = True) -> tuple[Path, Path | None]:
+    """root/images/<class>/*.png (mixed L / RGB) and root/unlabeled/*.png."""
+    images = root / "images"
+    for c, name in enumerate(CLASSES):
+        (images / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            value = 20 + 60 * c + i  # < 255: never the unlabeled colour
+            im = Image.new("RGB", (8, 8), (value, value, 0)) if i % 3 == 0 else Image.new("L", (8, 8), value)
+            im.save(images / name / f"{i}.png")
+    if not unlabeled:
+        return images, None
+    extra = root / "unlabeled"
+    extra.mkdir()
+    for i in range(N_UNLABELED):
+        Image.new("L" if i % 2 else "RGB", (8, 8), (UNLABELED_VALUE,) * (1 if i % 2 else 3)).save(extra / f"u{i}.png")
+    return images, extra
+
+
+def folder_params(images: Path, extra: Path | None, *more: str):
+    sets = ["data.name=imagefolder", f"data.root={images}", "data.image_size=8", "split.labels_per_class=2",
+            "split.val_per_class=1", "train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=8",
+            "train.progress=false", "train.warmup_epochs=0", "tracking.log_model=false", "train.device=cpu"]
+    if extra is not None:
+        sets.append(f"data.unlabeled_dir={extra}")
+    return load_params("params.yaml", [*sets, *more])
+
+
+@pytest.fixture
+def own_images(tmp_path, monkeypatch):
+    """A cwd with an image folder (mixed grey / RGB) and an unlabeled folder; returns (images, unlabeled)."""
+    monkeypatch.chdir(tmp_path)
+    return write_folder(tmp_path / "src")
+
+
+def test_unlabeled_dir_joins_the_split_and_the_pools(own_images):
+    """Silent failure 1: data.unlabeled_dir was prepared, then ignored by split, store and methods."""
+    import torch
+
+    from ssl_ops.engine import make_context
+    from ssl_ops.stages import load_data, prepare_stage, split_stage
+
+    images, extra = own_images
+    params = folder_params(images, extra)
+    prepare_stage(params)
+    path, split = split_stage(params)
+    data, loaded, _ = load_data(params)
+    n_train = len(data.train_y)
+    assert data.unlabeled_x is not None and len(data.unlabeled_x) == N_UNLABELED
+    # counted: the unlabeled pool is the train images not labeled/val plus every unlabeled-only image
+    assert len(split.unlabeled) == n_train - 3 * 2 - 3 * 1 + N_UNLABELED
+    assert split.unlabeled_only == N_UNLABELED == json.loads(path.read_text())["unlabeled_only"]
+    assert loaded.unlabeled_only == N_UNLABELED and (split.unlabeled[-N_UNLABELED:] >= n_train).all()
+    ctx = make_context(params, params.train, data, loaded, torch.device("cpu"))
+    assert ctx.store.n == n_train + N_UNLABELED
+    assert (ctx.store.y[n_train:] == -1).all()
+    # drawn: both the unlabeled batches (SSL methods) and the whole-set batches (pre-training) reach them
+    u = ctx.unlabeled_batch(256)
+    a = ctx.image_batch(256)
+    white = lambda x: (x.flatten(1) == UNLABELED_VALUE).all(1)  # noqa: E731
+    assert white(u).any() and white(a).any()
+
+
+def test_split_without_unlabeled_dir_differs_in_count_and_hash(tmp_path, monkeypatch):
+    """The same folder with and without data.unlabeled_dir: another unlabeled count and split sha256."""
+    from ssl_ops.stages import prepare_stage, split_stage
+
+    images, extra = write_folder(tmp_path / "src")
+    counts, shas = [], []
+    for i, e in enumerate((None, extra)):
+        (tmp_path / f"w{i}").mkdir()
+        monkeypatch.chdir(tmp_path / f"w{i}")
+        params = folder_params(images, e)
+        prepare_stage(params)
+        path, split = split_stage(params)
+        counts.append(len(split.unlabeled))
+        shas.append(path.read_bytes())
+    assert counts[1] == counts[0] + N_UNLABELED and shas[0] != shas[1]
+
+
+def test_streamed_store_reads_unlabeled_only_images_after_the_train_set():
+    """The on-disk path (data too big for memory) indexes the unlabeled-only images like the in-memory one."""
+    import torch
+
+    from ssl_ops.data.store import ImageStore
+
+    x = np.arange(3, dtype=np.uint8).reshape(3, 1, 1, 1) * np.ones((1, 1, 2, 2), np.uint8)
+    extra = np.full((2, 1, 2, 2), 200, np.uint8)
+    for max_bytes in (0, 1e9):  # streamed, in memory
+        store = ImageStore(x, np.array([0, 1, 2]), torch.device("cpu"), max_bytes=max_bytes, workers=0, extra=extra)
+        xb, yb = next(store.iterate(np.array([4, 0, 3, 2]), 4))
+        assert xb[:, 0, 0, 0].tolist() == [200, 0, 200, 2] and yb.tolist() == [-1, 0, -1, 2]
