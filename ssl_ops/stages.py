@@ -18,7 +18,7 @@ from typing import Any
 
 
 from ssl_ops import distributed, io, recovery, tracking
-from ssl_ops.data.prepare import PreparedDataset, load_prepared, prepare
+from ssl_ops.data.prepare import PreparedDataset, link_sources, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
 from ssl_ops.engine import RunContext, fit, make_context, predict_logits, test_accuracy, topk_accuracy
 from ssl_ops.errors import CheckpointError, DataIntegrityError, SslOpsError
@@ -29,7 +29,9 @@ MODELS, CHECKPOINTS, METRICS, REPORTS = Path("models"), Path("checkpoints"), Pat
 
 
 def prepare_stage(params: BaseParams) -> Path:
-    return prepare(params.data)
+    out = prepare(params.data)
+    link_sources(params.data)  # after success: dvc.yaml's prepare then records the folders it read
+    return out
 
 
 def split_stage(params: BaseParams) -> tuple[Path, Split]:

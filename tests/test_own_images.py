@@ -112,3 +112,54 @@ def test_streamed_store_reads_unlabeled_only_images_after_the_train_set():
         store = ImageStore(x, np.array([0, 1, 2]), torch.device("cpu"), max_bytes=max_bytes, workers=0, extra=extra)
         xb, yb = next(store.iterate(np.array([4, 0, 3, 2]), 4))
         assert xb[:, 0, 0, 0].tolist() == [200, 0, 200, 2] and yb.tolist() == [-1, 0, -1, 2]
+
+
+def _dvc_project(tmp_path: Path, images: Path, extra: Path | None) -> tuple[Path, dict]:
+    """A temp copy of the project's DVC layout (dvc.yaml, sources/, ssl_ops) with params for ``images``."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo, bin_dir = Path(__file__).resolve().parents[1], Path(sys.executable).parent
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(repo / name, proj / name)
+    shutil.copytree(repo / "sources", proj / "sources", symlinks=True)
+    shutil.copytree(repo / "ssl_ops", proj / "ssl_ops", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(name="imagefolder", root=str(images), image_size=8,
+                          unlabeled_dir=str(extra) if extra else None)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(proj)}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        assert subprocess.run(cmd, cwd=proj, env=env).returncode == 0
+    return proj, env
+
+
+def test_dvc_sees_a_file_added_to_the_image_folder(tmp_path):
+    """Silent failure 2: a PNG added to data.root left `dvc repro` "didn't change, skipping"."""
+    import subprocess
+
+    images, extra = write_folder(tmp_path / "src")
+    proj, env = _dvc_project(tmp_path, images, extra)
+
+    def dvc(*args: str) -> str:
+        proc = subprocess.run(["dvc", *args], cwd=proj, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    dvc("repro", "prepare")
+    assert "changed" not in dvc("status", "prepare")
+    n_before = json.loads((proj / "data/prepared/imagefolder/manifest.json").read_text())["shapes"]["unlabeled_x"][0]
+    Image.new("L", (8, 8), 3).save(extra / "new.png")  # one more unlabeled image
+    status = dvc("status", "prepare")
+    assert "prepare" in status and "sources/unlabeled" in status
+    assert "Running stage 'prepare'" in dvc("repro", "prepare")
+    n_after = json.loads((proj / "data/prepared/imagefolder/manifest.json").read_text())["shapes"]["unlabeled_x"][0]
+    assert n_after == n_before + 1
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(images / "cat" / "new.png")  # one more labelled image
+    assert "sources/root" in dvc("status", "prepare")

@@ -22,6 +22,9 @@ from ssl_ops.errors import DataIntegrityError
 from ssl_ops.params import DataParams
 
 PREPARED_ROOT = Path("data/prepared")
+# Committed symlinks that dvc.yaml's prepare stage depends on (DVC follows a dep that is a symlink and hashes
+# the folder behind it): `link_sources` points them at the user's folders, so a changed image re-runs prepare.
+SOURCES = Path("sources")
 ARRAYS = ("train_x", "train_y", "test_x", "test_y", "unlabeled_x")
 
 
@@ -104,6 +107,33 @@ def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def link_sources(cfg: DataParams, base: Path = SOURCES) -> dict[str, str]:
+    """Point ``base/root`` and ``base/unlabeled`` at ``data.root`` / ``data.unlabeled_dir`` when each is a local
+    folder, else at ``base/none`` (empty). A no-op outside a project (no ``base`` folder). Returns link -> target.
+
+    DVC cannot template a dep from a param that may be null (``${data.root}`` fails for the default
+    Fashion-MNIST), so the dependency goes through these links; ``prepare`` re-points them on every run.
+    """
+    from ssl_ops.data.sources import _user_path
+
+    if not base.is_dir():
+        return {}
+    done = {}
+    for name, folder in (("root", cfg.root), ("unlabeled", cfg.unlabeled_dir)):
+        target = str(_user_path(folder).resolve()) if folder is not None and _user_path(folder).is_dir() else "none"
+        link = base / name
+        if link.exists() and not link.is_symlink():
+            raise DataIntegrityError(f"{link} must be the symlink `ssl-ops prepare` manages (dvc.yaml depends on "
+                                     f"it), not a folder; move it away and re-run `ssl-ops prepare`")
+        if not (link.is_symlink() and os.readlink(link) == target):
+            tmp = base / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            os.symlink(target, tmp)
+            os.replace(tmp, link)  # atomic: the link never disappears for a concurrent `dvc status`
+        done[str(link)] = target
+    return done
 
 
 def load_prepared(name: str, root: Path = PREPARED_ROOT, verify: bool = True) -> PreparedDataset:
