@@ -143,13 +143,24 @@ def cmd_predict(args) -> None:
     from ssl_ops.tracking import tracking_uri
 
     params = _load(args)
-    table = predict(args.model, Path(args.path), Path(args.out), tracking_uri(params.tracking), resize=args.resize)
+    table = predict(args.model, Path(args.path), Path(args.out), tracking_uri(params.tracking), resize=args.resize,
+                    strict=args.strict)
     counts = table["predicted"].value_counts()
     out.print(f"{len(table)} images -> {args.out} (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")")
-    skipped = table.attrs.get("skipped", [])
-    if skipped:
-        out.print(f"skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'}: "
-                  + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), highlight=False)
+    report = table.attrs["report"]
+    if report.converted:
+        out.print(f"converted {len(report.converted)} grey image(s) to RGB, as the model's training images were "
+                  f"(color_mode {table.attrs['color_mode']}): " + _some(report.converted), highlight=False)
+    if report.skipped:
+        out.print(f"skipped {len(report.skipped)} non-image entr{'y' if len(report.skipped) == 1 else 'ies'}: "
+                  + _some(report.skipped), highlight=False)
+    if report.unreadable:  # every one, with its reason: they are missing from the CSV
+        err.print(f"left out {len(report.unreadable)} unusable image(s) (not in {args.out}; --strict makes this an "
+                  "error):\n  " + "\n  ".join(report.unreadable), highlight=False, markup=False)
+
+
+def _some(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (" ..." if len(names) > k else "")
 
 
 def cmd_tune(args) -> None:
@@ -219,10 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="registered model name (default: registry.model_name from params)")
     p.add_argument("--force", action="store_true", help="make it champion whatever its val accuracy")
     p = add("predict", cmd_predict, "class probabilities for a folder of images or a .npy array -> CSV")
-    p.add_argument("path", help="folder of images (png, jpg, ...) or .npy array (N,C,H,W / N,H,W,C / N,H,W)")
+    p.add_argument("path", help="folder of images (png, jpg, ...), one image file, or .npy array "
+                                "(N,C,H,W / N,H,W,C / N,H,W)")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/ssl-ops-fashion_mnist-10pc@champion")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--resize", action="store_true", help="resize images of another size to the model's (bilinear)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first unusable image (default: leave it out, list it, fail only if none is usable)")
     p = add("tune", cmd_tune, "Optuna study of a method's tune.spaces on the val split, tracked in MLflow")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
     p.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20; 0: only report)")

@@ -163,3 +163,72 @@ def test_dvc_sees_a_file_added_to_the_image_folder(tmp_path):
     assert n_after == n_before + 1
     Image.new("RGB", (8, 8), (9, 9, 9)).save(images / "cat" / "new.png")  # one more labelled image
     assert "sources/root" in dvc("status", "prepare")
+
+
+@pytest.fixture(scope="module")
+def rgb_model(tmp_path_factory, mlflow_uri):
+    """A supervised model trained (2 steps) and logged on the mixed grey / RGB folder: an RGB (3-channel) model."""
+    import os
+
+    from ssl_ops.stages import prepare_stage, split_stage, train_stage
+
+    root = tmp_path_factory.mktemp("rgb_model")
+    images, extra = write_folder(root / "src")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        params = folder_params(images, extra, "tracking.log_model=true")
+        prepare_stage(params)
+        split_stage(params)
+        run_id = train_stage("supervised", params).run_id
+    finally:
+        os.chdir(cwd)
+    return f"runs:/{run_id}/model"
+
+
+def test_predict_converts_grey_images_for_an_rgb_model(rgb_model, tmp_path, monkeypatch, capsys):
+    """Silent failure 3: prepare turned the mixed folder into RGB; predict refused grey images of the same kind."""
+    import pandas as pd
+
+    from ssl_ops import cli
+
+    monkeypatch.chdir(tmp_path)
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), 40 * i).save(grey / f"g{i}.png")
+    assert cli.main(["predict", "--model", rgb_model, str(grey), "--out", "p.csv"]) == 0
+    printed = capsys.readouterr().out
+    assert "converted 3 grey image(s) to RGB" in printed and "color_mode RGB" in printed
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert list(table["file"]) == ["g0.png", "g1.png", "g2.png"] and set(table["predicted"]) <= set(CLASSES)
+    # the conversion is the one training used: a grey image gives the probabilities of its RGB copy
+    Image.new("RGB", (8, 8), (40, 40, 40)).save(tmp_path / "rgb1.png")
+    assert cli.main(["predict", "--model", rgb_model, "rgb1.png", "--out", "q.csv"]) == 0  # one image file
+    again = pd.read_csv(tmp_path / "q.csv")
+    cols = [f"p_{c}" for c in CLASSES]
+    np.testing.assert_allclose(again[cols].to_numpy()[0], table[cols].to_numpy()[1], atol=2e-6)
+
+
+def test_predict_leaves_out_a_broken_image_and_lists_it(rgb_model, tmp_path, monkeypatch, capsys):
+    """Rough edge: one unreadable image aborted the batch with no CSV; a missing path said something vague."""
+    import pandas as pd
+
+    from ssl_ops import cli
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "a.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    assert cli.main(["predict", "--model", rgb_model, str(folder), "--out", "p.csv"]) == 0
+    captured = capsys.readouterr()
+    assert "left out 1 unusable image" in captured.err and "broken.png: cannot read image" in captured.err
+    assert list(pd.read_csv(tmp_path / "p.csv")["file"]) == ["a.png"]
+    assert cli.main(["predict", "--model", rgb_model, str(folder), "--out", "s.csv", "--strict"]) == 2
+    assert "--strict" in capsys.readouterr().err and not (tmp_path / "s.csv").exists()
+    (folder / "a.png").unlink()
+    assert cli.main(["predict", "--model", rgb_model, str(folder), "--out", "n.csv"]) == 2  # nothing usable
+    assert "none of the 1 image(s) could be used" in capsys.readouterr().err
+    assert cli.main(["predict", "--model", rgb_model, "no/such/dir", "--out", "n.csv"]) == 2
+    assert "no/such/dir not found" in capsys.readouterr().err
