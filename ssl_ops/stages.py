@@ -18,7 +18,7 @@ from typing import Any
 
 
 from ssl_ops import distributed, io, recovery, tracking
-from ssl_ops.data.prepare import PreparedDataset, link_sources, load_prepared, prepare
+from ssl_ops.data.prepare import PreparedDataset, check_prepared_with, link_sources, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
 from ssl_ops.engine import RunContext, fit, make_context, predict_logits, test_accuracy, topk_accuracy
 from ssl_ops.errors import CheckpointError, DataIntegrityError, SslOpsError
@@ -36,6 +36,7 @@ def prepare_stage(params: BaseParams) -> Path:
 
 def split_stage(params: BaseParams) -> tuple[Path, Split]:
     data = load_prepared(params.data.name)
+    check_prepared_with(params.data, data)
     split = make_split(data.train_y, params.split, data.sha256, data.classes, unlabeled_only=data.num_unlabeled_only)
     path = split_path(params.data.name, params.split)
     write_split(split, path)
@@ -45,6 +46,7 @@ def split_stage(params: BaseParams) -> tuple[Path, Split]:
 def load_data(params: BaseParams) -> tuple[PreparedDataset, Split, Path]:
     """The prepared dataset (hashes verified) and its split (checked to come from this dataset)."""
     data = load_prepared(params.data.name)
+    check_prepared_with(params.data, data)
     path = split_path(params.data.name, params.split)
     split = load_split(path, data.sha256, len(data.train_y) + data.num_unlabeled_only)
     if split.unlabeled_only != data.num_unlabeled_only:

@@ -232,3 +232,22 @@ def test_predict_leaves_out_a_broken_image_and_lists_it(rgb_model, tmp_path, mon
     assert "none of the 1 image(s) could be used" in capsys.readouterr().err
     assert cli.main(["predict", "--model", rgb_model, "no/such/dir", "--out", "n.csv"]) == 2
     assert "no/such/dir not found" in capsys.readouterr().err
+
+
+def test_data_param_that_disagrees_with_the_prepared_arrays_is_an_error(own_images, mlflow_uri, capsys):
+    """Silent failure 4: `train --set data.image_size=16` on arrays prepared at 8 ran and logged 16."""
+    from ssl_ops import cli
+
+    images, extra = own_images
+    base = ["--set", "data.name=imagefolder", "--set", f"data.root={images}", "--set", f"data.unlabeled_dir={extra}",
+            "--set", "split.labels_per_class=2", "--set", "split.val_per_class=1", "--set", "train.epochs=1",
+            "--set", "train.steps_per_epoch=2", "--set", "train.batch_size=8", "--set", "tracking.log_model=false"]
+    for cmd in ("prepare", "split"):
+        assert cli.main([cmd, *base, "--set", "data.image_size=8"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "supervised", "--no-progress", *base, "--set", "data.image_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert "data.image_size is 16" in err and "prepared with 8" in err and "ssl-ops prepare" in err
+    assert "Traceback" not in err
+    assert cli.main(["split", *base, "--set", "data.image_size=8", "--set", "data.test_fraction=0.5"]) == 2
+    assert "data.test_fraction is 0.5" in capsys.readouterr().err

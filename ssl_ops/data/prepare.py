@@ -26,6 +26,9 @@ PREPARED_ROOT = Path("data/prepared")
 # the folder behind it): `link_sources` points them at the user's folders, so a changed image re-runs prepare.
 SOURCES = Path("sources")
 ARRAYS = ("train_x", "train_y", "test_x", "test_y", "unlabeled_x")
+# data params that change the prepared arrays: recorded in the manifest, and a later stage run with other
+# values is refused (it would train on arrays prepared otherwise while MLflow logs the new values)
+PREPARED_WITH = ("root", "image_size", "unlabeled_dir", "test_fraction")
 
 
 @dataclass
@@ -40,6 +43,7 @@ class PreparedDataset:
     mean: list[float]  # per-channel mean of train images, in [0, 1] units
     std: list[float]
     unlabeled_x: np.ndarray | None = None
+    prepared_with: dict | None = None  # the data params prepare read (PREPARED_WITH); None in older manifests
 
     @property
     def num_classes(self) -> int:
@@ -95,6 +99,7 @@ def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
             "sha256": hashes,
             "dataset_sha256": dataset_hash(hashes),
             "skipped_files": list(raw.skipped),  # imagefolder: non-image files left out
+            "prepared_with": _prepared_with(cfg),
         }
         io.write_json(tmp / "manifest.json", manifest)
         # Swap in the new directory; the old one is removed only once the new one is in place.
@@ -107,6 +112,28 @@ def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _prepared_with(cfg: DataParams) -> dict:
+    # folders as written in the params (not made absolute): `dvc exp run` prepares in a temp copy of the repo
+    return {k: (str(v) if isinstance(v, Path) else v) for k in PREPARED_WITH for v in [getattr(cfg, k)]}
+
+
+def check_prepared_with(cfg: DataParams, data: PreparedDataset) -> None:
+    """Refuse data params that disagree with the prepared arrays (e.g. ``--set data.image_size=64`` on arrays
+    prepared at 32): the run would use the old arrays while MLflow records the new value."""
+    from ssl_ops.errors import ParamsError
+
+    now = _prepared_with(cfg)
+    then = dict(data.prepared_with or {})
+    then["image_size"] = data.image_shape[-1]  # the arrays' own size: also catches manifests that predate this
+    if cfg.image_size is None:
+        now["image_size"] = then["image_size"]  # null = the dataset's own size (only imagefolder needs it)
+    bad = [f"data.{k} is {now[k]!r} but data/prepared/{data.name} was prepared with {then[k]!r}"
+           for k in PREPARED_WITH if k in then and now[k] != then[k]]
+    if bad:
+        raise ParamsError("; ".join(bad) + ". Re-run `ssl-ops prepare` (and `ssl-ops split`) with these params, "
+                          "or `dvc repro`, or set the data params back to the prepared values")
 
 
 def link_sources(cfg: DataParams, base: Path = SOURCES) -> dict[str, str]:
@@ -170,5 +197,6 @@ def load_prepared(name: str, root: Path = PREPARED_ROOT, verify: bool = True) ->
         sha256=manifest.get("dataset_sha256") or dataset_hash(hashes),
         mean=manifest["mean"],
         std=manifest["std"],
+        prepared_with=manifest.get("prepared_with"),
         **{k: arrays.get(k) for k in ARRAYS},
     )
