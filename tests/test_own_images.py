@@ -251,3 +251,28 @@ def test_data_param_that_disagrees_with_the_prepared_arrays_is_an_error(own_imag
     assert "Traceback" not in err
     assert cli.main(["split", *base, "--set", "data.image_size=8", "--set", "data.test_fraction=0.5"]) == 2
     assert "data.test_fraction is 0.5" in capsys.readouterr().err
+
+
+def test_two_tune_workers_started_together_on_a_fresh_store_both_finish(workdir, tmp_path):
+    """Silent failure 5: two `ssl-ops tune --storage journal:...` workers racing to create MLflow's SQLite
+    tables died with alembic tracebacks. No pre-created store here: both start on a missing mlflow.db."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"}
+    (tmp_path / "fresh").mkdir()
+    (workdir / "params.yaml").write_text(  # a search space and no pruner: each worker runs one short trial
+        "tune:\n  pruner: {kind: none}\n  spaces:\n    supervised:\n"
+        "      train.lr: {type: float, low: 0.01, high: 0.3, log: true}\n")
+    sets = [x for s in TINY for x in ("--set", s)]
+    procs = [subprocess.Popen([str(bin_dir / "ssl-ops"), "tune", "supervised", "--trials", "1", "--storage",
+                               "journal:tuning/optuna.log", *sets, "--set", f"tune.seed={seed}"], cwd=workdir,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any("Traceback" in err for _, err in outs), outs
