@@ -39,13 +39,31 @@ def _load(args):
 def cmd_prepare(args) -> None:
     from ssl_ops.stages import prepare_stage
 
+    import numpy as np
+
     params = _load(args)
     path = prepare_stage(params)
     out.print(f"prepared [bold]{params.data.name}[/bold] -> {path}")
-    skipped = json.loads((path / "manifest.json").read_text()).get("skipped_files", [])
-    if skipped:
-        out.print(f"skipped {len(skipped)} non-image file(s), listed in {path / 'manifest.json'}: "
-                  + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), highlight=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    y = np.load(path / "train_y.npy"), np.load(path / "test_y.npy")
+    counts = [f"{c} {int((y[0] == i).sum())}+{int((y[1] == i).sum())}" for i, c in enumerate(manifest["classes"])]
+    out.print(f"{len(counts)} classes (train+test images): " + ", ".join(counts), highlight=False)
+    if "unlabeled_x" in manifest["shapes"]:
+        out.print(f"{manifest['shapes']['unlabeled_x'][0]} unlabeled-only images (data.unlabeled_dir)")
+    converted = manifest.get("converted", {})
+    if converted:
+        out.print(f"converted {sum(converted.values())} image(s) to {manifest['color_mode']} ("
+                  + ", ".join(f"{n} {m}" for m, n in converted.items()) + "); predict converts the same way",
+                  highlight=False)
+    reasons = manifest.get("skip_reasons") or dict.fromkeys(manifest.get("skipped_files", []), "not an image")
+    nonimg = [p for p, why in reasons.items() if why.startswith("not an image")]
+    if nonimg:
+        out.print(f"skipped {len(nonimg)} non-image file(s), listed in {path / 'manifest.json'}: " + _some(nonimg),
+                  highlight=False)
+    subdirs = [p for p, why in reasons.items() if why.startswith("sub-folder")]
+    if subdirs:
+        out.print(f"skipped {len(subdirs)} sub-folder(s) of class folders (only files directly in a class folder "
+                  "are read): " + _some(subdirs), highlight=False)
 
 
 def cmd_split(args) -> None:

@@ -276,3 +276,29 @@ def test_two_tune_workers_started_together_on_a_fresh_store_both_finish(workdir,
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert not any("Traceback" in err for _, err in outs), outs
+
+
+def test_prepare_reports_every_problem_at_once_then_a_summary(own_images, capsys):
+    """Rough edge: one problem per run; no summary; images in a class's sub-folder merged into the class."""
+    from ssl_ops import cli
+
+    images, _ = own_images
+    (images / "bird").mkdir()  # an empty class folder
+    (images / "dog" / "zero.png").write_bytes(b"")  # a zero-byte file
+    (images / "frog" / "broken.png").write_bytes(b"\x89PNG broken")  # an unreadable one
+    (images / "cat" / "nested").mkdir()
+    Image.new("L", (8, 8), 1).save(images / "cat" / "nested" / "x.png")  # docs: sub-folders are skipped
+    cmd = ["prepare", "--set", "data.name=imagefolder", "--set", f"data.root={images}", "--set", "data.image_size=8"]
+    assert cli.main(cmd) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "bird holds no images" in err and "zero.png is an empty (zero-byte) file" in err
+    assert "broken.png" in err and "3 problem(s)" in err
+    for bad in (images / "dog" / "zero.png", images / "frog" / "broken.png"):
+        bad.unlink()
+    (images / "bird").rmdir()
+    assert cli.main(cmd) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    n_rgb = len(range(0, PER_CLASS, 3))  # a third of each class is RGB: the grey rest is converted
+    assert f"converted {3 * (PER_CLASS - n_rgb)} image(s) to RGB ({3 * (PER_CLASS - n_rgb)} L)" in out
+    assert "3 classes (train+test images): cat 8+2, dog 8+2, frog 8+2" in out  # nested/x.png not in cat
+    assert "skipped 1 sub-folder(s)" in out and "nested" in out

@@ -98,7 +98,10 @@ def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
             "shapes": shapes,
             "sha256": hashes,
             "dataset_sha256": dataset_hash(hashes),
-            "skipped_files": list(raw.skipped),  # imagefolder: non-image files left out
+            "skipped_files": list(raw.skipped),  # imagefolder: non-image files and class sub-folders left out
+            "skip_reasons": dict(raw.skip_reasons),
+            "converted": dict(raw.converted),  # imagefolder: source PIL mode -> images converted
+            "color_mode": "L" if raw.train_x.shape[1] == 1 else "RGB",
             "prepared_with": _prepared_with(cfg),
         }
         io.write_json(tmp / "manifest.json", manifest)
