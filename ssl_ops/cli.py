@@ -33,7 +33,37 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from ssl_ops.params import load_params
 
+    _refuse_empty(Path(args.params))
     return load_params(args.params, args.overrides, args.presets)
+
+
+def _refuse_empty(path: Path) -> None:
+    """An empty params file (or one of comments only) would silently mean "all defaults" (Fashion-MNIST...)."""
+    import yaml
+
+    from ssl_ops.errors import ParamsError
+
+    if not path.is_file():
+        return  # load_params: a missing params.yaml is the defaults, any other missing file an error
+    try:
+        empty = yaml.safe_load(path.read_text(errors="replace")) is None
+    except yaml.YAMLError:
+        return  # load_params reports the syntax error with its line
+    if empty:
+        raise ParamsError(f"params file {path} is empty, which would silently train with every default; put the "
+                          "params in it (copy the project's params.yaml), or pass --params with another file")
+
+
+def _warn_dvc_output(path: Path) -> None:
+    """A one-off `ssl-ops train` outside `dvc repro` overwrites an output that dvc.lock pins: say so first."""
+    import os
+
+    lock = Path("dvc.lock")
+    if os.environ.get("DVC_STAGE") or not lock.is_file() or f"path: {path.as_posix()}\n" not in lock.read_text():
+        return
+    err.print(f"[yellow]warning:[/yellow] {path} is an output of the DVC pipeline (dvc.lock); this one-off run "
+              "overwrites it, so `dvc status` will show its stage changed and the pipeline's model is lost until "
+              "`dvc repro` (or `dvc checkout`) restores it. Use `dvc exp run -S ...` to keep both.", highlight=False)
 
 
 def cmd_prepare(args) -> None:
@@ -81,6 +111,7 @@ def cmd_train(args) -> None:
     params = _load(args)
     if args.no_progress:
         params.train.progress = False
+    _warn_dvc_output(Path("models") / f"{args.method}.pt")
     res = train_stage(args.method, params, resume=args.resume)
     out.print(f"trained [bold]{args.method}[/bold] in {res.metrics['train_seconds']:.1f}s, "
               f"val top-1 {res.metrics.get('val_top1', float('nan')):.2%} (MLflow run {res.run_id})")
@@ -125,6 +156,7 @@ def cmd_pretrain(args) -> None:
     params = _load(args)
     if args.no_progress:
         params.train.progress = False
+    _warn_dvc_output(model_path(args.pretext))
     res = pretrain_stage(args.pretext, params, resume=args.resume)
     m = res.metrics
     out.print(f"pre-trained [bold]{args.pretext}[/bold] in {m['train_seconds']:.1f}s -> {model_path(args.pretext)}: "

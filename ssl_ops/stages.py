@@ -158,7 +158,8 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
     if distributed.is_main():  # under torchrun every rank evaluates, rank 0 writes
         io.write_json(METRICS / f"{name}.json", metrics)
     with tracking.start_run(params.tracking, run_name=name, run_id=ck["mlflow_run_id"]):
-        tracking.log_metrics({k: v for k, v in metrics.items() if k != "train_seconds"})
+        # at the run's last step (its epoch count): at step 0 the UI's val_top1 curve would jump back to the start
+        tracking.log_metrics({k: v for k, v in metrics.items() if k != "train_seconds"}, step=ctx.train.epochs)
     return metrics
 
 

@@ -302,3 +302,59 @@ def test_prepare_reports_every_problem_at_once_then_a_summary(own_images, capsys
     assert f"converted {3 * (PER_CLASS - n_rgb)} image(s) to RGB ({3 * (PER_CLASS - n_rgb)} L)" in out
     assert "3 classes (train+test images): cat 8+2, dog 8+2, frog 8+2" in out  # nested/x.png not in cat
     assert "skipped 1 sub-folder(s)" in out and "nested" in out
+
+
+def test_epoch_lines_without_a_progress_bar(capsys):
+    """Rough edge: with --no-progress / train.progress=false / no terminal nothing showed until the end."""
+    from ssl_ops.progress import TrainProgress
+
+    with TrainProgress("supervised", 4, enabled=False) as bar:
+        bar.epoch_done(1, {"loss": 1.5, "lr": 0.03, "val_top1": 0.25, "images_per_second": 812.0}, 2)
+    err = capsys.readouterr().err
+    assert "supervised epoch 1  loss 1.5  lr 0.03  val_top1 0.25  images_per_second 812" in err
+
+
+def test_advice_names_the_command_that_makes_the_file(tmp_path, monkeypatch, capsys):
+    """Rough edge: a missing pretext checkpoint said "train first (ssl-ops train ...)"; a truncated last.pt said
+    "delete it" and then started over by itself."""
+    from ssl_ops import io, recovery
+    from ssl_ops.errors import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"run `ssl-ops pretrain rotation`"):
+        io.torch_load("models/pretrain/rotation.pt")
+    with pytest.raises(CheckpointError, match=r"run `ssl-ops train supervised`"):
+        io.torch_load("models/supervised.pt")
+    last = tmp_path / "checkpoints" / "supervised" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04 truncated")
+    assert recovery.resume_from(last, "hash", 3) == (False, None)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "starting over from epoch 0" in err and "Delete it" not in err
+
+
+def test_empty_params_file_is_refused(tmp_path, monkeypatch, capsys):
+    from ssl_ops import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.yaml").write_text("# nothing but a comment\n")
+    assert cli.main(["split", "--params", "empty.yaml"]) == 2
+    assert "params file empty.yaml is empty" in capsys.readouterr().err
+
+
+def test_one_off_train_warns_and_evaluate_logs_at_the_last_step(workdir, mlflow_uri, capsys):
+    """Rough edges: a one-off train silently overwrote a DVC-tracked models/<m>.pt; evaluate logged val_top1 at
+    step 0, so the MLflow UI's curve jumped back to the start."""
+    import mlflow
+
+    from conftest import TINY
+    from ssl_ops import cli
+
+    (workdir / "dvc.lock").write_text("stages:\n  train@supervised:\n    outs:\n    - path: models/supervised.pt\n")
+    sets = [x for s in TINY for x in ("--set", s)]
+    assert cli.main(["train", "supervised", *sets]) == 0
+    assert "models/supervised.pt is an output of the DVC pipeline" in " ".join(capsys.readouterr().err.split())
+    assert cli.main(["evaluate", "supervised", *sets]) == 0
+    run_id = json.loads((workdir / "models/supervised.json").read_text())["mlflow_run_id"]
+    steps = [m.step for m in mlflow.MlflowClient(mlflow_uri).get_metric_history(run_id, "val_top1")]
+    assert steps == sorted(steps) and steps[-1] == 2 and 0 not in steps  # TINY: train.epochs=2
