@@ -358,3 +358,27 @@ def test_one_off_train_warns_and_evaluate_logs_at_the_last_step(workdir, mlflow_
     run_id = json.loads((workdir / "models/supervised.json").read_text())["mlflow_run_id"]
     steps = [m.step for m in mlflow.MlflowClient(mlflow_uri).get_metric_history(run_id, "val_top1")]
     assert steps == sorted(steps) and steps[-1] == 2 and 0 not in steps  # TINY: train.epochs=2
+
+
+def test_top_level_dvc_views_show_only_the_default_pipeline(tmp_path):
+    """Rough edge: at the top level `dvc status` listed every pipelines/* stage and `dvc metrics show` opened
+    with "DVC failed to load some metrics". pipelines/ is its own DVC project (pipelines/.dvc), so the top
+    level sees dvc.yaml alone, while `cd pipelines/<name> && dvc repro` still works."""
+    import shutil
+    import subprocess
+
+    images, extra = write_folder(tmp_path / "src")
+    proj, env = _dvc_project(tmp_path, images, extra)
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "pipelines", proj / "pipelines", ignore=shutil.ignore_patterns("tmp", "cache"))
+
+    def dvc(*args: str, cwd: Path = proj) -> str:
+        proc = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    status = dvc("status")
+    assert "prepare" in status and "pipelines/" not in status
+    assert "pipelines/" not in dvc("metrics", "show")  # (the default pipeline's own metrics: not run here)
+    name = sorted(p.parent.name for p in (proj / "pipelines").glob("*/dvc.yaml"))[0]
+    assert "prepare" in dvc("repro", "--dry", "--force", cwd=proj / "pipelines" / name)
