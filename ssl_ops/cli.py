@@ -33,6 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from ssl_ops.params import load_params
 
+    _refuse_empty(Path(args.params))
     return load_params(args.params, args.overrides, args.presets)
 
 
@@ -41,24 +42,72 @@ def _preset_tag(args) -> dict[str, str]:
     return {"presets": ",".join(args.presets)} if args.presets else {}
 
 
+def _refuse_empty(path: Path) -> None:
+    """An empty params file (or one of comments only) would silently mean "all defaults" (Fashion-MNIST...)."""
+    import yaml
+
+    from ssl_ops.errors import ParamsError
+
+    if not path.is_file():
+        return  # load_params: a missing params.yaml is the defaults, any other missing file an error
+    try:
+        empty = yaml.safe_load(path.read_text(errors="replace")) is None
+    except yaml.YAMLError:
+        return  # load_params reports the syntax error with its line
+    if empty:
+        raise ParamsError(f"params file {path} is empty, which would silently train with every default; put the "
+                          "params in it (copy the project's params.yaml), or pass --params with another file")
+
+
+def _warn_dvc_output(path: Path) -> None:
+    """A one-off `ssl-ops train` outside `dvc repro` overwrites an output that dvc.lock pins: say so first."""
+    import os
+
+    lock = Path("dvc.lock")
+    if os.environ.get("DVC_STAGE") or not lock.is_file() or f"path: {path.as_posix()}\n" not in lock.read_text():
+        return
+    err.print(f"[yellow]warning:[/yellow] {path} is an output of the DVC pipeline (dvc.lock); this one-off run "
+              "overwrites it, so `dvc status` will show its stage changed and the pipeline's model is lost until "
+              "`dvc repro` (or `dvc checkout`) restores it. Use `dvc exp run -S ...` to keep both.", highlight=False)
+
+
 def cmd_prepare(args) -> None:
     from ssl_ops.stages import prepare_stage
+
+    import numpy as np
 
     params = _load(args)
     path = prepare_stage(params)
     out.print(f"prepared [bold]{params.data.name}[/bold] -> {path}")
-    skipped = json.loads((path / "manifest.json").read_text()).get("skipped_files", [])
-    if skipped:
-        out.print(f"skipped {len(skipped)} non-image file(s), listed in {path / 'manifest.json'}: "
-                  + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), highlight=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    y = np.load(path / "train_y.npy"), np.load(path / "test_y.npy")
+    counts = [f"{c} {int((y[0] == i).sum())}+{int((y[1] == i).sum())}" for i, c in enumerate(manifest["classes"])]
+    out.print(f"{len(counts)} classes (train+test images): " + ", ".join(counts), highlight=False)
+    if "unlabeled_x" in manifest["shapes"]:
+        out.print(f"{manifest['shapes']['unlabeled_x'][0]} unlabeled-only images (data.unlabeled_dir)")
+    converted = manifest.get("converted", {})
+    if converted:
+        out.print(f"converted {sum(converted.values())} image(s) to {manifest['color_mode']} ("
+                  + ", ".join(f"{n} {m}" for m, n in converted.items()) + "); predict converts the same way",
+                  highlight=False)
+    reasons = manifest.get("skip_reasons") or dict.fromkeys(manifest.get("skipped_files", []), "not an image")
+    nonimg = [p for p, why in reasons.items() if why.startswith("not an image")]
+    if nonimg:
+        out.print(f"skipped {len(nonimg)} non-image file(s), listed in {path / 'manifest.json'}: " + _some(nonimg),
+                  highlight=False)
+    subdirs = [p for p, why in reasons.items() if why.startswith("sub-folder")]
+    if subdirs:
+        out.print(f"skipped {len(subdirs)} sub-folder(s) of class folders (only files directly in a class folder "
+                  "are read): " + _some(subdirs), highlight=False)
 
 
 def cmd_split(args) -> None:
     from ssl_ops.stages import split_stage
 
     path, split = split_stage(_load(args))
+    extra = f", of which {split.unlabeled_only} from the unlabeled-only images" if split.unlabeled_only else ""
     out.print(f"split -> {path}: {len(split.labeled)} labeled, {len(split.val)} val, "
-              f"{len(split.unlabeled)} unlabeled (seed {split.seed})")
+              f"{len(split.unlabeled)} unlabeled{extra} (seed {split.seed})")
 
 
 def cmd_train(args) -> None:
@@ -67,6 +116,7 @@ def cmd_train(args) -> None:
     params = _load(args)
     if args.no_progress:
         params.train.progress = False
+    _warn_dvc_output(Path("models") / f"{args.method}.pt")
     res = train_stage(args.method, params, resume=args.resume, run_tags=_preset_tag(args))
     out.print(f"trained [bold]{args.method}[/bold] in {res.metrics['train_seconds']:.1f}s, "
               f"val top-1 {res.metrics.get('val_top1', float('nan')):.2%} (MLflow run {res.run_id})")
@@ -138,6 +188,7 @@ def cmd_pretrain(args) -> None:
     params = _load(args)
     if args.no_progress:
         params.train.progress = False
+    _warn_dvc_output(model_path(args.pretext))
     res = pretrain_stage(args.pretext, params, resume=args.resume, run_tags=_preset_tag(args))
     m = res.metrics
     out.print(f"pre-trained [bold]{args.pretext}[/bold] in {m['train_seconds']:.1f}s -> {model_path(args.pretext)}: "
@@ -174,13 +225,24 @@ def cmd_predict(args) -> None:
     from ssl_ops.tracking import tracking_uri
 
     params = _load(args)
-    table = predict(args.model, Path(args.path), Path(args.out), tracking_uri(params.tracking), resize=args.resize)
+    table = predict(args.model, Path(args.path), Path(args.out), tracking_uri(params.tracking), resize=args.resize,
+                    strict=args.strict)
     counts = table["predicted"].value_counts()
     out.print(f"{len(table)} images -> {args.out} (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")")
-    skipped = table.attrs.get("skipped", [])
-    if skipped:
-        out.print(f"skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'}: "
-                  + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), highlight=False)
+    report = table.attrs["report"]
+    if report.converted:
+        out.print(f"converted {len(report.converted)} grey image(s) to RGB, as the model's training images were "
+                  f"(color_mode {table.attrs['color_mode']}): " + _some(report.converted), highlight=False)
+    if report.skipped:
+        out.print(f"skipped {len(report.skipped)} non-image entr{'y' if len(report.skipped) == 1 else 'ies'}: "
+                  + _some(report.skipped), highlight=False)
+    if report.unreadable:  # every one, with its reason: they are missing from the CSV
+        err.print(f"left out {len(report.unreadable)} unusable image(s) (not in {args.out}; --strict makes this an "
+                  "error):\n  " + "\n  ".join(report.unreadable), highlight=False, markup=False)
+
+
+def _some(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (" ..." if len(names) > k else "")
 
 
 def cmd_tune(args) -> None:
@@ -254,10 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="registered model name (default: registry.model_name from params)")
     p.add_argument("--force", action="store_true", help="make it champion whatever its val accuracy")
     p = add("predict", cmd_predict, "class probabilities for a folder of images or a .npy array -> CSV")
-    p.add_argument("path", help="folder of images (png, jpg, ...) or .npy array (N,C,H,W / N,H,W,C / N,H,W)")
+    p.add_argument("path", help="folder of images (png, jpg, ...), one image file, or .npy array "
+                                "(N,C,H,W / N,H,W,C / N,H,W)")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/ssl-ops-fashion_mnist-10pc@champion")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--resize", action="store_true", help="resize images of another size to the model's (bilinear)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first unusable image (default: leave it out, list it, fail only if none is usable)")
     p = add("tune", cmd_tune, "Optuna study of a method's tune.spaces on the val split, tracked in MLflow")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
     p.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20; 0: only report)")

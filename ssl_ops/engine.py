@@ -52,7 +52,7 @@ class RunContext:
     device: torch.device
     data: PreparedDataset
     split: Split
-    store: ImageStore  # train images (labeled, val and unlabeled are index pools into it)
+    store: ImageStore  # train images then unlabeled-only ones (labeled, val and unlabeled are index pools into it)
     generator: torch.Generator  # every random draw of data and augmentation goes through it (checkpointed)
     pools: dict[str, Tensor] = field(default_factory=dict)
 
@@ -70,8 +70,8 @@ class RunContext:
         return (self.augment(x) if augmented else augment.to_float(x)), y
 
     def image_batch(self, batch_size: int) -> Tensor:
-        """Raw uint8 images from the whole train set (labeled, val and unlabeled alike, labels unused):
-        what self-supervised pre-training draws from."""
+        """Raw uint8 images from the whole train set and the unlabeled-only images (labeled, val and unlabeled
+        alike, labels unused): what self-supervised pre-training draws from."""
         if "all" not in self.pools:
             self.pools["all"] = distributed.shard(torch.arange(self.store.n, device=self.device))
         return self.store.sample(self.pools["all"], batch_size, self.generator)[0]
@@ -101,8 +101,10 @@ def make_context(params: BaseParams, train: TrainParams, data: PreparedDataset, 
                  device: torch.device | None = None) -> RunContext:
     device = distributed.init() or device or select_device(train.device)  # torchrun: this rank's device
     torch.manual_seed(train.seed)  # model initialisation (identical on every rank; fit broadcasts rank 0's)
+    # unlabeled-only images (data.unlabeled_dir, STL-10's unlabeled split) sit after the train set: the split's
+    # unlabeled pool indexes them there (ssl_ops/data/splits.py)
     store = ImageStore(data.train_x, data.train_y, device, max_bytes=params.data.max_in_memory_gb * 1e9,
-                       workers=params.data.loader_workers)
+                       workers=params.data.loader_workers, extra=data.unlabeled_x)
     # a different augmentation / sampling stream per rank, drawing from its own shard of each pool
     generator = torch.Generator(device=device).manual_seed(train.seed + distributed.rank())
     pools = {k: torch.as_tensor(getattr(split, k), device=device) for k in ("labeled", "val", "unlabeled")}

@@ -6,6 +6,19 @@ corrupted files); let genuine bugs raise ordinary exceptions so their traceback 
 """
 
 
+def producing_command(path) -> str:
+    """The command that writes ``path`` (for "missing checkpoint" advice): models/pretrain/<p>.pt comes from
+    ``ssl-ops pretrain <p>``, models/<m>.pt from ``ssl-ops train <m>``."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix == ".pt" and p.parent.name == "pretrain":
+        return f"`ssl-ops pretrain {p.stem}` (or `dvc repro` with {p.stem} in pipeline.pretexts)"
+    if p.suffix == ".pt" and p.parent.name == "models":
+        return f"`ssl-ops train {p.stem}` (or `dvc repro`)"
+    return "the stage that writes it"
+
+
 class SslOpsError(Exception):
     """Base class: a problem the user can fix; the message says what is wrong and how to fix it."""
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ssl_ops import faults
-from ssl_ops.errors import CheckpointError, WriteFailedError
+from ssl_ops.errors import CheckpointError, WriteFailedError, producing_command
 
 
 @contextlib.contextmanager
@@ -86,7 +86,7 @@ def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> An
     """Load a checkpoint safely: ``weights_only=True`` refuses pickled code, only tensors and plain data load."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; train first (ssl-ops train ...) or fix the path")
+        raise CheckpointError(f"checkpoint {path} does not exist; run {producing_command(path)} first, or fix the path")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file; say which one

@@ -1,7 +1,13 @@
-"""A rich progress bar with live loss and throughput, plus a one-line summary per epoch."""
+"""A rich progress bar with live loss and throughput, plus a one-line summary per epoch.
+
+The bar is drawn only on a terminal with progress on (``train.progress``, no ``--no-progress``); the epoch line
+(loss, lr, val top-1, images/s) is printed and flushed on the main rank in every case, so logs and CI show a
+run as it goes rather than nothing until the end.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
 
 from rich.console import Console
@@ -14,6 +20,10 @@ class TrainProgress:
     """Updated every ``every`` steps only: reading the loss forces a device sync, so we do it rarely."""
 
     def __init__(self, name: str, total: int, enabled: bool = True, completed: int = 0, every: int = 20):
+        from ssl_ops import distributed
+
+        self.lines = distributed.is_main()  # the epoch lines: rank 0 only, whatever the bar does
+        enabled = enabled and console.is_terminal  # a bar in a log file is noise: lines only there
         self.enabled, self.every, self.name = enabled, every, name
         self._last_t, self._last_step = time.perf_counter(), completed
         self._progress = Progress(
@@ -41,7 +51,9 @@ class TrainProgress:
 
     def epoch_done(self, epoch: int, metrics: dict[str, float], completed: int) -> None:
         self._progress.update(self._task, completed=completed)
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         if self.enabled:
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             self._progress.console.print(f"[dim]{self.name} epoch {epoch}[/dim]  {shown}")
+        elif self.lines:  # plain text, flushed: `tail -f` and CI logs see each epoch as it ends
+            print(f"{self.name} epoch {epoch}  {shown}", file=sys.stderr, flush=True)
         self._last_t, self._last_step = time.perf_counter(), completed  # exclude evaluation and checkpointing from the next throughput

@@ -32,7 +32,9 @@ def resume_from(checkpoint: Path, config_hash: str, epochs: int, explicit: bool 
     except CheckpointError as exc:
         if explicit:
             raise
-        console.print(f"[yellow]{exc} Starting over.[/yellow]", highlight=False)
+        reason = str(exc).split(". It is corrupted")[0]  # io.torch_load's advice ("delete it") is done here
+        console.print(f"[yellow]{reason}. It cannot be resumed (truncated or corrupted): starting over from epoch "
+                      "0; it will be overwritten by this run's first checkpoint.[/yellow]", highlight=False)
         return False, None
     run_id = state.get("run_state", {}).get("mlflow_run_id")
     if explicit:

@@ -31,7 +31,7 @@ import os
 import string
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +81,17 @@ def model_spec(backbone: str, width: float, image_shape: tuple[int, int, int] | 
     """What rebuilds the classifier without pickle: registered backbone name, width, input shape, class names,
     and (only when the classifier has one) its projection-head neck (``Classifier.neck_spec``)."""
     spec = {"format": SPEC_FORMAT, "backbone": backbone, "width": float(width),
-            "image_shape": [int(s) for s in image_shape], "classes": [str(c) for c in classes]}
+            "image_shape": [int(s) for s in image_shape], "classes": [str(c) for c in classes],
+            "color_mode": color_mode(int(image_shape[0]))}
     if neck:
         spec["neck"] = {k: int(v) for k, v in neck.items()}
     return spec
+
+
+def color_mode(channels: int) -> str:
+    """The PIL mode every training image was converted to: ``prepare`` keeps a folder grey ("L") only when every
+    image is grey, else converts all to "RGB" (ssl_ops/data/sources.py ``_load_images``); predict does the same."""
+    return "L" if channels == 1 else "RGB"
 
 
 def build_classifier(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Classifier:
@@ -145,6 +152,7 @@ def log_classifier(model: torch.nn.Module, spec: dict[str, Any], name: str = ART
             # two mid-grey images: MLflow checks the model loads and predicts, and documents a serving payload
             input_example=np.full((2, *spec["image_shape"]), 0.5, np.float32),
             metadata={"class_names": spec["classes"], "image_shape": spec["image_shape"],
+                      "color_mode": spec["color_mode"],  # predict converts grey inputs to it, as prepare did
                       "input": "float32 N x C x H x W, pixel values in [0, 1] (uint8 / 255)",
                       "ssl_ops_format": SPEC_FORMAT},
         )
@@ -329,6 +337,7 @@ class Loaded:
     model: Any  # mlflow.pyfunc.PyFuncModel
     image_shape: tuple[int, int, int]
     classes: list[str]
+    color_mode: str = "RGB"  # PIL mode images are converted to (recorded at training; older models: by channels)
 
 
 def load_model(model_uri: str, uri: str) -> Loaded:
@@ -348,10 +357,15 @@ def load_model(model_uri: str, uri: str) -> Loaded:
     spec = schema.inputs[0]
     if spec.type != np.dtype(np.float32) or len(spec.shape) != 4:
         raise RegistryError(f"{model_uri} expects {spec}, not float32 N x C x H x W images")
-    return Loaded(model, tuple(int(s) for s in spec.shape[1:]), list(meta["class_names"]))
+    shape = tuple(int(s) for s in spec.shape[1:])
+    return Loaded(model, shape, list(meta["class_names"]), meta.get("color_mode") or color_mode(shape[0]))
 
 
-def _read_image(path: Path, channels: int, size: tuple[int, int], resize: bool) -> np.ndarray:
+def _read_image(path: Path, channels: int, size: tuple[int, int], resize: bool,
+                converted: list[str] | None = None) -> np.ndarray:
+    """One image as uint8 C×H×W. A grey image for an RGB model is converted to RGB, as ``prepare`` converted the
+    grey images of a mixed training folder (the model's ``color_mode``); its name is appended to ``converted``.
+    A colour image for a grey model stays an error: training never turned colour into grey."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -372,6 +386,11 @@ def _read_image(path: Path, channels: int, size: tuple[int, int], resize: bool) 
     except (OSError, UnidentifiedImageError) as exc:
         raise PredictInputError(f"cannot read image {path}: {exc}") from None
     have = len(img.getbands())
+    if have == 1 and channels == 3:
+        img = img.convert("RGB")
+        have = 3
+        if converted is not None:
+            converted.append(path.name)
     if have != channels:
         raise PredictInputError(f"{path} has {have} channel(s) ({img.mode}) but the model expects {channels} "
                                 f"({'grey' if channels == 1 else 'RGB'}); convert the image first")
@@ -385,18 +404,45 @@ def _read_image(path: Path, channels: int, size: tuple[int, int], resize: bool) 
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _read_folder(folder: Path, shape: tuple[int, int, int], resize: bool,
-                 skipped: list[str]) -> tuple[list[str], np.ndarray]:
+@dataclass
+class ReadReport:
+    """What ``read_inputs`` left out or changed, for the CLI to list."""
+
+    skipped: list[str] = field(default_factory=list)  # non-image entries of a folder
+    unreadable: list[str] = field(default_factory=list)  # "name: reason" of images that could not be used
+    converted: list[str] = field(default_factory=list)  # grey images converted to the model's RGB
+
+
+def _read_files(files: list[Path], shape: tuple[int, int, int], resize: bool, strict: bool,
+                report: ReadReport) -> tuple[list[str], np.ndarray]:
+    """Decode ``files``; one that cannot be used is listed in ``report.unreadable`` and left out (``strict``:
+    the first one is an error). None usable is an error naming the reasons."""
+    names, images = [], []
+    for f in files:
+        try:
+            images.append(_read_image(f, shape[0], shape[1:], resize, report.converted))
+            names.append(f.name)
+        except PredictInputError as exc:
+            if strict:
+                raise PredictInputError(f"{exc} (--strict: one unusable image stops the run)") from None
+            report.unreadable.append(f"{f.name}: {exc}")
+    if not images:
+        raise PredictInputError(f"none of the {len(files)} image(s) could be used: " + "; ".join(report.unreadable[:3])
+                                + (" ..." if len(report.unreadable) > 3 else ""))
+    return names, np.stack(images)
+
+
+def _read_folder(folder: Path, shape: tuple[int, int, int], resize: bool, strict: bool,
+                 report: ReadReport) -> tuple[list[str], np.ndarray]:
     """Every image file directly in ``folder`` (sorted); other visible entries (sub-folders, files of other
-    extensions) are skipped and appended to ``skipped``; hidden ones are ignored."""
+    extensions) are skipped and listed in ``report.skipped``; hidden ones are ignored."""
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    skipped += [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
+    report.skipped += [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
     if not files:
-        others = f"; skipped {len(skipped)} other entries: {', '.join(skipped[:5])}" if skipped else ""
+        others = f"; skipped {len(report.skipped)} other entries: {', '.join(report.skipped[:5])}" if report.skipped else ""
         raise PredictInputError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}){others}")
-    images = [_read_image(f, shape[0], shape[1:], resize) for f in files]
-    return [f.name for f in files], np.stack(images)
+    return _read_files(files, shape, resize, strict, report)
 
 
 def _read_npy(path: Path, shape: tuple[int, int, int], resize: bool) -> tuple[list[str], np.ndarray]:
@@ -412,6 +458,8 @@ def _read_npy(path: Path, shape: tuple[int, int, int], resize: bool) -> tuple[li
                                 "or N x H x W for grey images)")
     if x.shape[1] != c and x.shape[3] == c:
         x = x.transpose(0, 3, 1, 2)  # N×H×W×C -> N×C×H×W
+    if x.ndim == 4 and x.shape[1] == 1 and c == 3:
+        x = np.repeat(x, 3, axis=1)  # grey for an RGB model: what prepare's "RGB" conversion does to grey images
     if x.shape[1] != c:
         raise PredictInputError(f"{path} has shape {x.shape}: {x.shape[1]} channel(s) but the model expects {c}")
     if x.dtype == np.uint8:
@@ -440,28 +488,37 @@ def _to_float(x: np.ndarray) -> np.ndarray:
 
 
 def read_inputs(path: Path, shape: tuple[int, int, int], resize: bool = False,
-                skipped: list[str] | None = None) -> tuple[list[str], np.ndarray]:
-    """Names and float32 N×C×H×W images in [0, 1] from a folder of images or a ``.npy`` array; the folder's
-    non-image entries are appended to ``skipped``. A corrupt, too large or wrong-mode image is an error."""
-    path = Path(path)
+                report: ReadReport | None = None, strict: bool = False) -> tuple[list[str], np.ndarray]:
+    """Names and float32 N×C×H×W images in [0, 1] from a folder of images, one image file or a ``.npy`` array.
+    A folder's non-image entries and unusable images (corrupt, too large, wrong mode or size) are listed in
+    ``report`` and left out; it is an error only when no image is usable, or with ``strict`` at the first one."""
+    path, report = Path(path), report if report is not None else ReadReport()
+    if not path.exists():
+        raise PredictInputError(f"{path} not found; pass a folder of images, an image file or a .npy array")
     if path.is_dir():
-        names, x = _read_folder(path, shape, resize, [] if skipped is None else skipped)
+        names, x = _read_folder(path, shape, resize, strict, report)
     elif path.suffix == ".npy" and path.is_file():
         names, x = _read_npy(path, shape, resize)
+    elif path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        names, x = _read_files([path], shape, resize, strict, report)
     else:
-        raise PredictInputError(f"{path} is neither a folder of images nor a .npy file")
+        raise PredictInputError(f"{path} is neither a folder of images, an image file "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))}) nor a .npy file")
     if len(x) == 0:
         raise PredictInputError(f"{path} holds no images")
     return names, _to_float(x)
 
 
-def predict(model_uri: str, path: Path, out: Path, uri: str, resize: bool = False) -> pd.DataFrame:
-    """Class probabilities for every image under ``path`` -> CSV at ``out`` (written atomically)."""
+def predict(model_uri: str, path: Path, out: Path, uri: str, resize: bool = False,
+            strict: bool = False) -> pd.DataFrame:
+    """Class probabilities for every usable image under ``path`` -> CSV at ``out`` (written atomically); what was
+    left out or converted is in ``table.attrs["report"]`` (a :class:`ReadReport`), which the CLI lists."""
     loaded = load_model(model_uri, uri)
-    skipped: list[str] = []
-    names, x = read_inputs(path, loaded.image_shape, resize, skipped)
+    report = ReadReport()
+    names, x = read_inputs(path, loaded.image_shape, resize, report, strict)
     table = loaded.model.predict(x)
     table.insert(0, "file", names)
-    table.attrs["skipped"] = skipped  # non-image entries of the folder, counted by the CLI
+    table.attrs["report"] = report
+    table.attrs["color_mode"] = loaded.color_mode
     io.write_text(out, table.to_csv(index=False, float_format="%.6f"))
     return table

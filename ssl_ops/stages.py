@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ssl_ops import distributed, io, recovery, tracking
-from ssl_ops.data.prepare import PreparedDataset, load_prepared, prepare
+from ssl_ops.data.prepare import PreparedDataset, check_prepared_with, link_sources, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
 from ssl_ops.engine import RunContext, fit, make_context, predict_logits, topk_accuracy
 from ssl_ops.errors import CheckpointError, DataIntegrityError, SslOpsError
@@ -31,12 +31,15 @@ MODELS, CHECKPOINTS, METRICS, REPORTS = Path("models"), Path("checkpoints"), Pat
 
 
 def prepare_stage(params: BaseParams) -> Path:
-    return prepare(params.data)
+    out = prepare(params.data)
+    link_sources(params.data)  # after success: dvc.yaml's prepare then records the folders it read
+    return out
 
 
 def split_stage(params: BaseParams) -> tuple[Path, Split]:
     data = load_prepared(params.data.name)
-    split = make_split(data.train_y, params.split, data.sha256, data.classes)
+    check_prepared_with(params.data, data)
+    split = make_split(data.train_y, params.split, data.sha256, data.classes, unlabeled_only=data.num_unlabeled_only)
     path = split_path(params.data.name, params.split)
     write_split(split, path)
     return path, split
@@ -45,8 +48,14 @@ def split_stage(params: BaseParams) -> tuple[Path, Split]:
 def load_data(params: BaseParams) -> tuple[PreparedDataset, Split, Path]:
     """The prepared dataset (hashes verified) and its split (checked to come from this dataset)."""
     data = load_prepared(params.data.name)
+    check_prepared_with(params.data, data)
     path = split_path(params.data.name, params.split)
-    return data, load_split(path, data.sha256, len(data.train_y)), path
+    split = load_split(path, data.sha256, len(data.train_y) + data.num_unlabeled_only)
+    if split.unlabeled_only != data.num_unlabeled_only:
+        raise DataIntegrityError(
+            f"split file {path} counts {split.unlabeled_only} unlabeled-only images but the prepared dataset has "
+            f"{data.num_unlabeled_only}; re-run `ssl-ops split` (or `dvc repro`)")
+    return data, split, path
 
 
 def _config_hash(resolved: dict[str, Any], method: str) -> str:
@@ -153,7 +162,8 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
     if distributed.is_main():  # under torchrun every rank evaluates, rank 0 writes
         io.write_json(METRICS / f"{name}.json", metrics)
     with tracking.start_run(params.tracking, run_name=name, run_id=ck["mlflow_run_id"]):
-        tracking.log_metrics({k: v for k, v in metrics.items() if k != "train_seconds"})
+        # at the run's last step (its epoch count): at step 0 the UI's val_top1 curve would jump back to the start
+        tracking.log_metrics({k: v for k, v in metrics.items() if k != "train_seconds"}, step=ctx.train.epochs)
     return metrics
 
 

@@ -94,6 +94,60 @@ def _outage(uri: str, doing: str, exc: BaseException, run: bool = True) -> Track
     )
 
 
+class TrackingStoreError(SslOpsError):
+    """The MLflow tracking store cannot be opened, created or migrated (not an outage of a reachable server)."""
+
+
+_READY: set[str] = set()  # tracking URIs this process has opened (their tables exist)
+
+
+@contextlib.contextmanager
+def _init_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock beside a SQLite store (``<db>.init.lock``) while it is created: two processes opening a
+    fresh ``mlflow.db`` at once (parallel ``ssl-ops tune`` workers) would both run MLflow's alembic migrations
+    and one or both die ("table _alembic_tmp_... already exists"). Other stores (servers, databases with their
+    own locking) and platforms without ``fcntl`` take no lock."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; start parallel workers one after another there
+        fcntl = None
+    if not path or fcntl is None:
+        yield
+        return
+    try:
+        handle = open(f"{path}.init.lock", "a")  # noqa: SIM115 - held for the whole block
+    except OSError as exc:
+        raise TrackingStoreError(f"cannot create the lock {path}.init.lock beside the MLflow store {uri}: "
+                                 f"{exc.strerror}; check that the folder exists and is writable") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks until the process creating the store has finished
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_store(uri: str) -> None:
+    """Open the tracking store once per process, creating its tables under :func:`_init_lock`; any failure is a
+    :class:`TrackingStoreError` naming the store, not an alembic / SQLAlchemy traceback."""
+    if uri in _READY:
+        return
+    mlflow = _mlflow()
+    try:
+        with _init_lock(uri), _reachable(uri, "opening the tracking store", run=False):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates / migrates the tables
+    except SslOpsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - alembic, SQLAlchemy and MLflow errors alike
+        first = mask_uri(str(exc).splitlines()[0][:300]) if str(exc) else ""
+        raise TrackingStoreError(
+            f"cannot open the MLflow tracking store {mask_uri(uri)}: {type(exc).__name__}: {first}. If it is a "
+            "SQLite file, check it is a writable MLflow database (a half-created one from a crash can be moved "
+            "away: a new one is created); else check MLFLOW_TRACKING_URI / tracking.uri") from None
+    _READY.add(uri)
+
+
 def mask_uri(uri: str) -> str:
     """``scheme://user:pw@host`` -> ``scheme://user:***@host`` (for anything printed or logged)."""
     return _URI_PASSWORD.sub(r"\1***\3", uri)
@@ -110,11 +164,12 @@ def start_run(cfg: TrackingParams, run_name: str, params: dict[str, Any] | None 
         yield ""
         return
     mlflow, uri = _mlflow(), tracking_uri(cfg)
+    ensure_store(uri)
     mlflow.set_tracking_uri(uri)
     try:
         with _reachable(uri, "starting the run"):
             if run_id is None:
-                mlflow.set_experiment(cfg.experiment)
+                _set_experiment(mlflow, cfg.experiment)
             active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
         with active as run:
             _last_started = run.info.run_id
@@ -124,12 +179,24 @@ def start_run(cfg: TrackingParams, run_name: str, params: dict[str, Any] | None 
             yield run.info.run_id
     except mlflow.exceptions.MlflowException as exc:
         if not _unreachable(exc):
-            raise
+            first = mask_uri(str(exc).splitlines()[0][:300]) if str(exc) else type(exc).__name__
+            raise TrackingStoreError(f"the MLflow tracking store {mask_uri(uri)} refused a request of run "
+                                     f"{run_name!r}: {first}") from None
         # ending the run failed too (the server is gone): report what stopped the run, not the failed end
         cause = exc.__context__
         while cause is not None and not isinstance(cause, SslOpsError):
             cause = cause.__context__
         raise (cause or _outage(uri, "ending the run", exc)) from None
+
+
+def _set_experiment(mlflow, name: str) -> None:
+    """``mlflow.set_experiment``, once more if a parallel process created the same experiment in between."""
+    try:
+        mlflow.set_experiment(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(getattr(exc, "error_code", "")) and "UNIQUE" not in str(exc):
+            raise
+        mlflow.set_experiment(name)
 
 
 def _log_params_and_tags(mlflow, params: dict[str, Any] | None, tags: dict[str, str] | None) -> None:
@@ -197,6 +264,7 @@ def active_run_id() -> str | None:
 
 def run_exists(cfg: TrackingParams, run_id: str) -> bool:
     mlflow = _mlflow()
+    ensure_store(tracking_uri(cfg))
     try:
         mlflow.MlflowClient(tracking_uri(cfg)).get_run(run_id)
         return True

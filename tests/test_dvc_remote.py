@@ -26,6 +26,7 @@ def test_push_delete_pull_gives_identical_data(tmp_path):
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, work / name)
     shutil.copytree(REPO / "ssl_ops", work / "ssl_ops", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "sources", work / "sources", symlinks=True)  # prepare's data-folder deps
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["name"] = "digits"
     (work / "params.yaml").write_text(yaml.safe_dump(params))

@@ -28,6 +28,7 @@ def test_dvc_repro_on_digits(tmp_path):
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / "ssl_ops", tmp_path / "ssl_ops", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "sources", tmp_path / "sources", symlinks=True)  # prepare's data-folder deps
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["name"] = "digits"
     params["train"].update(epochs=3, steps_per_epoch=20, progress=False, warmup_epochs=0)

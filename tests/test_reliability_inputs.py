@@ -129,7 +129,8 @@ def test_imagefolder_class_folder_without_images_is_refused(tmp_path, monkeypatc
 
 @pytest.mark.parametrize(("mode", "channels", "expected"), [
     ("RGBA", 3, None), ("LA", 1, None), ("P", 3, None), ("I;16", 1, None),  # alpha dropped, palette expanded
-    ("L", 3, "1 channel(s) (L) but the model expects 3"), ("RGBA", 1, "3 channel(s) (RGB) but the model expects 1"),
+    ("L", 3, None),  # grey for an RGB model: converted, as prepare converted a mixed folder (issue 20)
+    ("RGBA", 1, "3 channel(s) (RGB) but the model expects 1"),
 ])
 def test_predict_image_modes(tmp_path, mode, channels, expected):
     (tmp_path / "d").mkdir()

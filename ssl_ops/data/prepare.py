@@ -22,7 +22,13 @@ from ssl_ops.errors import DataIntegrityError
 from ssl_ops.params import DataParams
 
 PREPARED_ROOT = Path("data/prepared")
+# Committed symlinks that dvc.yaml's prepare stage depends on (DVC follows a dep that is a symlink and hashes
+# the folder behind it): `link_sources` points them at the user's folders, so a changed image re-runs prepare.
+SOURCES = Path("sources")
 ARRAYS = ("train_x", "train_y", "test_x", "test_y", "unlabeled_x")
+# data params that change the prepared arrays: recorded in the manifest, and a later stage run with other
+# values is refused (it would train on arrays prepared otherwise while MLflow logs the new values)
+PREPARED_WITH = ("root", "image_size", "unlabeled_dir", "test_fraction")
 
 
 @dataclass
@@ -37,10 +43,16 @@ class PreparedDataset:
     mean: list[float]  # per-channel mean of train images, in [0, 1] units
     std: list[float]
     unlabeled_x: np.ndarray | None = None
+    prepared_with: dict | None = None  # the data params prepare read (PREPARED_WITH); None in older manifests
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def num_unlabeled_only(self) -> int:
+        """Images without labels (``unlabeled_x``): they join the split's unlabeled pool after the train set."""
+        return 0 if self.unlabeled_x is None else len(self.unlabeled_x)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -86,7 +98,11 @@ def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
             "shapes": shapes,
             "sha256": hashes,
             "dataset_sha256": dataset_hash(hashes),
-            "skipped_files": list(raw.skipped),  # imagefolder: non-image files left out
+            "skipped_files": list(raw.skipped),  # imagefolder: non-image files and class sub-folders left out
+            "skip_reasons": dict(raw.skip_reasons),
+            "converted": dict(raw.converted),  # imagefolder: source PIL mode -> images converted
+            "color_mode": "L" if raw.train_x.shape[1] == 1 else "RGB",
+            "prepared_with": _prepared_with(cfg),
         }
         io.write_json(tmp / "manifest.json", manifest)
         # Swap in the new directory; the old one is removed only once the new one is in place.
@@ -99,6 +115,55 @@ def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _prepared_with(cfg: DataParams) -> dict:
+    # folders as written in the params (not made absolute): `dvc exp run` prepares in a temp copy of the repo
+    return {k: (str(v) if isinstance(v, Path) else v) for k in PREPARED_WITH for v in [getattr(cfg, k)]}
+
+
+def check_prepared_with(cfg: DataParams, data: PreparedDataset) -> None:
+    """Refuse data params that disagree with the prepared arrays (e.g. ``--set data.image_size=64`` on arrays
+    prepared at 32): the run would use the old arrays while MLflow records the new value."""
+    from ssl_ops.errors import ParamsError
+
+    now = _prepared_with(cfg)
+    then = dict(data.prepared_with or {})
+    then["image_size"] = data.image_shape[-1]  # the arrays' own size: also catches manifests that predate this
+    if cfg.image_size is None:
+        now["image_size"] = then["image_size"]  # null = the dataset's own size (only imagefolder needs it)
+    bad = [f"data.{k} is {now[k]!r} but data/prepared/{data.name} was prepared with {then[k]!r}"
+           for k in PREPARED_WITH if k in then and now[k] != then[k]]
+    if bad:
+        raise ParamsError("; ".join(bad) + ". Re-run `ssl-ops prepare` (and `ssl-ops split`) with these params, "
+                          "or `dvc repro`, or set the data params back to the prepared values")
+
+
+def link_sources(cfg: DataParams, base: Path = SOURCES) -> dict[str, str]:
+    """Point ``base/root`` and ``base/unlabeled`` at ``data.root`` / ``data.unlabeled_dir`` when each is a local
+    folder, else at ``base/none`` (empty). A no-op outside a project (no ``base`` folder). Returns link -> target.
+
+    DVC cannot template a dep from a param that may be null (``${data.root}`` fails for the default
+    Fashion-MNIST), so the dependency goes through these links; ``prepare`` re-points them on every run.
+    """
+    from ssl_ops.data.sources import _user_path
+
+    if not base.is_dir():
+        return {}
+    done = {}
+    for name, folder in (("root", cfg.root), ("unlabeled", cfg.unlabeled_dir)):
+        target = str(_user_path(folder).resolve()) if folder is not None and _user_path(folder).is_dir() else "none"
+        link = base / name
+        if link.exists() and not link.is_symlink():
+            raise DataIntegrityError(f"{link} must be the symlink `ssl-ops prepare` manages (dvc.yaml depends on "
+                                     f"it), not a folder; move it away and re-run `ssl-ops prepare`")
+        if not (link.is_symlink() and os.readlink(link) == target):
+            tmp = base / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            os.symlink(target, tmp)
+            os.replace(tmp, link)  # atomic: the link never disappears for a concurrent `dvc status`
+        done[str(link)] = target
+    return done
 
 
 def load_prepared(name: str, root: Path = PREPARED_ROOT, verify: bool = True) -> PreparedDataset:
@@ -135,5 +200,6 @@ def load_prepared(name: str, root: Path = PREPARED_ROOT, verify: bool = True) ->
         sha256=manifest.get("dataset_sha256") or dataset_hash(hashes),
         mean=manifest["mean"],
         std=manifest["std"],
+        prepared_with=manifest.get("prepared_with"),
         **{k: arrays.get(k) for k in ARRAYS},
     )

@@ -60,6 +60,8 @@ class RawDataset:
     classes: list[str]  # human-readable class names, index = label
     unlabeled_x: np.ndarray | None = None  # uint8 (U, C, H, W): images that come without labels
     skipped: list[str] = field(default_factory=list)  # imagefolder: non-image files left out (manifest)
+    skip_reasons: dict[str, str] = field(default_factory=dict)  # imagefolder: skipped path -> why
+    converted: dict[str, int] = field(default_factory=dict)  # imagefolder: source mode -> images converted
 
 
 Reader = Callable[["DataParams"], RawDataset]
@@ -522,6 +524,10 @@ def read_imagefolder(cfg: DataParams) -> RawDataset:
             f"imagefolder {root} has a {have}/ folder but no {lack}/: provide both, each with one sub-folder "
             f"per class, or put the class folders directly in data.root to have a test split drawn"
         )
+    problems: list[str] = []  # every problem of the folder, reported together (one run, not one per problem)
+    unlabeled_files = _image_files(unlabeled_dir) if unlabeled_dir is not None else []
+    if unlabeled_dir is not None and not unlabeled_files:
+        problems.append(f"data.unlabeled_dir {unlabeled_dir} holds no images ({_extensions()})")
     if train_dir.is_dir():
         class_dirs = _class_dirs(train_dir, unlabeled_dir)
         classes = list(class_dirs)
@@ -529,25 +535,26 @@ def read_imagefolder(cfg: DataParams) -> RawDataset:
         unknown = sorted(set(test_dirs) - set(classes))
         if unknown:
             raise SslOpsError(f"{test_dir} has class folders {unknown} that {train_dir} lacks")
-        train_files, train_y = _labelled_files(class_dirs, classes)
-        test_files, test_y = _labelled_files(test_dirs, classes)
+        train_files, train_y = _labelled_files(class_dirs, classes, problems)
+        test_files, test_y = _labelled_files(test_dirs, classes, problems)
     else:
         class_dirs = _class_dirs(root, unlabeled_dir)
         classes = list(class_dirs)
-        files, y = _labelled_files(class_dirs, classes)
+        files, y = _labelled_files(class_dirs, classes, problems)
+        if problems:  # e.g. an empty class: no test split can be drawn, but check every file first
+            _load_images(files + unlabeled_files, cfg.image_size, problems, root)  # raises them all
         train_idx, test_idx = _stratified_split(y, cfg.test_fraction, classes, IMAGEFOLDER_SPLIT_SEED)
         train_files, train_y = [files[i] for i in train_idx], y[train_idx]
         test_files, test_y = [files[i] for i in test_idx], y[test_idx]
-    unlabeled_files = _image_files(unlabeled_dir) if unlabeled_dir is not None else []
-    if unlabeled_dir is not None and not unlabeled_files:
-        raise DatasetNotFoundError(f"data.unlabeled_dir {unlabeled_dir} holds no images ({_extensions()}).")
-
-    # Files that are not images (by extension) are skipped, not errors; the count is printed by `ssl-ops
-    # prepare` and the list kept in manifest.json. Hidden files are ignored silently.
-    skipped = [str(p) for d in [*class_dirs.values(), *(test_dirs.values() if train_dir.is_dir() else []),
-                                *([unlabeled_dir] if unlabeled_dir else [])] for p in _non_image_files(d)]
+    # Files that are not images (by extension) and sub-folders of class folders are skipped, not errors; the
+    # counts are printed by `ssl-ops prepare` and the list kept in manifest.json. Hidden files are ignored.
+    folders = [*class_dirs.values(), *(test_dirs.values() if train_dir.is_dir() else [])]
+    reasons = {str(p): "not an image (extension)" for d in [*folders, *([unlabeled_dir] if unlabeled_dir else [])]
+               for p in _non_image_files(d, recursive=d == unlabeled_dir)}
+    reasons |= {str(p): "sub-folder of a class folder (only files directly in it are read)"
+                for d in folders for p in sorted(d.iterdir()) if p.is_dir() and not p.name.startswith(".")}
     # One decode pass over all images, so every array shares the same number of channels.
-    x = _load_images(train_files + test_files + unlabeled_files, cfg.image_size)
+    x, converted = _load_images(train_files + test_files + unlabeled_files, cfg.image_size, problems, root)
     n_train, n_test = len(train_files), len(test_files)
     return RawDataset(
         train_x=x[:n_train],
@@ -556,8 +563,16 @@ def read_imagefolder(cfg: DataParams) -> RawDataset:
         test_y=test_y,
         classes=classes,
         unlabeled_x=x[n_train + n_test :] if unlabeled_files else None,
-        skipped=sorted(set(skipped)),
+        skipped=sorted(reasons),
+        skip_reasons=dict(sorted(reasons.items())),
+        converted=converted,
     )
+
+
+def _folder_problems(root: Path, problems: list[str]) -> DatasetNotFoundError:
+    shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+    return DatasetNotFoundError(f"imagefolder {root} has {len(problems)} problem(s); fix them all, then re-run "
+                       "`ssl-ops prepare`:\n  - " + "\n  - ".join(shown))
 
 
 def _extensions() -> str:
@@ -578,31 +593,34 @@ def _class_dirs(folder: Path, exclude: Path | None) -> dict[str, Path]:
     return dirs
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively and sorted; hidden files (e.g. macOS ``._*``) are skipped."""
+def _image_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (in sub-folders too when ``recursive``), sorted; hidden files (e.g. macOS
+    ``._*``) are skipped."""
     return sorted(
         p
-        for p in folder.rglob("*")
+        for p in (folder.rglob("*") if recursive else folder.iterdir())
         if p.suffix.lower() in IMAGE_EXTENSIONS
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         and p.is_file()
     )
 
 
-def _non_image_files(folder: Path) -> list[Path]:
-    """Visible files under ``folder`` whose extension is not an image's (notes, CSVs, archives ...)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+def _non_image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """Visible files in ``folder`` (or under it) whose extension is not an image's (notes, CSVs, archives ...)."""
+    return sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def _labelled_files(class_dirs: dict[str, Path], classes: list[str]) -> tuple[list[Path], np.ndarray]:
-    """All image paths of the given class folders and their int64 labels (index into ``classes``)."""
+def _labelled_files(class_dirs: dict[str, Path], classes: list[str],
+                    problems: list[str]) -> tuple[list[Path], np.ndarray]:
+    """The image paths directly in the given class folders and their int64 labels (index into ``classes``);
+    a class folder without images is appended to ``problems``."""
     files: list[Path] = []
-    labels: list[np.ndarray] = []
+    labels: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
     for name, folder in class_dirs.items():
-        found = _image_files(folder)
+        found = _image_files(folder, recursive=False)
         if not found:
-            raise DatasetNotFoundError(f"class folder {folder} holds no images ({_extensions()})")
+            problems.append(f"class folder {folder} holds no images ({_extensions()})")
         files += found
         labels.append(np.full(len(found), classes.index(name), dtype=np.int64))
     return files, np.concatenate(labels)
@@ -627,15 +645,34 @@ def _stratified_split(y: np.ndarray, fraction: float, classes: list[str], seed: 
     return np.setdiff1d(np.arange(len(y)), test_idx), test_idx
 
 
-def _load_images(paths: list[Path], size: int) -> np.ndarray:
-    """Decode and resize ``paths`` into one uint8 (N, C, size, size) array; C = 1 only if all are grayscale."""
+def _load_images(paths: list[Path], size: int, problems: list[str] | None = None,
+                 root: Path = Path(".")) -> tuple[np.ndarray, dict[str, int]]:
+    """Decode and resize ``paths`` into one uint8 (N, C, size, size) array; C = 1 only if all are grayscale.
+    Also returns {source mode: images converted}. Every unreadable or empty file is listed in ``problems``
+    (with any problems found earlier) and raised together."""
+    problems = [] if problems is None else problems
+    modes = []
     # Image.open reads only the header, so this first pass is cheap and decides the channel count up front.
-    gray = all(_open(p, lambda im: im.mode) in _GRAY_MODES for p in paths)
+    for p in paths:
+        try:
+            if p.stat().st_size == 0:
+                raise SslOpsError(f"image {p} is an empty (zero-byte) file; delete or replace it")
+            modes.append(_open(p, lambda im: im.mode))
+        except SslOpsError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise _folder_problems(root, problems)
+    gray = all(m in _GRAY_MODES for m in modes)
+    target = "L" if gray else "RGB"
+    converted: dict[str, int] = {}
+    for m in modes:
+        if m != target:
+            converted[m] = converted.get(m, 0) + 1
     out = np.empty((len(paths), 1 if gray else 3, size, size), dtype=np.uint8)
     for i, p in enumerate(paths):
-        pixels = _open(p, lambda im: np.asarray(_to_square(im, "L" if gray else "RGB", size)))
+        pixels = _open(p, lambda im: np.asarray(_to_square(im, target, size)))
         out[i] = pixels if gray else pixels.transpose(2, 0, 1)
-    return out
+    return out, converted
 
 
 def _to_square(im: Any, mode: str, size: int) -> Any:

@@ -6,6 +6,11 @@ touched. ``val`` is a tiny class-balanced held-out set for model selection (S4L 
 class rank hyper-parameters as well as a large validation set). Draws use NumPy's PCG64 generator, whose
 stream is fixed across platforms, and the JSON is written with sorted keys, so the same params give a
 byte-identical file on any machine.
+
+Images that come without labels (``data.unlabeled_dir``, STL-10's unlabeled split; ``unlabeled_x.npy``) join
+the unlabeled pool: they are indexed after the N train images (N + j is unlabeled image j, the order of
+``engine.ImageStore``), listed in ``unlabeled`` and counted in ``unlabeled_only`` (written only when > 0, so
+splits of datasets without them keep their bytes and sha256).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Split:
     seed: int
     dataset_sha256: str
     sha256: str = ""  # of the split file itself: every MLflow run records it
+    unlabeled_only: int = 0  # how many of ``unlabeled`` are images without labels (indices N .. N+U-1)
 
 
 def split_path(dataset: str, cfg: SplitParams, root: Path = SPLITS_ROOT) -> Path:
@@ -39,9 +45,10 @@ def split_path(dataset: str, cfg: SplitParams, root: Path = SPLITS_ROOT) -> Path
 
 
 def make_split(labels: np.ndarray, cfg: SplitParams, dataset_sha256: str,
-               classes: list[str] | None = None) -> Split:
+               classes: list[str] | None = None, unlabeled_only: int = 0) -> Split:
     """Draw the split; raise a clear error when a class has too few images for the requested budget, or
-    (given the dataset's ``classes``) none at all."""
+    (given the dataset's ``classes``) none at all. ``unlabeled_only`` images without labels (indexed after
+    the train set) are appended to the unlabeled pool."""
     rng = np.random.default_rng(cfg.seed)
     labels = np.asarray(labels)
     if classes is not None:
@@ -58,8 +65,9 @@ def make_split(labels: np.ndarray, cfg: SplitParams, dataset_sha256: str,
         idx = rng.permutation(np.flatnonzero(labels == c))
         n = cfg.labels_per_class if cfg.labels_per_class is not None else max(1, round(cfg.label_fraction * len(idx)))
         if n + cfg.val_per_class > len(idx):
+            name = f"{int(c)} ({classes[int(c)]!r})" if classes is not None and c < len(classes) else str(int(c))
             raise SslOpsError(
-                f"class {int(c)} has {len(idx)} training images, fewer than the {n} labeled + "
+                f"class {name} has {len(idx)} training images, fewer than the {n} labeled + "
                 f"{cfg.val_per_class} val images requested per class; lower split.labels_per_class "
                 f"(or split.label_fraction) or split.val_per_class"
             )
@@ -69,7 +77,8 @@ def make_split(labels: np.ndarray, cfg: SplitParams, dataset_sha256: str,
     val_idx = np.sort(np.concatenate(val))
     taken = np.zeros(len(labels), dtype=bool)
     taken[labeled_idx] = taken[val_idx] = True
-    return Split(labeled_idx, val_idx, np.flatnonzero(~taken), cfg.seed, dataset_sha256)
+    unlabeled = np.concatenate([np.flatnonzero(~taken), len(labels) + np.arange(unlabeled_only)])
+    return Split(labeled_idx, val_idx, unlabeled, cfg.seed, dataset_sha256, unlabeled_only=unlabeled_only)
 
 
 def _to_json(split: Split) -> str:
@@ -80,6 +89,8 @@ def _to_json(split: Split) -> str:
         "seed": split.seed,
         "dataset_sha256": split.dataset_sha256,
     }
+    if split.unlabeled_only:
+        obj["unlabeled_only"] = split.unlabeled_only
     return json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
 
 
@@ -114,7 +125,7 @@ def _verify(path: Path, raw: bytes) -> None:
 def load_split(path: Path, dataset_sha256: str | None = None, n_train: int | None = None,
                verify: bool = True) -> Split:
     """Read a split; refuse one modified since it was written (``verify``: its ``.sha256`` file), drawn from
-    another dataset, or with out-of-range indices."""
+    another dataset, or with out-of-range indices (``n_train``: train plus unlabeled-only images)."""
     if not path.exists():
         raise DataIntegrityError(f"split file {path} not found; run `ssl-ops split` (or `dvc repro`) first")
     raw = path.read_bytes()
@@ -129,6 +140,7 @@ def load_split(path: Path, dataset_sha256: str | None = None, n_train: int | Non
             int(obj["seed"]),
             str(obj["dataset_sha256"]),
             io.sha256_bytes(raw),
+            int(obj.get("unlabeled_only", 0)),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise DataIntegrityError(f"split file {path} is corrupted ({exc}); re-run `ssl-ops split`") from None
@@ -141,7 +153,8 @@ def load_split(path: Path, dataset_sha256: str | None = None, n_train: int | Non
         every = np.concatenate([split.labeled, split.val, split.unlabeled])
         if len(every) and (every.min() < 0 or every.max() >= n_train or len(np.unique(every)) != len(every)):
             raise DataIntegrityError(
-                f"split file {path} has indices outside the train set of {n_train} images or repeated; "
+                f"split file {path} has indices outside the train set of {n_train} images (unlabeled-only ones included) "
+                "or repeated; "
                 "re-run `ssl-ops split`"
             )
     return split

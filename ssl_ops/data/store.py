@@ -19,34 +19,50 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 class _MemmapBatches(torch.utils.data.Dataset):
     """Returns a whole batch per __getitem__ (a list of indices): one memmap read per batch, not per image."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray | None, pool: np.ndarray):
-        self.x, self.y, self.pool = x, y, pool
+    def __init__(self, x: np.ndarray, y: np.ndarray | None, pool: np.ndarray, extra: np.ndarray | None = None):
+        self.x, self.y, self.pool, self.extra = x, y, pool, extra
 
     def __len__(self) -> int:
         return len(self.pool)
 
     def __getitem__(self, positions: list[int]) -> tuple[Tensor, Tensor]:
         idx = self.pool[np.asarray(positions)]
-        xb = torch.from_numpy(np.ascontiguousarray(self.x[idx]))
-        yb = torch.from_numpy(np.asarray(self.y[idx])) if self.y is not None else torch.full((len(idx),), -1)
-        return xb, yb
+        n = len(self.x)
+        xb = np.empty((len(idx), *self.x.shape[1:]), dtype=self.x.dtype)
+        yb = np.full(len(idx), -1, dtype=np.int64)
+        own, ext = idx < n, idx >= n  # indices past the train set are the unlabeled-only images (label -1)
+        if own.any():
+            xb[own] = self.x[idx[own]]
+            if self.y is not None:
+                yb[own] = self.y[idx[own]]
+        if ext.any():
+            xb[ext] = self.extra[idx[ext] - n]
+        return torch.from_numpy(xb), torch.from_numpy(yb)
 
 
 class ImageStore:
-    """uint8 images (N, C, H, W) and int64 labels (-1 when unknown), on the device or streamed."""
+    """uint8 images (N, C, H, W) and int64 labels (-1 when unknown), on the device or streamed.
+
+    ``extra`` (U, C, H, W) are images without labels (``data.unlabeled_dir``, STL-10's unlabeled split) appended
+    after ``x``: index ``len(x) + j`` is ``extra[j]``, with label -1. Split files index this joint range.
+    """
 
     def __init__(self, x: np.ndarray, y: np.ndarray | None, device: torch.device, max_bytes: float = 4e9,
-                 workers: int = 2):
+                 workers: int = 2, extra: np.ndarray | None = None):
         self.device, self.workers = device, workers
-        self.n = len(x)
+        extra = extra if extra is not None and len(extra) else None
+        self.n = len(x) + (len(extra) if extra is not None else 0)
         self._streams: dict[tuple[int, int], Iterator[tuple[Tensor, Tensor]]] = {}
-        self.in_memory = x.nbytes <= max_bytes
+        self.in_memory = x.nbytes + (extra.nbytes if extra is not None else 0) <= max_bytes
         if self.in_memory:
-            self.x = torch.from_numpy(np.array(x)).to(device)  # copy: memmaps are read-only
-            labels = np.array(y, dtype=np.int64) if y is not None else np.full(self.n, -1, dtype=np.int64)
+            parts = [x] if extra is None else [x, extra]
+            self.x = torch.from_numpy(np.concatenate(parts)).to(device)  # a copy: memmaps are read-only
+            labels = np.full(self.n, -1, dtype=np.int64)
+            if y is not None:
+                labels[: len(y)] = y
             self.y = torch.from_numpy(labels).to(device)
         else:
-            self.x_np, self.y_np = x, y
+            self.x_np, self.y_np, self.extra_np = x, y, extra
 
     def sample(self, pool: Tensor, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """A random batch from ``pool`` (tensor of indices): drawn with replacement on the device, or the next
@@ -64,7 +80,7 @@ class ImageStore:
         """Endless random batches from disk (the path for datasets too big for memory)."""
         g = torch.Generator().manual_seed(seed)
         sampler = BatchSampler(RandomSampler(range(len(pool)), generator=g), min(batch_size, len(pool)), drop_last=True)
-        loader = DataLoader(_MemmapBatches(self.x_np, self.y_np, pool), sampler=sampler, batch_size=None,
+        loader = DataLoader(_MemmapBatches(self.x_np, self.y_np, pool, self.extra_np), sampler=sampler, batch_size=None,
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=self.workers > 0)
         while True:
@@ -80,7 +96,7 @@ class ImageStore:
                 yield self.x[j], self.y[j]
             return
         sampler = BatchSampler(SequentialSampler(range(len(indices))), batch_size, drop_last=False)
-        loader = DataLoader(_MemmapBatches(self.x_np, self.y_np, np.asarray(indices)), sampler=sampler,
+        loader = DataLoader(_MemmapBatches(self.x_np, self.y_np, np.asarray(indices), self.extra_np), sampler=sampler,
                             batch_size=None, num_workers=self.workers)
         for xb, yb in loader:
             yield xb.to(self.device), yb.to(self.device)
