@@ -138,6 +138,55 @@ def test_simclrv2_fine_tunes_from_the_first_head_layer(workdir, tiny):
     assert fine_tune_network(ck, method.ctx, keep=3).fc.in_features == 128  # the head's output
     assert fine_tune_network(ck, method.ctx, keep=0).neck is None  # from the head's input
     assert method.ctx.train.lr == pytest.approx(0.005 * math.sqrt(16)) and method.ctx.train.weight_decay == 0.0
+    assert method.ctx.train.optimizer == "lars" and all(getattr(p, "lars_exclude", False) for p in net.fc.parameters())
+
+
+def test_simclrv2_phases_resolve_to_section_3_optimisers():
+    """SimCLRv2 §3: LARS (momentum 0.9) throughout; fine-tuning at 0.005 x sqrt(B), no weight decay, no warm-up;
+    distillation with pre-training's lr schedule and weight decay (0.1 x sqrt(B), 5% warm-up, cosine, 1e-4)."""
+    from ssl_ops.methods.simclrv2 import Simclrv2Params
+    from ssl_ops.params import TrainParams
+
+    base = TrainParams(batch_size=64, epochs=20, lr=0.03, weight_decay=5e-4, warmup_epochs=1.0)
+    ft = Simclrv2Params().train_params(base)
+    assert (ft.optimizer, ft.lr, ft.weight_decay, ft.warmup_epochs) == ("lars", pytest.approx(0.04), 0.0, 0.0)
+    st = Simclrv2Params(distill=True, unlabeled_batch_size=256).train_params(base)
+    assert (st.optimizer, st.lr, st.weight_decay, st.warmup_epochs, st.schedule) == (
+        "lars", pytest.approx(0.1 * 16), 1e-4, pytest.approx(1.0), "cosine")
+    assert Simclrv2Params(distill=True).fine_tune_params(st) == ft.model_copy(update={"schedule": "cosine"})
+    with pytest.raises(ValueError, match="finetune_lr.*distill_lr"):
+        Simclrv2Params(lr=0.003)
+
+
+def test_a_distillation_step_does_not_grow_as_one_over_tau():
+    """Eq. (2)'s gradient is (p_S - p_T) / tau; under the default distillation optimiser (LARS) the first step of
+    every trust-ratio weight is lr_0 x eta x ||w|| whatever tau, so tau = 0.1 takes the step tau = 1 takes
+    (with SGD at one lr it was about 1/tau larger)."""
+    from ssl_ops.backbones import build_backbone
+    from ssl_ops.engine import make_optimizer
+    from ssl_ops.heads import Classifier, Normalize
+    from ssl_ops.methods.simclrv2 import Simclrv2Params, new_classifier_layer
+    from ssl_ops.params import TrainParams
+
+    train = Simclrv2Params(distill=True).train_params(TrainParams(batch_size=16, epochs=4, steps_per_epoch=10))
+    g = torch.Generator().manual_seed(0)
+    x, t_logits = torch.rand(16, 1, 8, 8, generator=g), 3 * torch.randn(16, 4, generator=g)
+    steps = {}
+    for tau in (0.1, 1.0):
+        torch.manual_seed(0)
+        net = new_classifier_layer(Classifier(Normalize([0.5], [0.5]), build_backbone("convnet", 1, width=0.25,
+                                                                                       image_size=8), 4))
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        opt, sched = make_optimizer(net, train, train.epochs * train.steps_per_epoch)
+        lr0 = opt.param_groups[0]["lr"]
+        distillation(net(x), t_logits, tau).backward()
+        opt.step()
+        steps[tau] = {n: (p.detach() - before[n]).norm() / before[n].norm() for n, p in net.named_parameters()
+                      if p.ndim > 1 and not n.startswith("fc.")}
+    assert steps[0.1] and lr0 == pytest.approx(train.lr / 2)  # warm-up: 5% of 40 steps = 2 steps
+    for n, rel in steps[0.1].items():
+        assert rel.item() == pytest.approx(lr0 * 1e-3, rel=1e-4)  # ||dw|| = lr_0 x eta x ||w||
+        assert rel.item() == pytest.approx(steps[1.0][n].item(), rel=1e-4)
 
 
 def test_wrong_pretraining_checkpoints_are_clear_errors(workdir, tiny):
