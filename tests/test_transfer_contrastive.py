@@ -236,3 +236,77 @@ def test_me_max_batch_mean_gives_the_global_batch_entropy():
     me_max(F.softmax(full_logits, 1), 0.25).backward()
     h_half.backward()
     torch.testing.assert_close(mine_logits.grad, full_logits.grad[:4])
+
+
+def test_paws_heads_put_batchnorm_where_appendix_a_says():
+    """PAWS appendix A / C: BatchNorm on the projection head's hidden layers only; the prediction head has BN on
+    its input and hidden layer. SimCLR's head (the other user) keeps BN after every layer."""
+    from ssl_ops.pretexts.paws import PawsHead
+
+    head = PawsHead(16, 8, 3, prediction=True)
+    bns = [any(isinstance(m, torch.nn.BatchNorm1d) for m in layer) for layer in head.projection.layers]
+    assert bns == [True, True, False] and head.projection.layers[-1][0].bias is not None
+    assert [type(m).__name__ for m in head.prediction] == ["BatchNorm1d", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert all(isinstance(layer[1], torch.nn.BatchNorm1d) for layer in ProjectionHead(16, 8, 3).layers)
+    h, z = head.eval()(torch.randn(4, 16))
+    assert h.shape == z.shape == (4, 8)
+
+
+def test_supcon_loss_matches_khosla_l_out_by_hand():
+    from ssl_ops.pretexts.paws import supcon_loss
+
+    z = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0], [0.6, -0.8]])
+    y = torch.tensor([0, 0, 1, 1, 2])  # the last anchor has no positive: left out of the mean
+    tau, total, anchors = 0.5, 0.0, 0
+    for i in range(5):
+        pos = [p for p in range(5) if p != i and y[p] == y[i]]
+        if not pos:
+            continue
+        denom = sum(math.exp(float(z[i] @ z[a]) / tau) for a in range(5) if a != i)
+        total += -sum(math.log(math.exp(float(z[i] @ z[p]) / tau) / denom) for p in pos) / len(pos)
+        anchors += 1
+    assert supcon_loss(3 * z, y, tau).item() == pytest.approx(total / anchors, rel=1e-5)  # scale-free: cosine
+
+
+def test_supcon_step_updates_the_trunk_only_with_batchnorm_frozen():
+    """Appendix C: BN layers frozen (statistics and affine), the trunk fine-tuned; the projection head is not
+    the trunk and stays as it was."""
+    from ssl_ops.backbones import build_backbone
+    from ssl_ops.heads import Encoder, Normalize
+    from ssl_ops.pretexts.paws import PawsEmbedding, PawsHead, SupportSampler, supcon_finetune
+
+    torch.manual_seed(0)
+    enc = Encoder(Normalize([0.5], [0.5]), build_backbone("convnet", 1, width=0.25, image_size=8))
+    head = PawsHead(enc.feature_dim, 8, 3, prediction=False)
+    embed = PawsEmbedding(enc, head.projection)
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8)
+    sampler = SupportSampler(torch.arange(12), torch.arange(12) % 3, 3)
+    before = {k: v.clone() for k, v in embed.state_dict().items()}
+    loss = supcon_finetune(embed, enc.backbone, images, sampler, 3, 3, 4, 0.1, 0.1, torch.Generator().manual_seed(0))
+    after = embed.state_dict()
+    bn = {n for n, m in embed.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert math.isfinite(loss) and changed and all(k.startswith("encoder.backbone.") for k in changed)
+    assert not any(k.rsplit(".", 1)[0] in bn for k in changed)  # BN weights, biases, running statistics
+    assert all(q.requires_grad for q in embed.parameters())  # restored after the step
+
+
+def test_paws_cifar10_preset_turns_on_appendix_c_supcon_step():
+    from ssl_ops.params import load_params
+
+    p = load_params("params.yaml", presets=["presets/paws_cifar10.yaml"]).paws
+    assert (p.supcon_steps, p.supcon_lr, p.supcon_classes, p.supcon_per_class, p.supcon_temperature) == (
+        180, 0.1, 10, 64, 0.1)
+    assert load_params("params.yaml").paws.supcon_steps == 0
+
+
+def test_paws_pretraining_runs_the_supcon_step_and_fine_tunes_from_the_whole_head(workdir, tiny):
+    from ssl_ops.pretrain import pretrain_stage
+    from ssl_ops.stages import train_stage
+
+    small = ["paws.epochs=1", "paws.steps_per_epoch=2", "paws.batch_size=8", "paws.small_size=4"]
+    res = pretrain_stage("paws", tiny(*small, "paws.supcon_steps=2", "paws.supcon_per_class=4"))
+    assert {"supcon_loss", "paws_nn_top1", "paws_nn_val_top1_supcon"} <= set(res.metrics)
+    net = train_stage("paws_finetune", tiny("train.epochs=1", "train.steps_per_epoch=1",
+                                            "paws_finetune.finetune_from=3")).method.model
+    assert net.neck_spec["out_bn"] is False and net.fc.in_features == 128
