@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from ssl_ops import augment, distributed, io
@@ -80,12 +80,15 @@ class Simclrv2Params(MethodParams):
     student_width: float | None = Field(None, gt=0)  # None: model.width
     student_init: bool = True  # self-distillation: start the student from the pre-trained backbone
 
-    @model_validator(mode="after")
-    def _no_shared_lr(self) -> Simclrv2Params:
-        if self.lr is not None:  # two phases, two rules: one lr cannot say which
+    lr: None = None  # two phases, two rules: finetune_lr / distill_lr (an lr here is an error saying so)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _no_shared_lr(cls, v):
+        if v is not None:
             raise ValueError("simclrv2.lr is not used: set simclrv2.finetune_lr (fine-tuning and the teacher) or "
                              "simclrv2.distill_lr (the student), or leave both null for the paper's rules")
-        return self
+        return v
 
     def train_params(self, base: TrainParams) -> TrainParams:
         """What the engine trains: the fine-tuned network, or with ``distill`` the student."""
