@@ -21,7 +21,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variant", choices=["every", "reference", "classifier"])
     ap.add_argument("--simclr", required=True)
-    ap.add_argument("--teacher", required=True, help="a fine-tuned simclrv2 network of this split (the report's scratch file)")
+    ap.add_argument("--teacher", required=True,
+                    help="a fine-tuned simclrv2 network of this split (the report's scratch file)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp()}/bench.db")

@@ -4,8 +4,8 @@ A square crop is cut into a 3x3 grid of cells and a smaller tile is taken from e
 offset (the gaps stop edge matching). The tiles are shuffled by one of a fixed set of permutations whose
 pairwise Hamming distance is at least ``min_hamming`` (§4: 701 permutations, minimum distance 3, the
 default), 0, 1 or 2 tiles are replaced by tiles of other images (occluders), 70% of puzzles are grey
-(colour images only), and each tile is normalised to zero mean and unit std. The nine tiles go through the backbone as one batch; their
-features are concatenated and an MLP classifies the permutation index.
+(colour images only), and each tile is normalised to zero mean and unit std. The nine tiles go through the
+backbone as one batch; their features are concatenated and an MLP classifies the permutation index.
 
 Sizes for 28x28 images: the image is randomly cropped and resized to 54x54 (cells of 18 px) and tiles
 are 15x15 (gaps of up to 3 px); the convnet's global pooling takes 15x15 inputs (15 -> 8 -> 4 -> 2).

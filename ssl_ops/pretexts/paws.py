@@ -224,8 +224,9 @@ class Paws(Pretext):
             if len(ctx.split.val):
                 out["paws_nn_val_top1_supcon"] = paws_nn_accuracy(embed, ctx.store, ctx.split.labeled, ctx.store,
                                                                   ctx.split.val, p.temperature, ctx.train.eval_batch_size)
-        out["paws_nn_top1"] = paws_nn_accuracy(embed, ctx.store, ctx.split.labeled, ctx.test_store(),
-                                               np.arange(len(ctx.data.test_y)), p.temperature, ctx.train.eval_batch_size)
+        test_idx = np.arange(len(ctx.data.test_y))
+        out["paws_nn_top1"] = paws_nn_accuracy(embed, ctx.store, ctx.split.labeled, ctx.test_store(), test_idx,
+                                               p.temperature, ctx.train.eval_batch_size)
         return out
 
 
