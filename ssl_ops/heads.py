@@ -52,9 +52,10 @@ class Classifier(nn.Module):
 class ProjectionHead(nn.Module):
     """SimCLRv2 §2 projection head: ``layers`` linear layers, each followed by BatchNorm, ReLU on all but the
     last; hidden width = the backbone's feature width, output ``out_dim``. SimCLRv2 fine-tunes from the
-    middle layer of a 3-layer head (``forward(x, upto=1)`` returns that layer's output)."""
+    middle layer of a 3-layer head (``forward(x, upto=1)`` returns that layer's output). ``out_bn=False``:
+    BatchNorm on the hidden layers only and a biased output layer (PAWS appendix A and C)."""
 
-    def __init__(self, in_dim: int, out_dim: int = 128, layers: int = 3):
+    def __init__(self, in_dim: int, out_dim: int = 128, layers: int = 3, out_bn: bool = True):
         super().__init__()
         if layers < 1:
             raise ValueError(f"a projection head needs at least one layer, got {layers}")
@@ -62,7 +63,8 @@ class ProjectionHead(nn.Module):
         self.layers = nn.ModuleList()
         for i in range(layers):
             last = i == layers - 1
-            block = [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1])]
+            bn = out_bn or not last
+            block = [nn.Linear(dims[i], dims[i + 1], bias=not bn), *([nn.BatchNorm1d(dims[i + 1])] if bn else [])]
             if not last:
                 block.append(nn.ReLU(inplace=True))
             self.layers.append(nn.Sequential(*block))
@@ -86,9 +88,9 @@ class Encoder(nn.Module):
         return self.backbone(self.normalize(x))
 
 
-def projection_neck(in_dim: int, layers: int, out_dim: int, keep: int) -> nn.Sequential:
-    """The first ``keep`` layers of a ``ProjectionHead(in_dim, out_dim, layers)`` (same structure and state
-    keys ``<i>.<j>.*``): what SimCLRv2 §2 fine-tunes from ("from the middle layer of the projection head")."""
+def projection_neck(in_dim: int, layers: int, out_dim: int, keep: int, out_bn: bool = True) -> nn.Sequential:
+    """The first ``keep`` layers of a ``ProjectionHead(in_dim, out_dim, layers, out_bn)`` (same structure and
+    state keys ``<i>.<j>.*``): what SimCLRv2 §2 fine-tunes from ("from the middle layer of the projection head")."""
     if not 0 < keep <= layers:
         raise ValueError(f"can keep 1..{layers} layers of a {layers}-layer projection head, not {keep}")
-    return nn.Sequential(*ProjectionHead(in_dim, out_dim, layers).layers[:keep])
+    return nn.Sequential(*ProjectionHead(in_dim, out_dim, layers, out_bn).layers[:keep])

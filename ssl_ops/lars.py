@@ -2,7 +2,11 @@
 
 SGD with momentum in which each parameter tensor's step is scaled by a trust ratio
 ``eta * ||w|| / ||g + wd * w||``; parameter groups with ``lars_exclude=True`` (biases and norm scales, as in
-the SimCLR reference code) take plain momentum-SGD steps without weight decay adaptation. No maintained
+the SimCLR reference code) take plain momentum-SGD steps without weight decay adaptation. A single parameter
+opts out the same way, weight decay included, with the attribute ``p.lars_exclude = True``: the reference
+code's exclude list ("batch_normalization", "bias", "head_supervised") also names the new linear classifier
+that SimCLRv2 fine-tunes and distils into (``ssl_ops.methods.simclrv2``), which a trust ratio of
+eta = 0.001 times its small fresh norm would all but freeze. No maintained
 implementation is installed (torch has none), so this is the small one, tested in tests/test_losses.py.
 """
 
@@ -30,10 +34,10 @@ class LARS(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
-                if group["weight_decay"] > 0:
+                g, exclude = p.grad, group["lars_exclude"] or getattr(p, "lars_exclude", False)
+                if group["weight_decay"] > 0 and not exclude:
                     g = g.add(p, alpha=group["weight_decay"])
-                if not group["lars_exclude"]:
+                if not exclude:
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
                     # a zero norm (fresh zero-init weight, or no gradient signal) falls back to ratio 1
                     trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,

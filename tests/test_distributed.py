@@ -90,7 +90,9 @@ def test_paws_needs_the_support_gradient_from_other_ranks(workdir):
     a, b = _curves("paws", "local-slot")
     diff = max(abs(x - y) for x, y in zip(a, b))
     print(f"paws with a local-slot gather: max abs loss difference per step {diff:.2e}")
-    assert diff > 1e-3, (a, b)
+    # 5e-3 with BN after the projection's output layer, 5e-4 with PAWS appendix A's hidden-only BN (a biased output
+    # layer): either way well above the 1e-4 the equivalence check above allows
+    assert diff > 2e-4, (a, b)
 
 
 def test_killed_and_resumed_two_rank_run_is_bit_identical_to_an_uninterrupted_one(workdir):

@@ -87,3 +87,16 @@ def test_lars_step_follows_the_trust_ratio_rule():
         ew, eb = ew - 2.0 * bw, eb - 2.0 * bb
         torch.testing.assert_close(w.detach(), ew)
         torch.testing.assert_close(b.detach(), eb)
+
+
+def test_lars_parameter_marked_lars_exclude_takes_a_plain_momentum_step_without_weight_decay():
+    """A parameter with ``lars_exclude = True`` (SimCLRv2's new classifier, the SimCLR reference code's
+    "head_supervised") steps like an excluded group even inside a decaying, adapted group."""
+    w, v = torch.tensor([3.0, 4.0], requires_grad=True), torch.tensor([1.0, 0.0], requires_grad=True)
+    v.lars_exclude = True
+    opt = LARS([{"params": [w, v], "weight_decay": 0.1}], lr=2.0, momentum=0.9, eta=0.01)
+    w.grad, v.grad = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.5])
+    opt.step()
+    torch.testing.assert_close(v.detach(), torch.tensor([1.0, 0.0]) - 2.0 * torch.tensor([0.5, 0.5]))
+    d = torch.tensor([1.0, -2.0]) + 0.1 * torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0]) - 2.0 * 0.01 * 5.0 / d.norm() * d)

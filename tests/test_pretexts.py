@@ -78,6 +78,24 @@ def test_jigsaw_permutations_keep_hamming_distance_and_are_reproducible(tmp_path
     assert len(list(tmp_path.glob("*.npy"))) == 1
 
 
+def test_jigsaw_default_permutation_set_is_noroozis_701_at_min_hamming_3():
+    """Noroozi et al. 2018 §4: "Our final training permutation set includes 701 permutations" with minimum
+    pairwise Hamming distance 3; the default params give that set, drawn from all 9! in lexicographic order."""
+    import itertools
+
+    from ssl_ops.pretexts.jigsaw_pp import _all_permutations
+
+    p = load_params("params.yaml").jigsaw_pp
+    assert (p.permutations, p.min_hamming) == (701, 3)
+    assert np.array_equal(_all_permutations(4), np.array(list(itertools.permutations(range(4)))))
+    assert _all_permutations(9).shape == (362880, 9) and len(np.unique(_all_permutations(9), axis=0)) == 362880
+    perms = hamming_permutations(p.permutations, p.min_hamming, p.perm_seed)
+    assert perms.shape == (701, 9) and len(np.unique(perms, axis=0)) == 701
+    assert (np.sort(perms, 1) == np.arange(9)).all()
+    dist = (perms[:, None, :] != perms[None, :, :]).sum(-1)
+    assert dist[~np.eye(701, dtype=bool)].min() >= 3
+
+
 def test_jigsaw_occluders_replace_zero_one_or_two_tiles():
     g = torch.Generator().manual_seed(0)
     tiles = torch.rand(200, 9, 1, 5, 5, generator=g)

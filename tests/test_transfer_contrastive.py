@@ -138,6 +138,57 @@ def test_simclrv2_fine_tunes_from_the_first_head_layer(workdir, tiny):
     assert fine_tune_network(ck, method.ctx, keep=3).fc.in_features == 128  # the head's output
     assert fine_tune_network(ck, method.ctx, keep=0).neck is None  # from the head's input
     assert method.ctx.train.lr == pytest.approx(0.005 * math.sqrt(16)) and method.ctx.train.weight_decay == 0.0
+    assert method.ctx.train.optimizer == "lars" and all(getattr(p, "lars_exclude", False) for p in net.fc.parameters())
+
+
+def test_simclrv2_phases_resolve_to_section_3_optimisers():
+    """SimCLRv2 §3: LARS (momentum 0.9) throughout; fine-tuning at 0.005 x sqrt(B), no weight decay, no warm-up;
+    distillation with pre-training's lr schedule and weight decay (0.1 x sqrt(B), 5% warm-up, cosine, 1e-4)."""
+    from ssl_ops.methods.simclrv2 import Simclrv2Params
+    from ssl_ops.params import TrainParams
+
+    base = TrainParams(batch_size=64, epochs=20, lr=0.03, weight_decay=5e-4, warmup_epochs=1.0)
+    ft = Simclrv2Params().train_params(base)
+    assert (ft.optimizer, ft.lr, ft.weight_decay, ft.warmup_epochs) == ("lars", pytest.approx(0.04), 0.0, 0.0)
+    st = Simclrv2Params(distill=True, unlabeled_batch_size=256).train_params(base)
+    assert (st.optimizer, st.lr, st.weight_decay, st.warmup_epochs, st.schedule) == (
+        "lars", pytest.approx(0.1 * 16), 1e-4, pytest.approx(1.0), "cosine")
+    assert Simclrv2Params(distill=True).fine_tune_params(st) == ft.model_copy(update={"schedule": "cosine"})
+    with pytest.raises(ValueError, match="finetune_lr.*distill_lr"):
+        Simclrv2Params(lr=0.003)
+
+
+def test_a_distillation_step_does_not_grow_as_one_over_tau():
+    """Eq. (2)'s gradient is (p_S - p_T) / tau; under the default distillation optimiser (LARS, trust ratio on
+    every tensor) the first step of every non-zero tensor is lr_0 x eta x ||w|| whatever tau, so tau = 0.1
+    takes the step tau = 1 takes (with SGD at one lr it was about 1/tau larger)."""
+    from ssl_ops.backbones import build_backbone
+    from ssl_ops.engine import make_optimizer
+    from ssl_ops.heads import Classifier, Normalize
+    from ssl_ops.methods.simclrv2 import Simclrv2Params, trust_every_tensor
+    from ssl_ops.params import TrainParams
+
+    p = Simclrv2Params(distill=True)
+    train = p.train_params(TrainParams(batch_size=16, epochs=4, steps_per_epoch=10))
+    g = torch.Generator().manual_seed(0)
+    x, t_logits = torch.rand(16, 1, 8, 8, generator=g), 3 * torch.randn(16, 4, generator=g)
+    steps = {}
+    for tau in (0.1, 1.0):
+        torch.manual_seed(0)
+        net = Classifier(Normalize([0.5], [0.5]), build_backbone("convnet", 1, width=0.25, image_size=8), 4)
+        before = {n: q.detach().clone() for n, q in net.named_parameters()}
+        opt, sched = make_optimizer(net, train, train.epochs * train.steps_per_epoch)
+        if p.distill_trust_all:
+            trust_every_tensor(opt)
+        lr0 = opt.param_groups[0]["lr"]
+        distillation(net(x), t_logits, tau).backward()
+        opt.step()
+        steps[tau] = {n: (q.detach() - before[n]).norm() / before[n].norm() for n, q in net.named_parameters()
+                      if before[n].norm() > 0}
+    assert {"fc.weight", "backbone.blocks.0.0.weight"} <= set(steps[0.1]) and lr0 == pytest.approx(train.lr / 2)
+    for n, rel in steps[0.1].items():  # warm-up: 5% of 40 steps = 2 steps
+        assert rel.item() == pytest.approx(lr0 * 1e-3, rel=1e-3), n  # ||dw|| = lr_0 x eta x ||w||
+        assert rel.item() == pytest.approx(steps[1.0][n].item(), rel=1e-3), n
 
 
 def test_wrong_pretraining_checkpoints_are_clear_errors(workdir, tiny):
@@ -187,3 +238,77 @@ def test_me_max_batch_mean_gives_the_global_batch_entropy():
     me_max(F.softmax(full_logits, 1), 0.25).backward()
     h_half.backward()
     torch.testing.assert_close(mine_logits.grad, full_logits.grad[:4])
+
+
+def test_paws_heads_put_batchnorm_where_appendix_a_says():
+    """PAWS appendix A / C: BatchNorm on the projection head's hidden layers only; the prediction head has BN on
+    its input and hidden layer. SimCLR's head (the other user) keeps BN after every layer."""
+    from ssl_ops.pretexts.paws import PawsHead
+
+    head = PawsHead(16, 8, 3, prediction=True)
+    bns = [any(isinstance(m, torch.nn.BatchNorm1d) for m in layer) for layer in head.projection.layers]
+    assert bns == [True, True, False] and head.projection.layers[-1][0].bias is not None
+    assert [type(m).__name__ for m in head.prediction] == ["BatchNorm1d", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert all(isinstance(layer[1], torch.nn.BatchNorm1d) for layer in ProjectionHead(16, 8, 3).layers)
+    h, z = head.eval()(torch.randn(4, 16))
+    assert h.shape == z.shape == (4, 8)
+
+
+def test_supcon_loss_matches_khosla_l_out_by_hand():
+    from ssl_ops.pretexts.paws import supcon_loss
+
+    z = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0], [0.6, -0.8]])
+    y = torch.tensor([0, 0, 1, 1, 2])  # the last anchor has no positive: left out of the mean
+    tau, total, anchors = 0.5, 0.0, 0
+    for i in range(5):
+        pos = [p for p in range(5) if p != i and y[p] == y[i]]
+        if not pos:
+            continue
+        denom = sum(math.exp(float(z[i] @ z[a]) / tau) for a in range(5) if a != i)
+        total += -sum(math.log(math.exp(float(z[i] @ z[p]) / tau) / denom) for p in pos) / len(pos)
+        anchors += 1
+    assert supcon_loss(3 * z, y, tau).item() == pytest.approx(total / anchors, rel=1e-5)  # scale-free: cosine
+
+
+def test_supcon_step_updates_the_trunk_only_with_batchnorm_frozen():
+    """Appendix C: BN layers frozen (statistics and affine), the trunk fine-tuned; the projection head is not
+    the trunk and stays as it was."""
+    from ssl_ops.backbones import build_backbone
+    from ssl_ops.heads import Encoder, Normalize
+    from ssl_ops.pretexts.paws import PawsEmbedding, PawsHead, SupportSampler, supcon_finetune
+
+    torch.manual_seed(0)
+    enc = Encoder(Normalize([0.5], [0.5]), build_backbone("convnet", 1, width=0.25, image_size=8))
+    head = PawsHead(enc.feature_dim, 8, 3, prediction=False)
+    embed = PawsEmbedding(enc, head.projection)
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8)
+    sampler = SupportSampler(torch.arange(12), torch.arange(12) % 3, 3)
+    before = {k: v.clone() for k, v in embed.state_dict().items()}
+    loss = supcon_finetune(embed, enc.backbone, images, sampler, 3, 3, 4, 0.1, 0.1, torch.Generator().manual_seed(0))
+    after = embed.state_dict()
+    bn = {n for n, m in embed.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert math.isfinite(loss) and changed and all(k.startswith("encoder.backbone.") for k in changed)
+    assert not any(k.rsplit(".", 1)[0] in bn for k in changed)  # BN weights, biases, running statistics
+    assert all(q.requires_grad for q in embed.parameters())  # restored after the step
+
+
+def test_paws_cifar10_preset_turns_on_appendix_c_supcon_step():
+    from ssl_ops.params import load_params
+
+    p = load_params("params.yaml", presets=["presets/paws_cifar10.yaml"]).paws
+    assert (p.supcon_steps, p.supcon_lr, p.supcon_classes, p.supcon_per_class, p.supcon_temperature) == (
+        180, 0.1, 10, 64, 0.1)
+    assert load_params("params.yaml").paws.supcon_steps == 0
+
+
+def test_paws_pretraining_runs_the_supcon_step_and_fine_tunes_from_the_whole_head(workdir, tiny):
+    from ssl_ops.pretrain import pretrain_stage
+    from ssl_ops.stages import train_stage
+
+    small = ["paws.epochs=1", "paws.steps_per_epoch=2", "paws.batch_size=8", "paws.small_size=4"]
+    res = pretrain_stage("paws", tiny(*small, "paws.supcon_steps=2", "paws.supcon_per_class=4"))
+    assert {"supcon_loss", "paws_nn_top1", "paws_nn_val_top1_supcon"} <= set(res.metrics)
+    net = train_stage("paws_finetune", tiny("train.epochs=1", "train.steps_per_epoch=1",
+                                            "paws_finetune.finetune_from=3")).method.model
+    assert net.neck_spec["out_bn"] is False and net.fc.in_features == 128

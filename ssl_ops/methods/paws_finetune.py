@@ -59,6 +59,9 @@ class PawsFinetune(Method):
         if params.finetune_from > pp["head_layers"]:
             raise ParamsError(f"paws_finetune.finetune_from={params.finetune_from} but the head has {pp['head_layers']} layers")
         neck = {"layers": pp["head_layers"], "out_dim": pp["proj_dim"], "keep": params.finetune_from}
+        last = f"projection.layers.{pp['head_layers'] - 1}.1.weight"  # BN after the output layer: made before
+        if params.finetune_from == pp["head_layers"] and last not in ck["head"]:  # appendix A's hidden-only BN
+            neck["out_bn"] = False
         net = Classifier(Normalize(ctx.data.mean, ctx.data.std), ctx.build_backbone(), ctx.num_classes, neck_spec=neck)
         net.backbone.load_state_dict(ck["backbone"])
         if net.neck is not None:  # head keys "projection.layers.<i>.<j>.*" -> neck keys "<i>.<j>.*"

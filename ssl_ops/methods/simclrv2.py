@@ -1,10 +1,12 @@
 """SimCLRv2 fine-tuning and distillation (Chen et al. 2020b, §2 and §3) from ``ssl-ops pretrain simclr``.
 
-Fine-tuning (§2): the network is the pre-trained backbone plus the first ``finetune_from`` layers of the
-pre-trained projection head (1 by default: "fine-tuning from the middle layer" helps most with few labels;
-0 = from the head's input, the usual linear head on the backbone) and a new linear classifier, trained with
-cross-entropy on the labeled split with crop + flip only (``RunContext.labeled_batch``), no weight decay, no
-warm-up and a small learning rate, 0.005 x sqrt(batch size) unless ``finetune_lr`` is set.
+Fine-tuning (§2; §3 "For fine-tuning"): the network is the pre-trained backbone plus the first
+``finetune_from`` layers of the pre-trained projection head (1 by default: "fine-tuning from the middle layer"
+helps most with few labels; 0 = from the head's input, the usual linear head on the backbone) and a new
+linear classifier, trained with cross-entropy on the labeled split with crop + flip only
+(``RunContext.labeled_batch``). §3: "We use the LARS optimizer (with a momentum of 0.9) throughout for
+pretraining, fine-tuning and distillation"; fine-tuning removes weight decay and warm-up and uses
+0.005 x sqrt(batch size) (``finetune_optimizer``, ``finetune_lr_scale``; ``finetune_lr`` overrides).
 
 Distillation (§3, ``distill: true``): the fine-tuned network is a fixed teacher; a student is trained on
 unlabeled images (and labeled ones with ``distill_labeled``) with eq. (2), the cross-entropy between the
@@ -12,7 +14,14 @@ teacher's and the student's softmax at temperature tau, or with eq. (3) when ``a
 ``(1 - alpha) * CE(labels) + alpha * eq. (2)``. Self-distillation: the student has the same backbone and no
 projection head, initialised from the pre-trained backbone (``student_init``); big-to-small: a smaller
 ``student_backbone`` / ``student_width`` from the registry, from scratch. tau defaults to 0.1 for
-self-distillation and 1.0 for big-to-small (the issue's defaults; SimCLRv2 §3 uses tau = 1 in most runs).
+self-distillation and 1.0 for big-to-small (§3 "For distillation"). The student trains with "the same learning
+rate schedule, weight decay, batch size as pretraining" (§3) under LARS: peak lr 0.1 x sqrt(batch), 5% linear
+warm-up, cosine decay, weight decay 1e-4 (``distill_*``). This is also what makes tau harmless: eq. (2)'s
+gradient is (p_S - p_T) / tau, and LARS's trust ratio divides each weight tensor's step by its gradient norm,
+so a step does not grow as 1/tau (with SGD at the shared lr, tau = 0.1 took 10x a cross-entropy step). For the
+student the trust ratio covers every tensor (``distill_trust_all``): the reference code's plain steps for
+biases, norm scales and the new classifier would still grow as 1/tau, and at 0.1 x sqrt(B) they diverged.
+Fine-tuning keeps those exclusions (the new classifier learns by plain momentum steps, as in the reference).
 
 As in ``pseudo_label``, the teacher phase runs in the first training step (``teacher_epochs`` x
 ``steps_per_epoch`` fine-tuning steps with its own RNG stream) unless ``teacher`` names a fine-tuned
@@ -24,11 +33,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from ssl_ops import augment, distributed, io
@@ -41,17 +50,19 @@ from ssl_ops.methods.base import Method, MethodParams, register_method
 from ssl_ops.params import TrainParams
 
 
-# tau when simclrv2.temperature is null (the issue's defaults; SimCLRv2 §3 uses tau = 1 in most runs)
+# tau when simclrv2.temperature is null (SimCLRv2 §3: 0.1 self-distillation, 1.0 large-to-small)
 SELF_DISTILLATION_TAU, BIG_TO_SMALL_TAU = 0.1, 1.0
 
 
 class Simclrv2Params(MethodParams):
     pretrained: Path = Path("models/pretrain/simclr.pt")  # written by `ssl-ops pretrain simclr`
     finetune_from: int = Field(1, ge=0)  # projection-head layers kept (SimCLRv2 §2: 1 for few labels); 0: none
+    # fine-tuning (§3 "Fine-tuning" paragraph; "LARS (momentum 0.9) throughout" for all three phases)
+    finetune_optimizer: Literal["sgd", "lars"] = "lars"
     finetune_lr: float | None = Field(None, gt=0)  # None: finetune_lr_scale * sqrt(batch size)
-    finetune_lr_scale: float = Field(0.005, gt=0)  # SimCLRv2 §2 / App.: 0.005 x sqrt(batch)
-    weight_decay: float | None = Field(0.0, ge=0)  # fine-tuning: none (§2)
-    warmup_epochs: float = Field(0.0, ge=0)  # fine-tuning: none (§2)
+    finetune_lr_scale: float = Field(0.005, gt=0)  # SimCLRv2 §3: 0.16 = 0.005 x sqrt(batch) for standard ResNets
+    weight_decay: float = Field(0.0, ge=0)  # fine-tuning: none (§3)
+    warmup_epochs: float = Field(0.0, ge=0)  # fine-tuning: none (§3)
     distill: bool = False  # False: fine-tune only (the evaluated model); True: then distil into a student
     teacher: Path | None = None  # a fine-tuned models/simclrv2.pt (same split); None: fine-tune it here first
     teacher_epochs: int = Field(20, gt=0)  # fine-tuning phase of the teacher, epochs of steps_per_epoch steps
@@ -59,18 +70,60 @@ class Simclrv2Params(MethodParams):
     alpha: float = Field(1.0, ge=0, le=1)  # eq. (3) weight of the distillation term; 1: eq. (2) only
     distill_labeled: bool = False  # distil on labeled images too (§3 "optionally")
     unlabeled_batch_size: int | None = Field(None, gt=0)  # None: batch_size
+    # distillation (§3: "the same learning rate schedule, weight decay, batch size as pretraining", LARS): the
+    # pre-training rule of ssl_ops.pretexts.simclr, peak lr = distill_lr_scale x sqrt(distillation batch), linear
+    # warm-up over distill_warmup_fraction of the run, then cosine; the batch stays this run's (the budget)
+    distill_optimizer: Literal["sgd", "lars"] = "lars"
+    distill_lr: float | None = Field(None, gt=0)  # None: distill_lr_scale * sqrt(unlabeled batch)
+    distill_lr_scale: float = Field(0.1, gt=0)  # pre-training's 0.1 x sqrt(batch) (6.4 at 4096)
+    distill_weight_decay: float = Field(1e-4, ge=0)  # pre-training's 1e-4
+    distill_warmup_fraction: float = Field(0.05, ge=0, le=1)  # pre-training's first 5% of epochs
+    # LARS trust ratio on every student tensor (biases, norm scales, the classifier too): no step then grows as
+    # eq. (2)'s 1/tau. False: the reference code's exclusions, whose plain steps at 0.1 x sqrt(B) diverged at
+    # tau = 0.1 (val 10% vs 66%, Fashion-MNIST seed 0: benchmarks/simclrv2_distill_trust.py); the paper says
+    # only "LARS".
+    distill_trust_all: bool = True
     student_backbone: str | None = None  # None: the teacher's (self-distillation); else big-to-small
     student_width: float | None = Field(None, gt=0)  # None: model.width
     student_init: bool = True  # self-distillation: start the student from the pre-trained backbone
 
-    def train_params(self, base: TrainParams) -> TrainParams:
-        train = super().train_params(base)
-        if self.distill:  # the engine trains the student: the shared / overridden settings as they are
-            return train
-        return train.model_copy(update={"lr": self.fine_tune_lr(train.batch_size), "warmup_epochs": self.warmup_epochs})
+    lr: None = None  # two phases, two rules: finetune_lr / distill_lr (an lr here is an error saying so)
 
-    def fine_tune_lr(self, batch_size: int) -> float:
-        return self.finetune_lr or self.finetune_lr_scale * math.sqrt(batch_size)
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _no_shared_lr(cls, v):
+        if v is not None:
+            raise ValueError("simclrv2.lr is not used: set simclrv2.finetune_lr (fine-tuning and the teacher) or "
+                             "simclrv2.distill_lr (the student), or leave both null for the paper's rules")
+        return v
+
+    def train_params(self, base: TrainParams) -> TrainParams:
+        """What the engine trains: the fine-tuned network, or with ``distill`` the student."""
+        train = super().train_params(base)
+        if not self.distill:
+            return self.fine_tune_params(train)
+        batch = self.unlabeled_batch_size or train.batch_size
+        return train.model_copy(update={
+            "optimizer": self.distill_optimizer, "lr": self.distill_lr or self.distill_lr_scale * math.sqrt(batch),
+            "weight_decay": self.distill_weight_decay, "schedule": "cosine",
+            "warmup_epochs": self.distill_warmup_fraction * train.epochs})
+
+    def fine_tune_params(self, train: TrainParams) -> TrainParams:
+        """§3 fine-tuning: LARS at 0.005 x sqrt(batch), no weight decay, no warm-up (the teacher phase too)."""
+        return train.model_copy(update={"optimizer": self.finetune_optimizer, "weight_decay": self.weight_decay,
+                                        "lr": self.finetune_lr or self.finetune_lr_scale * math.sqrt(train.batch_size),
+                                        "warmup_epochs": self.warmup_epochs})
+
+
+def trust_every_tensor(optimizer) -> None:
+    """LARS with the trust ratio on every tensor: each step is lr x eta x ||w|| in the direction of g + wd w,
+    whatever the gradient's scale (eq. (2)'s 1/tau included); a no-op for SGD. Zero-norm tensors (fresh
+    zero biases) fall back to a plain step until they are not zero (ssl_ops.lars)."""
+    for group in optimizer.param_groups:
+        if "lars_exclude" in group:
+            group["lars_exclude"] = False
+            for p in group["params"]:
+                p.lars_exclude = False
 
 
 def load_simclr(path: Path, ctx) -> dict[str, Any]:
@@ -104,7 +157,15 @@ def fine_tune_network(ck: dict[str, Any], ctx, keep: int) -> Classifier:
     if net.neck is not None:  # head state keys "layers.<i>.<j>.*"; the neck's are "<i>.<j>.*"
         head = {k.removeprefix("layers."): v for k, v in ck["head"].items() if int(k.split(".")[1]) < keep}
         net.neck.load_state_dict(head)
-    return net.to(ctx.device)
+    return new_classifier_layer(net).to(ctx.device)
+
+
+def new_classifier_layer(net: Classifier) -> Classifier:
+    """Mark the new linear layer out of LARS's trust ratio and weight decay, as the SimCLR reference code's
+    LARS excludes "head_supervised" (ssl_ops.lars): a trust ratio of 0.001 x its fresh norm would freeze it."""
+    for p in net.fc.parameters():
+        p.lars_exclude = True
+    return net
 
 
 @register_method("simclrv2")
@@ -124,6 +185,11 @@ class Simclrv2(Method):
         self.model = nn.ModuleDict({"teacher": net.requires_grad_(False), "student": student}).to(ctx.device)
         self.model.register_buffer("teacher_ready", torch.zeros((), dtype=torch.bool, device=ctx.device))
 
+    def bind_optimizer(self, optimizer, scheduler) -> None:
+        """The engine's optimiser trains the student (``distill``): with ``distill_trust_all``, LARS adapts every tensor."""
+        if self.params.distill and self.params.distill_trust_all:
+            trust_every_tensor(optimizer)
+
     def _student(self) -> Classifier:
         p, ctx, m = self.params, self.ctx, self.ctx.params.model
         name, width = p.student_backbone or m.backbone, p.student_width or m.width
@@ -132,7 +198,7 @@ class Simclrv2(Method):
             backbone.load_state_dict(self.ck["backbone"])
         student = Classifier(Normalize(ctx.data.mean, ctx.data.std), backbone, ctx.num_classes)
         student.spec_backbone = (name, width)  # what the exported model's spec must name
-        return student
+        return student if p.distill_trust_all else new_classifier_layer(student)
 
     @property
     def self_distillation(self) -> bool:
@@ -165,9 +231,8 @@ class Simclrv2(Method):
 
     def fine_tune(self, net: nn.Module, steps: int, seed: int) -> None:
         """Fine-tuning as in §2 (the teacher phase): CE on labeled crop + flip batches, own RNG stream."""
-        ctx, p = self.ctx, self.params
-        train = ctx.train.model_copy(update={"lr": p.fine_tune_lr(ctx.train.batch_size), "weight_decay": 0.0,
-                                             "warmup_epochs": 0.0})
+        ctx = self.ctx
+        train = self.params.fine_tune_params(ctx.train)
         net.requires_grad_(True).train()
         opt, sched = make_optimizer(net, train, steps)
         gen = torch.Generator(device=ctx.device).manual_seed(seed)

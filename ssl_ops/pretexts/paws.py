@@ -14,17 +14,31 @@ detached ``h``, sharpened with temperature T (no gradient through targets). Supp
 one-hot vectors. Loss: cross-entropy to the targets averaged over all anchor views, minus ``me_max_weight``
 times the entropy of the mean sharpened prediction (ME-MAX), ``ssl_ops.losses.paws_loss``.
 
+Heads (appendix A and C): the projection head has BatchNorm on its hidden layers only (the output layer is
+a plain biased linear layer); the optional prediction head is BN -> linear (hidden = out/4, 512 of 2048) ->
+BN -> ReLU -> linear, "Batch Normalization applied to the input of the prediction head as well as to the
+hidden layer".
+
 Default budget: a few minutes on 2 CPU cores for Fashion-MNIST; the paper's CIFAR-10 recipe (appendix C)
 is the preset ``presets/paws_cifar10.yaml``. After pre-training: ``ssl-ops train paws`` fine-tunes from the
-first projection layer, and :func:`paws_nn` is the evaluation that needs no training (PAWS-NN).
+first projection layer, and :func:`paws_nn_accuracy` is the evaluation that needs no training (PAWS-NN).
+
+Before PAWS-NN on CIFAR-10, appendix C freezes the BatchNorm layers and fine-tunes the trunk for 180 steps
+on the labeled images with the supervised contrastive loss (Khosla et al.), no augmentation, momentum SGD at
+lr 0.1 with cosine decay, no weight decay, batches of 10 classes x 64 images drawn with replacement across
+steps, cosine temperature 0.1, "to tighten the representation clusters of the labelled training samples
+before using them as support" (``supcon_steps`` > 0, :func:`supcon_finetune`). It runs once after
+pre-training, before ``paws_nn_top1`` is measured, and the saved checkpoint holds the tuned trunk.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -61,16 +75,25 @@ class PawsParams(PretextParams):
     prediction_head: bool = False  # 2-layer prediction head on h (ImageNet recipe; appendix C: off)
     nn_layer: int | None = Field(None, ge=0)  # PAWS-NN representation: projection layers applied; None: all
     sync_bn: bool | None = True  # torchrun: global BN (PAWS §5: batch statistics synchronised across workers)
+    # appendix C (CIFAR-10 only): supervised-contrastive fine-tuning of the trunk, BN frozen, before PAWS-NN
+    supcon_steps: int = Field(0, ge=0)  # appendix C: 180; 0: off
+    supcon_lr: float = Field(0.1, gt=0)  # appendix C: 0.1, cosine decay, momentum 0.9, no weight decay
+    supcon_classes: int | None = Field(None, gt=0)  # classes per batch; None: all (appendix C: 10)
+    supcon_per_class: int = Field(64, gt=0)  # images per class (appendix C: 64; fewer labels: with replacement)
+    supcon_temperature: float = Field(0.1, gt=0)  # appendix C: cosine temperature 0.1
 
 
 class PawsHead(nn.Module):
-    """Projection head (``ProjectionHead``, hidden width = the backbone's) and an optional 2-layer prediction
-    head; ``forward`` returns (h, z) with z = pred(h), or z = h without a prediction head."""
+    """Projection head (``ProjectionHead``, hidden width = the backbone's, BN on hidden layers only) and an
+    optional 2-layer prediction head (appendix A); ``forward`` returns (h, z) with z = pred(h), or z = h."""
 
     def __init__(self, in_dim: int, out_dim: int, layers: int, prediction: bool):
         super().__init__()
-        self.projection = ProjectionHead(in_dim, out_dim, layers)
-        self.prediction = ProjectionHead(out_dim, out_dim, 2) if prediction else None
+        self.projection = ProjectionHead(in_dim, out_dim, layers, out_bn=False)
+        hidden = max(1, out_dim // 4)  # appendix A: 512 hidden for a 2048 output
+        self.prediction = nn.Sequential(nn.BatchNorm1d(out_dim), nn.Linear(out_dim, hidden, bias=False),
+                                        nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden, out_dim)) if prediction else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.projection(x)
@@ -187,13 +210,73 @@ class Paws(Pretext):
         return out
 
     def test_metrics(self) -> dict[str, float]:
-        """PAWS-NN test accuracy against the labeled split (reported by ``ssl-ops pretrain``; never selects)."""
-        ctx = self.ctx
-        test = ctx.test_store()
-        return {"paws_nn_top1": paws_nn_accuracy(
-            PawsEmbedding(self.model.encoder, self.model.head.projection, self.params.nn_layer), ctx.store,
-            ctx.split.labeled, test, np.arange(len(ctx.data.test_y)), self.params.temperature,
-            ctx.train.eval_batch_size)}
+        """PAWS-NN test accuracy against the labeled split (reported by ``ssl-ops pretrain``; never selects),
+        after the appendix C supervised-contrastive step when ``supcon_steps`` > 0 (then also its val PAWS-NN,
+        the number to choose it by)."""
+        ctx, p = self.ctx, self.params
+        embed = PawsEmbedding(self.model.encoder, self.model.head.projection, p.nn_layer)
+        out = {}
+        if p.supcon_steps:
+            gen = torch.Generator(device=ctx.device).manual_seed(ctx.train.seed + 1)  # its own RNG stream
+            out["supcon_loss"] = supcon_finetune(embed, self.model.encoder.backbone, ctx.store.x, self.sampler,
+                                                 p.supcon_steps, p.supcon_classes or len(self.sampler.classes),
+                                                 p.supcon_per_class, p.supcon_lr, p.supcon_temperature, gen)
+            if len(ctx.split.val):
+                out["paws_nn_val_top1_supcon"] = paws_nn_accuracy(embed, ctx.store, ctx.split.labeled, ctx.store,
+                                                                  ctx.split.val, p.temperature, ctx.train.eval_batch_size)
+        test_idx = np.arange(len(ctx.data.test_y))
+        out["paws_nn_top1"] = paws_nn_accuracy(embed, ctx.store, ctx.split.labeled, ctx.test_store(), test_idx,
+                                               p.temperature, ctx.train.eval_batch_size)
+        return out
+
+
+def supcon_loss(z: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out; PAWS appendix C): for each anchor i with
+    positives P(i) (same label, not i), -1/|P(i)| sum_p log softmax_{a != i}(cos(z_i, z_a) / tau)[p], averaged
+    over the anchors that have a positive."""
+    z = F.normalize(z, dim=1)
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_prob = (z @ z.T / temperature).masked_fill(eye, float("-inf")).log_softmax(1)
+    pos = (labels[:, None] == labels[None]) & ~eye
+    n_pos = pos.sum(1)
+    per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(1) / n_pos.clamp_min(1)
+    return per_anchor[n_pos > 0].mean()
+
+
+def supcon_finetune(embed: nn.Module, trunk: nn.Module, images: Tensor, sampler: SupportSampler, steps: int,
+                    classes: int, per_class: int, lr: float, temperature: float, generator: torch.Generator) -> float:
+    """PAWS appendix C: ``steps`` steps of :func:`supcon_loss` on ``embed`` of class-balanced labeled batches (no
+    augmentation), updating only the non-BatchNorm weights of ``trunk``; every BatchNorm layer is frozen (eval
+    mode: running statistics, affine parameters fixed). Momentum SGD 0.9 (PyTorch's form), lr with cosine decay
+    to 0, no weight decay. Returns the last step's loss."""
+    was_training, grads = embed.training, {q: q.requires_grad for q in embed.parameters()}
+    embed.train().requires_grad_(False)
+    weights = []
+    for m in trunk.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        weights += list(m.parameters(recurse=False))
+    for m in embed.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    for q in weights:
+        q.requires_grad_(True)
+    opt = torch.optim.SGD(weights, lr=lr, momentum=0.9, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    loss = torch.zeros(())
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx, cls = sampler.sample(classes, per_class, generator)
+            loss = supcon_loss(embed(augment.to_float(images[idx])), cls, temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            distributed.average_gradients(embed)
+            opt.step()
+            sched.step()
+    for q, g in grads.items():
+        q.requires_grad_(g)
+    embed.train(was_training)
+    return float(loss.detach())
 
 
 class PawsEmbedding(nn.Module):
