@@ -47,7 +47,7 @@ def campaign(tmp_path) -> Path:
         tree[section] = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8}
     path.write_text(yaml.safe_dump(tree))
     _run(["git", "init", "-q"], tmp_path)
-    _run(["dvc", "init", "-q"], tmp_path)
+    _run(["dvc", "init", "-q", "--subdir"], tmp_path / "pipelines")  # as in this repo: pipelines/ is its own project
     return tmp_path / "pipelines" / "fmnist_10pc"
 
 
