@@ -285,3 +285,17 @@ def test_mean_teacher_with_tl_freezes_the_first_two_blocks(workdir, tiny, tmp_pa
     assert frozen(f"mean_teacher.init={ck}") == [True, True, False]
     assert frozen() == [False, False, False]
     assert frozen(f"mean_teacher.init={ck}", "mean_teacher.freeze_blocks=0") == [False, False, False]
+
+
+def test_tune_spaces_carry_s4l_grids():
+    """S4L §4.2: eps from {50, 50·2^(-1/3), 50·2^(-2/3), 25} (ratios to the largest), then w_entmin from
+    {0, 0.03, 0.1, 0.3, 1}; MOAM's weights (S4L §5, chosen by hand on val) get a grid around 0.3/0.7/0.3/0.3."""
+    from ssl_ops.params import load_params
+
+    spaces = load_params("params.yaml").tune.spaces
+    eps = spaces["vat"]["vat.eps"].choices
+    assert [e / eps[0] for e in eps] == pytest.approx([1, 2 ** (-1 / 3), 2 ** (-2 / 3), 0.5], abs=5e-3)
+    assert spaces["vat"]["vat.entmin_weight"].choices == [0.0, 0.03, 0.1, 0.3, 1.0]
+    moam = spaces["moam"]
+    assert {0.3, 1.0} <= set(moam["moam.w_sup"].choices) and 0.3 in moam["moam.w_entmin"].choices
+    assert 0.7 in moam["moam.w_rot"].choices and 0.3 in moam["moam.w_vat"].choices
