@@ -1,10 +1,12 @@
 """Diagnostic of MOAM step 1 (reports/ssl_joint.md notes): val top-1 and the share of the most predicted class
-of the raw network and of its Polyak average, read from benchmark checkpoints (val only, never test).
+of the raw network and of its Polyak average, read from benchmark checkpoints (val accuracy only).
 
-    python -m benchmarks.moam_step1_val [--set k=v ...] CHECKPOINT [CHECKPOINT ...]
+    python -m benchmarks.moam_step1_val [--set k=v ...] [--test-collapse] [--out FILE] CHECKPOINT [...]
 
-``--set`` must reproduce the split of the runs (split.seed, labels_per_class). Appends one JSON line per
-checkpoint to reports/ssl_joint_moam_diag_val.jsonl.
+``--set`` must reproduce the split and params of the runs (split.seed, labels_per_class, moam.*). Appends one
+JSON line per checkpoint to reports/ssl_joint_moam_diag_val.jsonl (``--out`` another file).
+``--test-collapse`` adds the share of the TEST set given the most predicted class (issue 16's acceptance: no
+class for more than 50%); no test accuracy is computed, and nothing is chosen from it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 from pathlib import Path
 
 from ssl_ops import io, tracking
+import numpy as np
+
 from ssl_ops.engine import predict_logits, topk_accuracy
 from ssl_ops.params import load_params
 from ssl_ops.stages import build_method, load_data
@@ -25,6 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--set", nargs="*", default=[])
+    ap.add_argument("--test-collapse", action="store_true", help="also the test set's most predicted class share")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     params = load_params("params.yaml", ["train.progress=false", *args.set])
     data, split, _ = load_data(params)
@@ -37,8 +43,12 @@ def main() -> None:
             logits, labels = predict_logits(net, method.ctx.store, split.val, 1024)
             row[f"{name}_val_top1"] = topk_accuracy(logits, labels, 1)
             row[f"{name}_val_most_predicted_class_share"] = logits.argmax(1).bincount().max().item() / len(labels)
+            if args.test_collapse:
+                test = method.ctx.test_store()
+                logits, _ = predict_logits(net, test, np.arange(len(data.test_y)), 1024)
+                row[f"{name}_test_most_predicted_class_share"] = logits.argmax(1).bincount().max().item() / len(logits)
         print(row)
-        with OUT.open("a") as f:
+        with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
 

@@ -67,6 +67,13 @@ def softmax_mse(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     return (F.softmax(logits_a.float(), 1) - F.softmax(logits_b.float(), 1)).pow(2).sum(1).mean()
 
 
+def softmax_mse_class_mean(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """:func:`softmax_mse` divided by the number of classes: the mean squared softmax difference over classes
+    and batch, the scale of Laine & Aila's and Tarvainen & Valpola's reference code, whose consistency
+    weights (w_max 100) hold for any number of classes."""
+    return softmax_mse(logits_a, logits_b) / logits_a.shape[1]
+
+
 def kl_div_logits(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     """KL(p || q) = sum_c p_c (log p_c - log q_c), averaged over the batch, from logits: the VAT distance
     (Miyato et al. 2018 eq. (3)) with p the clean and q the perturbed prediction."""

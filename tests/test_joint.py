@@ -221,3 +221,81 @@ def test_pseudo_label_resume_reuses_the_stored_labels(workdir, tiny, monkeypatch
     assert calls == []
     for k, v in resumed.method.model.state_dict().items():
         assert torch.equal(v, reference[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 16: ramp-ups, class-count-free consistency weights, Mean Teacher "with T.L."
+
+
+def test_vat_ramps_up_both_unlabeled_terms(workdir, tiny):
+    """S4L §4.2 / Miyato et al.: L = L_cls + r(t) (w_vat L_vat + w_entmin H); at step 0 of a sigmoid ramp-up
+    r = exp(-5) multiplies EntMin as well as VAT."""
+    params = tiny("vat.rampup_epochs=5", "vat.entmin_weight=0.3", "vat.unlabeled_weight=1.0")
+    data, split, _ = load_data(params)
+    out = build_method("vat", params, data, split).training_step(0)
+    r = math.exp(-5)
+    expected = out["loss_sup"] + r * (1.0 * out["loss_vat"] + 0.3 * out["loss_entmin"])
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["w_vat"].item() == pytest.approx(r)
+
+
+class _FixedLogits(nn.Module):
+    """Returns row i of ``table`` for the i-th input: a hand-chosen prediction whatever the image."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[: len(x)]
+
+
+@pytest.mark.parametrize("classes", [3, 10])
+def test_mean_teacher_consistency_weight_holds_for_any_class_count(workdir, tiny, classes):
+    """The consistency term is w times the squared softmax difference averaged over batch AND classes (the
+    reference code's scale, w = 100): the same weight for 3 classes as for 10. (A class-summed term with
+    w = 10 equals it at 10 classes only.)"""
+    params = tiny("train.batch_size=2", "mean_teacher.unlabeled_batch_size=2")
+    data, split, _ = load_data(params)
+    m = build_method("mean_teacher", params, data, split)
+    g = torch.Generator().manual_seed(classes)
+    student, teacher = torch.randn(4, classes, generator=g), torch.randn(2, classes, generator=g)
+    m.model["student"] = _FixedLogits(student)
+    m.model["teacher"].module = _FixedLogits(teacher)
+    x, _, u = m.draw()
+    m.draw = lambda: (x, torch.tensor([0, 1]), u)  # labels within the 3 classes
+    out = m.training_step(10**6)  # after the ramp-up: w = unlabeled_weight
+    by_hand = (F.softmax(student[2:], 1) - F.softmax(teacher, 1)).pow(2).mean()  # over 2 images x C classes
+    assert m.params.unlabeled_weight == 100.0
+    assert (out["loss"] - out["loss_sup"]).item() == pytest.approx(100.0 * by_hand.item(), rel=1e-5)
+
+
+def test_mean_teacher_with_tl_freezes_the_first_two_blocks(workdir, tiny, tmp_path):
+    """Rebuffi et al. §4.1 "with T.L.": from the self-supervised checkpoint only the last blocks and the
+    classifier train; without init, or with freeze_blocks 0, every block trains."""
+    params = tiny()
+    data, split, _ = load_data(params)
+    ck = tmp_path / "rotation.pt"
+    io.torch_save(ck, {"backbone": build_method("supervised", params, data, split).model.backbone.state_dict()})
+
+    def frozen(*extra):
+        backbone = build_method("mean_teacher", tiny(*extra), data, split).model["student"].backbone
+        return [all(not p.requires_grad for p in b.parameters()) for b in backbone.blocks]
+
+    assert frozen(f"mean_teacher.init={ck}") == [True, True, False]
+    assert frozen() == [False, False, False]
+    assert frozen(f"mean_teacher.init={ck}", "mean_teacher.freeze_blocks=0") == [False, False, False]
+
+
+def test_tune_spaces_carry_s4l_grids():
+    """S4L §4.2: eps from {50, 50·2^(-1/3), 50·2^(-2/3), 25} (ratios to the largest), then w_entmin from
+    {0, 0.03, 0.1, 0.3, 1}; MOAM's weights (S4L §5, chosen by hand on val) get a grid around 0.3/0.7/0.3/0.3."""
+    from ssl_ops.params import load_params
+
+    spaces = load_params("params.yaml").tune.spaces
+    eps = spaces["vat"]["vat.eps"].choices
+    assert [e / eps[0] for e in eps] == pytest.approx([1, 2 ** (-1 / 3), 2 ** (-2 / 3), 0.5], abs=5e-3)
+    assert spaces["vat"]["vat.entmin_weight"].choices == [0.0, 0.03, 0.1, 0.3, 1.0]
+    moam = spaces["moam"]
+    assert {0.3, 1.0} <= set(moam["moam.w_sup"].choices) and 0.3 in moam["moam.w_entmin"].choices
+    assert 0.7 in moam["moam.w_rot"].choices and 0.3 in moam["moam.w_vat"].choices

@@ -5,6 +5,8 @@ chaining through models/<step>.pt, the MLflow tags that link the runs, and pipel
 
 from __future__ import annotations
 
+import math
+
 import mlflow
 import numpy as np
 import pytest
@@ -65,7 +67,28 @@ def test_s4l_exemplar_triplet_runs_over_8_views_of_labeled_and_unlabeled(workdir
     assert seen["emb"] == (8 * n, 16)
     assert seen["labels"].tolist() == list(range(n)) * 8
     assert out["loss"].item() == pytest.approx((out["loss_sup"] + out["loss_triplet"]).item(), rel=1e-6)
-    assert m.images_per_step == 4 + 8 * n
+    assert m.images_per_step == 8 * n  # class_on_views: no separate crop + flip copy of the labeled images
+
+
+@pytest.mark.parametrize("on_views", [True, False])
+def test_s4l_exemplar_class_loss_on_all_copies_of_the_labeled_images(workdir, tiny, monkeypatch, on_views):
+    """S4L §4.4: "we do apply the supervision loss on all copies of the labeled images": the class loss is the
+    cross-entropy of the 8 exemplar copies of each labeled image (rows i * B + j, j < 4), by hand."""
+    import ssl_ops.methods.s4l_exemplar as mod
+
+    seen, make_views = {}, mod.exemplar_views
+    monkeypatch.setattr(mod, "exemplar_views", lambda *a: seen.setdefault("views", make_views(*a)))
+    m = _method(tiny, "s4l_exemplar", "train.batch_size=4", "s4l_exemplar.unlabeled_batch_size=2",
+                f"s4l_exemplar.class_on_views={str(on_views).lower()}")
+    draws, sample = [], m.ctx.store.sample
+    monkeypatch.setattr(m.ctx.store, "sample", lambda *a: draws.append(sample(*a)) or draws[-1])
+    out = m.training_step(0)
+    y = draws[0][1]  # the labeled batch is drawn first
+    net, views = m.model["net"], seen["views"]
+    labeled_rows = torch.tensor([j < 4 for _ in range(8) for j in range(6)])  # copy i of image j: row 6 i + j
+    with torch.no_grad():  # same batch in train mode: the same BatchNorm statistics as the step's pass
+        by_hand = F.cross_entropy(net.fc(net.features(views))[labeled_rows], y.repeat(8))
+    assert (out["loss_sup"].item() == pytest.approx(by_hand.item(), rel=1e-5)) == on_views
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,13 +164,14 @@ def test_tta_probs_equal_mean_over_crops_and_rotations_by_hand():
 # MOAM: the three steps chained
 
 
-def test_moam_step1_loss_weights_and_polyak_average(workdir, tiny):
+def test_moam_step1_loss_weights_ramped_unlabeled_terms_and_polyak_average(workdir, tiny):
     m = _method(tiny, "moam")
     out = m.training_step(0)
     p = m.params
-    expected = p.w_sup * out["loss_sup"] + p.w_rot * out["loss_rot"] + p.w_vat * out["loss_vat"] \
-        + p.w_entmin * out["loss_entmin"]
-    assert (p.w_sup, p.w_rot, p.w_vat, p.w_entmin) == (0.3, 0.7, 0.3, 0.3)  # S4L §5
+    r = math.exp(-5)  # step 0 of the sigmoid ramp-up: VAT and EntMin start near 0, the labeled terms do not
+    assert p.rampup_epochs > 0 and out["w_unlabeled"].item() == pytest.approx(r)
+    expected = p.w_sup * out["loss_sup"] + p.w_rot * out["loss_rot"] \
+        + r * (p.w_vat * out["loss_vat"] + p.w_entmin * out["loss_entmin"])
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert 0.0 < out["pred_max_fraction"].item() <= 1.0
     before = {k: v.clone() for k, v in m.model["ema"].module.state_dict().items()}
@@ -160,6 +184,61 @@ def test_moam_step1_loss_weights_and_polyak_average(workdir, tiny):
         if v.dtype.is_floating_point:
             assert torch.allclose(v, 0.5 * before[k] + 0.5 * live[k], atol=1e-6), k
     assert m.classifier() is m.model["ema"].module
+
+
+@pytest.mark.parametrize("steps_per_epoch", [2, 20])
+def test_moam_polyak_average_halves_the_past_each_epoch(workdir, tiny, steps_per_epoch):
+    """S4L §5: "parameters decay by 50 % over each epoch": decay^steps_per_epoch = 1/2, applied once the
+    early cap 1 - 1/(t + 1) is above it."""
+    m = _method(tiny, "moam", f"train.steps_per_epoch={steps_per_epoch}")
+    d = 0.5 ** (1 / steps_per_epoch)
+    assert m.model["ema"].decay == pytest.approx(d) and d ** steps_per_epoch == pytest.approx(0.5)
+    ema, net = m.model["ema"].module, m.model["net"]
+    with torch.no_grad():
+        for q in ema.parameters():
+            q.fill_(0.0)
+        for q in net.parameters():
+            q.fill_(1.0)
+    for t in range(1000, 1000 + steps_per_epoch):  # one epoch of updates towards all-ones, late in a run
+        m.after_step(t)
+    for q in ema.parameters():
+        assert torch.allclose(q, torch.full_like(q, 0.5), atol=1e-5)  # the all-zeros past weighs one half
+    assert _method(tiny, "moam", "moam.ema_decay=0.9").model["ema"].decay == 0.9  # an explicit decay wins
+
+
+def test_moam_step2_retrains_with_all_the_losses_on_the_whole_pool(workdir, tiny):
+    """S4L §5: step 2 trains "in the exact same way (i.e. with all the losses)" with every example labeled by
+    its pseudo-label: class, rotation, VAT and EntMin terms with the moam weights, on the whole pool."""
+    step1 = train_stage("moam", tiny(*STEPS))
+    m = _method(tiny, "moam_retrain", "moam_retrain.crops=1")
+    for k, v in step1.method.model["rotation_head"].state_dict().items():
+        assert torch.equal(m.model["rotation_head"].state_dict()[k], v), k  # the rotation head carries over
+    out = m.training_step(0)
+    p = m.loss_params
+    assert out["kept_fraction"].item() == 1.0  # every labeled and unlabeled image has a pseudo-label
+    expected = p.w_sup * out["loss_sup"] + p.w_rot * out["loss_rot"] \
+        + p.unlabeled_weight * (p.w_vat * out["loss_vat"] + p.w_entmin * out["loss_entmin"])
+    assert out["loss_rot"].item() > 0 and out["loss_vat"].item() > 0
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert m.classifier() is m.model["ema"].module  # Polyak-averaged, as step 1
+
+
+@pytest.mark.parametrize(("method", "lr_scale", "milestones"),
+                         [("moam", 1.0, [0.5, 0.75, 0.95]), ("moam_retrain", 1.0, [1 / 3, 2 / 3]),
+                          ("moam_finetune", 0.005, [0.25, 0.5, 0.75])])
+def test_moam_schedules_are_s4l_sec5s(tiny, method, lr_scale, milestones):
+    """S4L §5: step 1 decays 10-fold at epochs 100, 150, 190 of 200; step 2 after 6 and 12 of 18; step 3 every
+    5 of 20 epochs, at lr 5e-4 (step 1: 0.1) and weight decay 3e-3."""
+    from ssl_ops.engine import lr_lambda
+
+    params = tiny("train.epochs=20", "train.steps_per_epoch=10", "train.warmup_epochs=0")
+    train = getattr(params, method).train_params(params.train)
+    assert train.lr == pytest.approx(lr_scale * params.train.lr)
+    f = lr_lambda(train, 200)
+    decays = [s for s in range(1, 200) if f(s) < f(s - 1)]
+    assert decays == [int(m * 200) for m in milestones] and all(f(s) / f(s - 1) == pytest.approx(0.1) for s in decays)
+    if method == "moam_finetune":
+        assert train.weight_decay == 3e-3
 
 
 @pytest.mark.parametrize("evaluate_ema", [True, False])
@@ -178,7 +257,7 @@ def test_step2_pseudo_labels_are_tta_argmax_of_step1(workdir, tiny):
                 "moam_retrain.max_images=40")
     ctx = m.ctx
     expected = tta_predict(step1.method.classifier(), ctx.store, m.pool, 256, ctx.train.crop_padding, 2,
-                           False).argmax(1)
+                           False, m.tta_rotations).argmax(1)
     m.training_step(0)
     labels = m.model["pseudo"].labels
     nl = len(ctx.pools["labeled"])

@@ -34,9 +34,12 @@ class JointMethod(Method):
     def images_per_step(self) -> int:
         return self.ctx.train.batch_size + self.unlabeled_batch_size
 
+    def rampup(self, step: int) -> float:
+        """The sigmoid ramp-up factor in [exp(-5), 1] of ``step`` (1 once ``rampup_epochs`` have passed)."""
+        return sigmoid_rampup(step, self.params.rampup_epochs * self.ctx.train.steps_per_epoch)
+
     def unlabeled_weight(self, step: int) -> float:
-        length = self.params.rampup_epochs * self.ctx.train.steps_per_epoch
-        return self.params.unlabeled_weight * sigmoid_rampup(step, length)
+        return self.params.unlabeled_weight * self.rampup(step)
 
     def draw(self) -> tuple[Tensor, Tensor, Tensor]:
         """An augmented labeled batch (float), its labels, and a raw uint8 unlabeled batch."""

@@ -2,8 +2,9 @@
 
 Step 1 (``moam``) trains S4L-Rotation + VAT + EntMin jointly with Polyak averaging; step 2
 (``moam_retrain``) pseudo-labels the train images with step 1's model, averaging its predictions over fixed
-crops x 4 rotations (:func:`tta_probs`), and retrains that network on the pseudo-labels; step 3
-(``moam_finetune``) fine-tunes step 2's network on the true labels only, with a small learning rate.
+crops x 4 rotations (:func:`tta_probs`), and retrains that network "in the exact same way (i.e. with all the
+losses)" with every image labeled by its pseudo-label; step 3 (``moam_finetune``) fine-tunes step 2's
+network on the true labels only, with a small learning rate.
 
 Each step is a registered method (own params section, DVC stage and MLflow run). A later step reads the
 previous step's ``models/<method>.pt`` (:func:`load_previous`: same split and dataset, the right method)
@@ -84,7 +85,7 @@ def load_previous(path: Path, ctx, method: str) -> tuple[dict[str, Tensor], dict
     if ck.get("split_sha256") != ctx.split.sha256 or ck.get("dataset_sha256") != ctx.data.sha256:
         raise DataIntegrityError(f"{path} was trained on another split or dataset; re-run `ssl-ops train {method}` "
                                  "on this split")
-    prefix = METHODS[method].exported_prefix(ck["params"][method])
+    prefix = METHODS[method].exported_prefix(ck["params"])
     state = {k.removeprefix(prefix): v for k, v in ck["state_dict"].items() if k.startswith(prefix)}
     return state, ck
 
@@ -97,8 +98,9 @@ class MoamStep(Method):
     parent_run: str | None = None  # MLflow run id of the previous step's model, set by start_from_previous
 
     @classmethod
-    def exported_prefix(cls, section: dict[str, Any]) -> str:
-        """Key prefix, in ``model.state_dict()``, of the classifier the next step starts from."""
+    def exported_prefix(cls, params: dict[str, Any]) -> str:
+        """Key prefix, in ``model.state_dict()``, of the classifier the next step starts from (``params``: the
+        run's resolved params, as saved in its checkpoint)."""
         return "net."
 
     def start_from_previous(self, net: nn.Module, path: Path) -> dict[str, Any]:

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ssl_ops.losses import softmax_mse
+from ssl_ops.losses import softmax_mse_class_mean
 from ssl_ops.methods._joint import JointMethod, JointParams
 from ssl_ops.methods.base import register_method
 
 
 class PiModelParams(JointParams):
-    # Laine & Aila: w_max = 100 on the class-averaged squared error = 10 on our class-summed one (10 classes)
-    unlabeled_weight: float = Field(10.0, ge=0)
+    # Laine & Aila: w_max = 100 on the squared error averaged over classes (losses.softmax_mse_class_mean)
+    unlabeled_weight: float = Field(100.0, ge=0)
     rampup_epochs: float = Field(5.0, ge=0)  # Laine & Aila ramp up over 80 of 300 epochs; a quarter of 20 here
 
 
@@ -37,6 +37,6 @@ class PiModel(JointMethod):
         logits = self.model(torch.cat([x, self.ctx.augment(u)]))
         logits_u2 = self.model(self.ctx.augment(u))
         sup = F.cross_entropy(logits[:n], y)
-        cons = softmax_mse(logits[n:], logits_u2)
+        cons = softmax_mse_class_mean(logits[n:], logits_u2)
         w = self.unlabeled_weight(step)
         return {"loss": sup + w * cons, "loss_sup": sup, "loss_cons": cons, "w_cons": torch.tensor(w)}

@@ -5,7 +5,9 @@ Each step, every labeled and unlabeled image of the two batches is turned into `
 augmented copies (the exemplar pretext's views: Inception crop, flip, HSV jitter); an embedding head beside
 the class head maps their features to ``embedding_dim``, and a batch-hard soft-margin triplet loss (Hermans
 et al. 2017) treats the copies of one image as one class. The class head is trained with cross-entropy on
-the labeled images under the standard crop + flip. L = L_cls + w · L_triplet.
+all ``instances`` copies of each labeled image (S4L §4.4: "we do apply the supervision loss on all copies of
+the labeled images"). L = L_cls + w · L_triplet. ``class_on_views: false`` (not the paper's choice) trains
+the class head on one standard crop + flip of each labeled image instead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from ssl_ops.methods.base import register_method
 class S4LExemplarParams(JointParams, ExemplarViewParams):
     """``unlabeled_weight`` (inherited) is w of the triplet loss; the view keys are the exemplar pretext's."""
 
+    class_on_views: bool = True  # class loss on every exemplar copy of the labeled images (S4L §4.4)
+
 
 @register_method("s4l_exemplar")
 class S4LExemplar(JointMethod):
@@ -37,7 +41,8 @@ class S4LExemplar(JointMethod):
 
     @property
     def images_per_step(self) -> int:
-        return self.ctx.train.batch_size + self.params.instances * super().images_per_step
+        upright = 0 if self.params.class_on_views else self.ctx.train.batch_size
+        return upright + self.params.instances * super().images_per_step
 
     def classifier(self) -> nn.Module:
         return self.model["net"]
@@ -49,10 +54,15 @@ class S4LExemplar(JointMethod):
         images = torch.cat([xl, ctx.unlabeled_batch(self.unlabeled_batch_size)])
         views = exemplar_views(images, ctx.generator, p.instances, p.crop_scale, p.hue, p.saturation, p.value)
         labels = instance_labels(len(images), p.instances, images.device)
-        net, nl = self.model["net"], len(xl)
-        features = net.features(torch.cat([ctx.augment(xl), views]))  # one pass: shared BatchNorm statistics
-        cls = F.cross_entropy(net.fc(features[:nl]), y)
+        net = self.model["net"]
+        if p.class_on_views:  # copy i of image j is row i * len(images) + j: labeled where j < len(xl)
+            features = net.features(views)
+            cls = F.cross_entropy(net.fc(features[labels < len(xl)]), y.repeat(p.instances))
+        else:
+            features = net.features(torch.cat([ctx.augment(xl), views]))  # one pass: shared BatchNorm statistics
+            cls = F.cross_entropy(net.fc(features[: len(xl)]), y)
+            features = features[len(xl):]
         # the head's output is the embedding itself (Euclidean distances, as the exemplar pretext)
-        triplet = batch_hard_triplet(self.model["embedding"](features[nl:]).float(), labels)
+        triplet = batch_hard_triplet(self.model["embedding"](features).float(), labels)
         w = self.unlabeled_weight(step)
         return {"loss": cls + w * triplet, "loss_sup": cls, "loss_triplet": triplet}
