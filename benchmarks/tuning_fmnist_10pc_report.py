@@ -5,7 +5,7 @@
 Reads every trial of each ``--study`` (values, val top-1 = the objective, per-epoch val curve = Optuna's
 intermediate values, wall and CPU seconds) and the 3-seed measurements of the chosen presets written by
 ``benchmarks.recipes_fmnist_10pc`` (reports/recipes/*.json). Writes the trials as CSV, a PNG with each study's
-val curves (trials grey, the chosen one black) and the chosen preset's val curve on each seed, and the report.
+val curves (trials grey) and the chosen preset's val curve on each seed, and the report.
 """
 
 from __future__ import annotations
