@@ -57,6 +57,10 @@ class Backbone(nn.Module):
     is global-average-pooled, so any input size that survives the downsampling works.
     """
 
+    # train.channels_last=auto on CPU: true only where benchmarks/channels_last.py measured channels_last >= 1.05x
+    # faster (reports/benchmarks_channels_last.md); an unmeasured backbone keeps the default layout.
+    channels_last_cpu: bool = False
+
     def __init__(self, blocks: list[nn.Module], feature_dim: int) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
@@ -99,6 +103,36 @@ class Backbone(nn.Module):
         return self
 
 
+def uses_channels_last(backbone: nn.Module, setting: bool | str, device: torch.device) -> bool:
+    """``train.channels_last`` for one backbone: true/false as set; ``auto`` = channels_last on CUDA (the
+    standard choice for convolutions under mixed precision), on CPU the layout that won for this backbone in
+    ``benchmarks/channels_last.py`` (its class attribute ``channels_last_cpu``, reports/benchmarks_channels_last.md)."""
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cuda" or getattr(backbone, "channels_last_cpu", False)
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    return (x.contiguous(memory_format=torch.channels_last), *args[1:]) if x.dim() == 4 else None
+
+
+def set_memory_format(model: nn.Module, setting: bool | str, device: torch.device) -> list[str]:
+    """Put every :class:`Backbone` inside ``model`` (students, teachers, encoders alike) in the memory format
+    ``setting`` picks for it: its conv weights in channels_last, and a forward pre-hook giving it channels_last
+    inputs (so every batch, augmented or not, enters in the same layout). Outputs are the same function either
+    way (tests/test_backbones.py); only the speed differs. Call before the optimiser is built. Returns the
+    qualified names of the converted backbones."""
+    done = []
+    for name, m in model.named_modules():
+        if isinstance(m, Backbone) and uses_channels_last(m, setting, device) and not getattr(m, "_channels_last", False):
+            m.to(memory_format=torch.channels_last)
+            m.register_forward_pre_hook(_to_channels_last)
+            m._channels_last = True
+            done.append(name)
+    return done
+
+
 def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
@@ -130,6 +164,8 @@ class ConvNet(Backbone):
     Not from a paper: a cheap stand-in sized for Fashion-MNIST on 2 CPU cores. One conv per block keeps
     FLOPs low; ``ceil_mode`` pooling keeps sizes >= 1 (28 -> 14 -> 7 -> 4, 8 -> 4 -> 2 -> 1).
     """
+
+    channels_last_cpu = True  # measured, reports/benchmarks_channels_last.md
 
     def __init__(self, in_channels: int, width: float = 1.0, image_size: int | None = None) -> None:
         blocks, c_in = [], in_channels
@@ -174,6 +210,8 @@ class ResNet18Cifar(Backbone):
     blocks = [stem + stage 1, stage 2, stage 3, stage 4]; feature_dim = 512 x width.
     """
 
+    channels_last_cpu = True  # measured, reports/benchmarks_channels_last.md
+
     def __init__(self, in_channels: int, width: float = 1.0, image_size: int | None = None) -> None:
         c_stem = _scaled(64, width)
         stem = nn.Sequential(_conv3x3(in_channels, c_stem), nn.BatchNorm2d(c_stem), nn.ReLU(inplace=True))
@@ -214,6 +252,8 @@ class WideResNet28x2(Backbone):
 
     blocks = [stem + group 1, group 2, group 3 + final BN-LReLU]; feature_dim = 128 x width.
     """
+
+    channels_last_cpu = True  # measured, reports/benchmarks_channels_last.md
 
     def __init__(self, in_channels: int, width: float = 1.0, image_size: int | None = None) -> None:
         depth, widen = 28, 2

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ssl_ops import augment, distributed, faults, io
-from ssl_ops.backbones import build_backbone
+from ssl_ops.backbones import build_backbone, set_memory_format
 from ssl_ops.data.prepare import PreparedDataset
 from ssl_ops.data.splits import Split
 from ssl_ops.data.store import ImageStore
@@ -258,6 +258,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
     """
     train, model = ctx.train, method.model
     global_batchnorm(model, ctx)  # before the optimiser is built (SyncBatchNorm keeps the same parameters)
+    set_memory_format(model, train.channels_last, ctx.device)  # likewise before the optimiser (same parameters)
     total = train.epochs * train.steps_per_epoch
     optimizer, scheduler = make_optimizer(model, train, total)
     use_scaler = ctx.device.type == "cuda" and train.amp and not torch.cuda.is_bf16_supported()

@@ -108,6 +108,9 @@ class TrainParams(Section):
     # Under torchrun: BatchNorm statistics over the global batch (torch's SyncBatchNorm, which runs on CUDA
     # only; on CPU/gloo BatchNorm stays per rank, with a warning). A no-op in one process.
     sync_bn: bool = False
+    # Memory layout of the backbones' convolutions (ssl_ops.backbones.set_memory_format): true / false, or auto =
+    # channels_last on CUDA, on CPU per backbone as measured in reports/benchmarks_channels_last.md.
+    channels_last: bool | Literal["auto"] = "auto"
 
 
 class TrackingParams(Section):

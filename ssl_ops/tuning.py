@@ -232,6 +232,7 @@ class Objective:
         if retried is not None:
             tags["optuna.retry_of_trial"] = str(retried)
             trial.set_user_attr("retry_of_trial", retried)
+        cpu0 = time.process_time()  # the budgets count CPU seconds (user + sys), teacher phases included
         try:
             params = with_overrides(self.base, [*(as_override(k, v) for k, v in values.items()),
                                                 "train.progress=false"], source=f"trial {trial.number}")
@@ -252,6 +253,7 @@ class Objective:
                 ckpt.unlink(missing_ok=True)
         trial.set_user_attr("mlflow_run_id", res.run_id)
         trial.set_user_attr("train_seconds", res.metrics["train_seconds"])
+        trial.set_user_attr("cpu_seconds", time.process_time() - cpu0)
         self._finish(before, {"optuna.state": "COMPLETE", **({} if retried is None else {
             "optuna.trial_number": str(trial.number), "optuna.retry_of_trial": str(retried)})})
         return res.metrics["val_top1"]

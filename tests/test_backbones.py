@@ -141,3 +141,82 @@ def test_small_image_resnet50_stem():
     model = build_backbone("resnet50", 1, image_size=16).eval()
     with torch.no_grad():
         assert model.forward_blocks(torch.randn(2, 1, 16, 16))[-1].shape[-2:] == (2, 2)
+
+
+# ------------------------------------------------------------------ train.channels_last (issue 17, item 4)
+
+
+@names
+def test_channels_last_is_the_same_function(name):
+    """Layout changes strides, not values. float64: the same gradients and weights after an SGD step up to 1e-10
+    (float32 is checked on outputs only: deep nets at init amplify float32 summation order in backward to ~1%
+    of a gradient, in either layout alike). A channels_last state dict loads into a default network."""
+    import copy
+
+    from ssl_ops.backbones import set_memory_format
+
+    if name == "resnet50":
+        pytest.skip("slow on CPU; its layers are the same conv/BN/ReLU kinds as resnet18_cifar's")
+    side = SIDES.get(name, (32,))[0]
+    for dtype in (torch.float64, torch.float32):
+        nets = [build_backbone(name, 1, width=0.5, image_size=side).to(dtype)]
+        nets.append(copy.deepcopy(nets[0]))
+        assert set_memory_format(nets[1], True, torch.device("cpu")) == [""]
+        conv = [m.weight for m in nets[1].modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1][0]
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        x = torch.rand(8, 1, side, side, dtype=dtype)
+        w = torch.randn(8, nets[0].feature_dim, dtype=dtype)  # a fixed random linear loss
+        outs = []
+        for net in nets:
+            opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+            y = net(x)
+            (y * w).sum().backward()
+            opt.step()
+            outs.append((y.detach(), [p.grad for p in net.parameters()], [p.detach() for p in net.parameters()]))
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(outs[1][0], outs[0][0], atol=tol, rtol=tol)
+        if dtype == torch.float64:
+            for i in (1, 2):
+                for a, b in zip(outs[1][i], outs[0][i]):
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * b.abs().max().item())
+    fresh = build_backbone(name, 1, width=0.5, image_size=side)
+    fresh.load_state_dict(nets[1].state_dict())
+    torch.testing.assert_close(fresh.eval()(x), nets[1].eval()(x), atol=1e-4, rtol=1e-3)
+
+
+def test_channels_last_auto_picks_the_measured_layout():
+    """auto on CPU = the committed measurement's winner per backbone; true/false are obeyed; CUDA is always
+    channels_last under auto (a new backbone needs a measurement before it can default to channels_last)."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.channels_last import auto_choice
+    from ssl_ops.backbones import uses_channels_last
+
+    measured = json.loads((Path(__file__).parents[1] / "reports/benchmarks_channels_last.json").read_text())
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for name in BACKBONES:
+        rows = [r for r in measured["rows"] if r["backbone"] == name]
+        net = nn.Module() if not rows else build_backbone(name, 1, width=0.25 if name != "resnet50" else 1.0)
+        assert uses_channels_last(net, "auto", cpu) == (auto_choice(rows) if rows else False), name
+        assert uses_channels_last(net, "auto", cuda) and uses_channels_last(net, True, cpu)
+        assert not uses_channels_last(net, False, cuda)
+
+
+def test_fit_with_channels_last_matches_default_layout(workdir, tiny):
+    """Through engine.fit (augmented batches, eval, checkpoint): the loss curve and val accuracy of
+    train.channels_last=true equal the default layout's on the same seed, and the trained convs are channels_last."""
+    from ssl_ops import io
+    from ssl_ops.stages import CHECKPOINTS, MODELS, train_stage
+
+    runs = {}
+    for cl in ("false", "true"):
+        train_stage("supervised", tiny("train.epochs=2", f"train.channels_last={cl}"))
+        runs[cl] = io.torch_load(CHECKPOINTS / "supervised" / "last.pt")
+        state = io.torch_load(MODELS / "supervised.pt")["state_dict"]
+    conv = next(v for v in runs["true"]["model"].values() if v.dim() == 4 and v.shape[1] > 1)  # C=1 is both
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert state  # the exported model loads with weights_only
+    for a, b in zip(runs["true"]["history"], runs["false"]["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+        assert a["val_top1"] == pytest.approx(b["val_top1"], abs=0.021)  # at most one of digits' 50 val images

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 import yaml
 from conftest import TINY
 
@@ -111,6 +112,9 @@ def test_four_trial_study_completes_and_writes_best(workdir, mlflow_uri):
     for t in trials:
         assert sorted(t.intermediate_values) == [1, 2] and t.value == t.intermediate_values[2]
         assert 0.01 <= t.params["train.lr"] <= 0.3 and 0 <= t.params["supervised.label_smoothing"] <= 0.2
+        # issue 17 budgets count CPU seconds: recorded per trial, and a 1-thread run cannot use more CPU than wall time
+        # (+ 2 s of slack for the MLflow/Optuna bookkeeping outside the timed epochs)
+        assert 0 < t.user_attrs["cpu_seconds"] <= t.duration.total_seconds() * torch.get_num_threads() + 2
     assert res.study.best_value == max(t.value for t in trials)
 
     best = yaml.safe_load(Path("tuning/supervised.best.yaml").read_text())
