@@ -110,6 +110,9 @@ def test_purity_by_hand():
     clusters = torch.tensor([0, 0, 1, 1, 2])
     labels = torch.tensor([0, 1, 1, 1, 2])
     assert math.isclose(cluster_purity(clusters, labels, k=3), 4 / 5, rel_tol=1e-6)  # 1 + 2 + 1 majority members of 5
+    # images without a true label (-1, unlabeled-only) are left out, not counted as a class of their own
+    with_unknown = cluster_purity(torch.tensor([0, 0, 1, 1, 2, 2, 2]), torch.tensor([0, 1, 1, 1, 2, -1, -1]), k=3)
+    assert math.isclose(with_unknown, 4 / 5, rel_tol=1e-6)
 
 
 def test_pseudo_labels_are_the_nearest_centres(workdir, tiny):

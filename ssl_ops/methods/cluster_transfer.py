@@ -145,7 +145,10 @@ class PooledBlock(nn.Module):
 
 
 def cluster_purity(clusters: Tensor, labels: Tensor, k: int) -> float:
-    """Share of images whose class is the majority class of their cluster (1 = every cluster is one class)."""
+    """Share of images whose class is the majority class of their cluster (1 = every cluster is one class); images
+    without a true label (-1: unlabeled-only images from data.unlabeled_dir) are left out."""
+    known = labels >= 0
+    clusters, labels = clusters[known], labels[known]
     if not len(labels):
         return float("nan")
     classes = int(labels.max()) + 1

@@ -112,7 +112,8 @@ class MoamRetrain(MoamStep):
         buf, nl = self.model["pseudo"], len(self.labeled)
         keep = buf.labels[nl:] >= 0
         true = self.ctx.store.y[self.unlabeled]
-        acc = (buf.labels[nl:][keep] == true[keep]).float().mean().item() if keep.any() else float("nan")
+        known = keep & (true >= 0)  # unlabeled-only images (data.unlabeled_dir) have no true label (-1)
+        acc = (buf.labels[nl:][known] == true[known]).float().mean().item() if known.any() else float("nan")
         return {"kept_fraction": (buf.labels >= 0).float().mean().item(), "pseudo_label_accuracy": acc}
 
     def training_step(self, step: int) -> dict[str, Tensor]:

@@ -116,7 +116,8 @@ class PseudoLabel(JointMethod):
         buf = self.model["pseudo"]
         keep = buf.labels >= 0
         true = self.ctx.store.y[self._unlabeled]
-        acc = (buf.labels[keep] == true[keep]).float().mean().item() if keep.any() else float("nan")
+        known = keep & (true >= 0)  # unlabeled-only images (data.unlabeled_dir) have no true label (-1)
+        acc = (buf.labels[known] == true[known]).float().mean().item() if known.any() else float("nan")
         return {"kept_fraction": keep.float().mean().item(), "pseudo_label_accuracy": acc}
 
     # -- student ------------------------------------------------------------------------------------------
