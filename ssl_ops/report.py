@@ -227,23 +227,24 @@ def write_pngs(by_labels: list[dict], per_run: list[dict], out_dir: Path) -> lis
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.minorticks_off()
     ax.legend(), ax.grid(alpha=0.3)
-    _save(fig, paths[0])
+    save_png(fig, paths[0])
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({d["method"] for d in per_run}):
         pts = [d for d in per_run if d["method"] == method]
         ax.scatter([d["train_seconds"] for d in pts], [100 * d["test_top1"] for d in pts], label=method, alpha=0.7)
     ax.set(xlabel="training wall time (s)", ylabel="test top-1 (%)", title="Accuracy vs wall time (every run)")
     ax.legend(), ax.grid(alpha=0.3)
-    _save(fig, paths[1])
+    save_png(fig, paths[1])
     return paths
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
     buf = _io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     io.write_bytes(path, buf.getvalue())
 

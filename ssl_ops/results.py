@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_ops import io
+from ssl_ops.report import save_png
 
 BASELINE = "supervised"
 PAWS_NN = "paws_nn"  # the row made from PAWS pre-training runs
@@ -227,7 +228,7 @@ def plot(rows: list[Row], path: Path) -> None:
     right.set(xlabel="CPU-minutes of training (mean over splits)", ylabel="test top-1 (%)",
               title="Accuracy against cost")
     right.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path, dpi=100)
 
 
 def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Path) -> None:
@@ -255,19 +256,7 @@ def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Pat
     axes[0][0].set_ylabel("val top-1 (%)")
     axes[0][0].legend(fontsize=7)
     fig.supxlabel("epoch")
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import io as _io
-
-    import matplotlib.pyplot as plt
-
-    buf = _io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    io.write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=100)
 
 
 def write(runs: list[dict[str, Any]], history, out: Path, source: str) -> list[Row]:
