@@ -47,10 +47,11 @@ def test_pretext_pretrains_probes_and_reloads(workdir, tiny, name):
 # (epochs, steps per epoch, batch) per pretext and the required drop of the last epoch's mean loss
 # (NT-Xent's starting value is about log(2N - 1), and it cannot fall far in 30 steps: hence 0.95)
 LEARNS = {"rotation": (3, 10, 32, 0.85), "exemplar": (3, 10, 16, 0.85), "simclr": (3, 10, 64, 0.95),
-          "jigsaw_pp": (3, 10, 32, 0.9), "paws": (3, 20, 16, None)}
+          "jigsaw_pp": (3, 10, 32, 0.9), "paws": (5, 20, 16, None)}
 # PAWS's loss is CE - H(p_bar) (§3, eq. 4 with ME-MAX): it can be near zero or negative, so a ratio means
 # nothing; it must fall by an absolute margin. (Its CE term alone barely moves in 60 steps on digits: the
-# sharpened targets it is measured against get more confident as the representation learns.)
+# sharpened targets it is measured against get more confident as the representation learns.) With appendix A's
+# head (BN on hidden layers only) 3 epochs fell by only 0.02 at 1 thread; 5 epochs fall by 0.45 (0.025 -> -0.43).
 ABS_DROP = {"paws": 0.05}
 
 
