@@ -165,9 +165,12 @@ PIPELINES = [
         stages=[SUPERVISED,
                 # Step 1: batch 128, lr 0.1, wd 2e-4, 200 epochs of the labeled data (4000 / 128 -> 32 steps),
                 # warm-up to epoch 10, 10-fold decays at 100, 150, 190 (moam.schedule / milestones' defaults, gamma
-                # train's); w_sup 0.3, w_rot 0.7, w_vat 0.3, w_entmin 0.3; Polyak decay 0.5^(1/steps_per_epoch)
+                # train's); w_sup 0.3, w_rot 0.7, w_vat 0.3, w_entmin 0.3, fixed (no ramp-up: not the project's
+                # default); Polyak decay 0.5^(1/steps_per_epoch); §4.4: the class loss on all four rotated copies
+                # (the project's default is upright only, and step 2's rotations=True assumes a classifier of them)
                 Stage("train", "moam", dict(epochs=200, steps_per_epoch=32, batch_size=128, lr=0.1, weight_decay=2e-4,
-                                            w_sup=0.3, w_rot=0.7, w_vat=0.3, w_entmin=0.3, ema_decay=None),
+                                            w_sup=0.3, w_rot=0.7, w_vat=0.3, w_entmin=0.3, rampup_epochs=0.0,
+                                            class_on_rotations=True, ema_decay=None),
                       overlay={"train": {"warmup_epochs": 10}}),
                 # Step 2: pseudo-labels from five crops x four rotations; "an epoch now corresponds to the full
                 # dataset": 18 epochs of 50,000 / 128 -> 391 steps, decays after 6 and 12 (moam_retrain's defaults);
