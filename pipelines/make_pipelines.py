@@ -8,7 +8,7 @@ hand-written table of the paper's values (key, value, paper, section) that ``tes
 compares with the params each stage resolves, so a drift between the two fails.
 
 A stage whose settings differ from the shared ``train`` section only for itself (RotNet's step schedule, the
-MOAM steps' schedules) reads an overlay ``<stage>.yaml`` next to params.yaml through ``--preset``; PAWS's
+MOAM steps' warm-ups) reads an overlay ``<stage>.yaml`` next to params.yaml through ``--preset``; PAWS's
 pre-training reads ``presets/paws_cifar10.yaml`` itself (one source of truth for PAWS appendix C). Overlays
 never change data or split (the test checks): every stage must see the split the split stage wrote.
 """
@@ -78,8 +78,9 @@ ROTNET = Stage("pretrain", "rotation", dict(epochs=200, steps_per_epoch=391, bat
                overlay={"train": {"schedule": "step", "milestones": [0.3, 0.6, 0.8], "gamma": 0.1}})
 SUPERVISED = Stage("train", "supervised", {}, note="baseline: the labeled split alone, same backbone and budget")
 ROT = ("models/pretrain/rotation.pt",)
-# Rebuffi §3.2, phase two: "fine-tune the whole architecture on the unlabelled set" (no true-labeled batches)
-ALTERNATING = dict(init=ROT[0], freeze_blocks=2, labeled_batch_size=0)
+# Rebuffi §3.2, phase two: "fine-tune the whole architecture on the unlabelled set" (no true-labeled batches);
+# Alg. 1 l.8 re-initialises N_t, its classification layer included (only the pseudo-labels cross over)
+ALTERNATING = dict(init=ROT[0], freeze_blocks=2, labeled_batch_size=0, reset_classifier=True)
 
 
 def _mean_teacher_refine(name: str, dataset: str, lpc: int, top1: float, mt: str) -> Pipeline:
@@ -163,22 +164,24 @@ PIPELINES = [
         experiment="paper-s4l-moam-cifar10-4000",
         stages=[SUPERVISED,
                 # Step 1: batch 128, lr 0.1, wd 2e-4, 200 epochs of the labeled data (4000 / 128 -> 32 steps),
-                # warm-up to epoch 10, 10-fold decays at 100, 150, 190; w_sup 0.3, w_rot 0.7, w_vat 0.3, w_entmin 0.3
+                # warm-up to epoch 10, 10-fold decays at 100, 150, 190 (moam.schedule / milestones' defaults, gamma
+                # train's); w_sup 0.3, w_rot 0.7, w_vat 0.3, w_entmin 0.3, fixed (no ramp-up: not the project's
+                # default); Polyak decay 0.5^(1/steps_per_epoch); §4.4: the class loss on all four rotated copies
+                # (the project's default is upright only, and step 2's rotations=True assumes a classifier of them)
                 Stage("train", "moam", dict(epochs=200, steps_per_epoch=32, batch_size=128, lr=0.1, weight_decay=2e-4,
-                                            w_sup=0.3, w_rot=0.7, w_vat=0.3, w_entmin=0.3),
-                      overlay={"train": {"schedule": "step", "milestones": [0.5, 0.75, 0.95], "gamma": 0.1,
-                                         "warmup_epochs": 10}}),
+                                            w_sup=0.3, w_rot=0.7, w_vat=0.3, w_entmin=0.3, rampup_epochs=0.0,
+                                            class_on_rotations=True, ema_decay=None),
+                      overlay={"train": {"warmup_epochs": 10}}),
                 # Step 2: pseudo-labels from five crops x four rotations; "an epoch now corresponds to the full
-                # dataset": 18 epochs of 50,000 / 128 -> 391 steps, decays after 6 and 12
+                # dataset": 18 epochs of 50,000 / 128 -> 391 steps, decays after 6 and 12 (moam_retrain's defaults);
+                # no warm-up named for this step (a choice: the overlay clears train's 1 epoch)
                 Stage("train", "moam_retrain", dict(epochs=18, steps_per_epoch=391, batch_size=128, lr=0.1,
                                                     weight_decay=2e-4, crops=5, flip_crops=False, rotations=True),
-                      overlay={"train": {"schedule": "step", "milestones": [0.3333, 0.6667], "gamma": 0.1,
-                                         "warmup_epochs": 0}}, needs=("models/moam.pt",)),
-                # Step 3: the labels only, wd 3e-3, lr 5e-4, 20 epochs, 10-fold decay every 5 epochs
+                      overlay={"train": {"warmup_epochs": 0}}, needs=("models/moam.pt",)),
+                # Step 3: the labels only, wd 3e-3, lr 5e-4 (set: lr_scale x train.lr assumes train.lr = 0.1), 20
+                # epochs, 10-fold decay every 5 epochs, no warm-up (moam_finetune's defaults)
                 Stage("train", "moam_finetune", dict(epochs=20, steps_per_epoch=32, batch_size=128, lr=5e-4,
-                                                     weight_decay=3e-3),
-                      overlay={"train": {"schedule": "step", "milestones": [0.25, 0.5, 0.75], "gamma": 0.1,
-                                         "warmup_epochs": 0}}, needs=("models/moam_retrain.pt",))]),
+                                                     weight_decay=3e-3), needs=("models/moam_retrain.pt",))]),
     Pipeline(
         name="simclrv2_cifar10_4000_resnet18",
         title="CIFAR-10, 4000 labels (400 per class), CIFAR ResNet-18: SimCLR pre-training, SimCLRv2 fine-tuning "
@@ -200,7 +203,9 @@ PIPELINES = [
                 Stage("train", "simclrv2", dict(pretrained="models/pretrain/simclr.pt", finetune_from=1,
                                                 finetune_lr_scale=0.005, weight_decay=0.0, warmup_epochs=0.0,
                                                 distill=True, teacher_epochs=3, temperature=0.1, epochs=400,
-                                                steps_per_epoch=49, batch_size=1024),
+                                                steps_per_epoch=49, batch_size=1024,
+                                                # §3 distillation: LARS, "the same ... weight decay ... as pretraining"
+                                                distill_optimizer="lars", distill_weight_decay=1e-4),
                       needs=("models/pretrain/simclr.pt",))]),
     Pipeline(
         name="noroozi_cifar10_cluster_transfer",
@@ -212,10 +217,14 @@ PIPELINES = [
                "Tables 3-6); cluster transfer must beat this pipeline's supervised stage",
         target_test_top1=None, dataset="cifar10", labels_per_class=400, backbone="resnet18_cifar",
         experiment="paper-noroozi-cifar10-4000",
-        # Jigsaw++'s training length is not in the paper: 100 passes over the 50,000 images at 128 puzzles (a choice)
+        # Jigsaw++'s training length is not in the paper: 100 passes over the 50,000 images at 128 puzzles (a choice);
+        # nor is cluster classification's (§3 (d), "standard" ImageNet settings): 100 epochs of 500 steps at 64, as
+        # long as the fine-tune after it (a choice: check its logged loss has flattened). k: null keeps §5's
+        # 650 images per cluster; conv4 is the block before the last, max-pooled to 4 x 4 (feature_* defaults)
         stages=[SUPERVISED, Stage("pretrain", "jigsaw_pp", dict(epochs=100, steps_per_epoch=391, batch_size=128,
                                                                 permutations=701, min_hamming=3)),
-                Stage("train", "cluster_transfer", dict(source="pretext", pretrained="models/pretrain/jigsaw_pp.pt"),
+                Stage("train", "cluster_transfer", dict(source="pretext", pretrained="models/pretrain/jigsaw_pp.pt",
+                                                        cluster_epochs=100),
                       needs=("models/pretrain/jigsaw_pp.pt",))]),
 ]
 
@@ -328,8 +337,8 @@ GENERATED by `pipelines/make_pipelines.py` (the specs live there; `--check` is r
   `presets/paws_cifar10.yaml`);
 - `paper.yaml`: hand-written table of the paper's values (key, value, paper, section), each read in
   `/work/shared/papers/`. The test resolves every stage's params and compares them, so a drift fails. Rows
-  marked `pending` are paper settings that have no param yet (issue 16's method branches add them); the
-  test fails the day one can be set, and the row must then be promoted.
+  marked `pending` are paper settings that have no param yet; the test fails the day one can be set, and
+  the row must then be promoted. `notes:` there says which paper settings are built in (no row to check).
 
 Run one on a GPU machine from its folder: `cd pipelines/<name> && dvc repro` (data, models, MLflow store and
 reports stay inside the folder); `dvc repro --dry --force` prints the plan. The default CPU pipeline is the
@@ -353,9 +362,10 @@ Paper settings that are choices here (not in the text; choose on val where it ma
 and decay factor (`train.gamma`, Rebuffi §4.6 gives the epochs only); the semi-supervised stages' schedules in
 the Rebuffi pipelines; S4L's network (4x wider ResNet50v2 on ImageNet; WRN-28-2 here) and its inception crops
 (our crops are pad-and-crop); SimCLRv2's batch (4096 on 128 TPUs in §4; 1024 here) and the fine-tuning length in
-steps of the shared `steps_per_epoch`; Noroozi's k (2000 on ImageNet) and source/target networks (AlexNet /
-VGG16 there; ResNet-18 here) and Jigsaw++'s training length; VAT's eps and EntMin weight (S4L §4.2 grids,
-chosen on val).
+steps of the shared `steps_per_epoch`; Noroozi's k (2000 on ImageNet; `k: null` keeps its 650 images per
+cluster), the clustered block and its pooling grid, source/target networks (AlexNet / VGG16 there; ResNet-18
+here), Jigsaw++'s training length and cluster classification's (`cluster_epochs`); VAT's eps and EntMin
+weight (S4L §4.2 grids, chosen on val).
 """
 
 
@@ -392,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for p in PIPELINES:
         folder = HERE / p.name
-        for fname, text in render(p).items():
+        files = render(p)
+        for fname, text in files.items():
             path = folder / fname
             if path.exists() and path.read_text() == text:
                 continue
@@ -400,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
             if not args.check:
                 folder.mkdir(exist_ok=True)
                 path.write_text(text)
+        # an overlay the spec no longer writes (it would linger unread, looking like a live setting)
+        for path in [*folder.glob("train_*.yaml"), *folder.glob("pretrain_*.yaml")]:
+            if path.name not in files:
+                stale.append(f"{path.relative_to(HERE.parent)} (no longer generated)")
+                if not args.check:
+                    path.unlink()
     text = readme()  # after the folders: it resolves their params
     if (HERE / "README.md").read_text() != text:
         stale.append("pipelines/README.md")

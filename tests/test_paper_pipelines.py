@@ -197,7 +197,8 @@ SMOKE_TRAIN = dict(epochs=1, steps_per_epoch=1, batch_size=4, eval_batch_size=64
                    device="cpu")
 SMOKE_METHOD = dict(epochs=1, steps_per_epoch=1, batch_size=4)
 SMOKE_KEYS = dict(cycles=1, classifier_steps=1, teacher_epochs=1, k=4, kmeans_iters=2, support_per_class=2,
-                  support_classes=None, permutations=24)
+                  support_classes=None, permutations=24, cluster_epochs=1, supcon_steps=1, supcon_classes=None,
+                  supcon_per_class=2)
 
 
 def _smoke(tree: dict, base: dict | None = None) -> dict:
