@@ -155,14 +155,16 @@ def test_channels_last_is_the_same_function(name):
 
     from ssl_ops.backbones import set_memory_format
 
-    if name == "resnet50":
-        pytest.skip("slow on CPU; its layers are the same conv/BN/ReLU kinds as resnet18_cifar's")
     side = SIDES.get(name, (32,))[0]
-    for dtype in (torch.float64, torch.float32):
-        nets = [build_backbone(name, 1, width=0.5, image_size=side).to(dtype)]
+    width = 1.0 if name == "resnet50" else 0.5  # ResNet-50 (width 1 only) at 16 px keeps it to seconds on a CPU
+    side = 16 if name == "resnet50" else side
+    # float32 rounding order alone moves ResNet-50's train-mode outputs by ~2% at init: float64 only there
+    for dtype in (torch.float64,) if name == "resnet50" else (torch.float64, torch.float32):
+        nets = [build_backbone(name, 1, width=width, image_size=side).to(dtype)]
         nets.append(copy.deepcopy(nets[0]))
         assert set_memory_format(nets[1], True, torch.device("cpu")) == [""]
-        conv = [m.weight for m in nets[1].modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1][0]
+        conv = [m.weight for m in nets[1].modules()  # a 1x1 kernel is contiguous in both layouts
+                if isinstance(m, nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)][0]
         assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
         x = torch.rand(8, 1, side, side, dtype=dtype)
         w = torch.randn(8, nets[0].feature_dim, dtype=dtype)  # a fixed random linear loss
@@ -179,7 +181,7 @@ def test_channels_last_is_the_same_function(name):
             for i in (1, 2):
                 for a, b in zip(outs[1][i], outs[0][i]):
                     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * b.abs().max().item())
-    fresh = build_backbone(name, 1, width=0.5, image_size=side)
+    fresh = build_backbone(name, 1, width=width, image_size=side).to(dtype)
     fresh.load_state_dict(nets[1].state_dict())
     torch.testing.assert_close(fresh.eval()(x), nets[1].eval()(x), atol=1e-4, rtol=1e-3)
 
