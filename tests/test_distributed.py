@@ -58,8 +58,14 @@ def test_a_failing_rank_brings_the_job_down(tmp_path):
     assert p.returncode != 0
 
 
-def _curves(name: str, *extra: str) -> tuple[list[float], list[float]]:
-    """(1-process, 2-rank) per-step loss curves of tests/ddp_fit_worker.py at global batch 16."""
+# float32 reductions in another order (2 ranks) move a loss by ~1e-7 of its terms' size (measured: 2e-7 supervised,
+# 7e-8 SimCLR, 1e-7 PAWS); the equivalence check allows 25x that, relative to the terms' size
+REL_TOL = 5e-6
+
+
+def _curves(name: str, *extra: str) -> tuple[list[float], list[float], float]:
+    """(1-process, 2-rank) per-step loss curves of tests/ddp_fit_worker.py at global batch 16, and the size of the
+    loss's largest term (the scale float32 rounds on)."""
     worker = ROOT / "tests" / "ddp_fit_worker.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(worker), name, "16", "one.json"], env=env, capture_output=True,
@@ -68,31 +74,34 @@ def _curves(name: str, *extra: str) -> tuple[list[float], list[float]]:
     two = _torchrun(worker, args=[name, "16", "two.json", *extra])
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = json.loads(Path("one.json").read_text()), json.loads(Path("two.json").read_text())
-    assert len(a) == len(b) == 6
-    return a, b
+    assert len(a["loss"]) == len(b["loss"]) == 6
+    return a["loss"], b["loss"], max(a["scale"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["supervised", "simclr", "paws"])
 def test_two_ranks_follow_the_one_process_loss_curve(workdir, name):
     """Same global batch (16) and deterministic data: 2 ranks x 8 under torchrun (gradient mean all-reduce,
     SimCLR negatives and PAWS support gathered with autograd, PAWS's ME-MAX over the global batch, lr rule on
     the global batch) give the 1-process loss curve."""
-    a, b = _curves(name)
+    a, b, scale = _curves(name)
     diff = max(abs(x - y) for x, y in zip(a, b))
-    print(f"{name}: max abs loss difference per step {diff:.2e}")
-    assert diff < 1e-4, (a, b)
-    assert a[0] != a[-1]  # the curve moves: the check compares training, not six copies of one number
+    print(f"{name}: max loss difference per step {diff:.2e} = {diff / scale:.1e} of the terms' size {scale:.3g}")
+    assert diff < REL_TOL * scale, (a, b)
+    moved = max(abs(x - a[0]) for x in a)
+    assert moved > 100 * max(diff, 1e-8 * scale), (a, b)  # training moves the curve far more than the ranks differ
 
 
+@pytest.mark.slow
 def test_paws_needs_the_support_gradient_from_other_ranks(workdir):
     """The check above can fail: with a gather whose gradient reaches only the local slice (the other ranks'
     anchors then do not train this rank's support), PAWS leaves the 1-process curve."""
-    a, b = _curves("paws", "local-slot")
+    a, b, scale = _curves("paws", "local-slot")
     diff = max(abs(x - y) for x, y in zip(a, b))
-    print(f"paws with a local-slot gather: max abs loss difference per step {diff:.2e}")
-    # 5e-3 with BN after the projection's output layer, 5e-4 with PAWS appendix A's hidden-only BN (a biased output
-    # layer): either way well above the 1e-4 the equivalence check above allows
-    assert diff > 2e-4, (a, b)
+    print(f"paws with a local-slot gather: max loss difference per step {diff:.2e} = {diff / scale:.1e} of {scale:.3g}")
+    # measured 2.2e-4 of the terms' size (5e-4 absolute with PAWS appendix A's hidden-only BN): 10x the tolerance
+    # the equivalence check allows is still 4x below it, and 250x above float32 noise
+    assert diff > 10 * REL_TOL * scale, (a, b)
 
 
 def test_killed_and_resumed_two_rank_run_is_bit_identical_to_an_uninterrupted_one(workdir):
