@@ -41,6 +41,7 @@ def test_single_process_helpers_are_identities():
     assert torch.equal(distributed.shard(torch.arange(5)), torch.arange(5))
 
 
+@pytest.mark.slow
 def test_gathered_nt_xent_matches_single_process_loss_and_gradient():
     """SimCLR §2 / appendix: negatives from the whole global batch; each rank's gradient is its slice of
     the single-process gradient."""
@@ -49,6 +50,7 @@ def test_gathered_nt_xent_matches_single_process_loss_and_gradient():
     assert p.stdout.count("ok=True") == 2, p.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_rank_brings_the_job_down(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text("import torch, sys\nfrom ssl_ops import distributed\ndistributed.init(timeout_s=20)\n"
@@ -104,6 +106,7 @@ def test_paws_needs_the_support_gradient_from_other_ranks(workdir):
     assert diff > 10 * REL_TOL * scale, (a, b)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_two_rank_run_is_bit_identical_to_an_uninterrupted_one(workdir):
     """Resume under DDP: the checkpoint holds every rank's RNG states, so after every rank is SIGKILLed at the
     end of epoch 1 a relaunch continues each rank's own augmentation stream: the same losses and weights, bit
@@ -139,6 +142,7 @@ def test_sync_bn_defaults_on_for_simclr_and_paws_and_is_a_no_op_in_one_process(w
     assert type(model[1]) is torch.nn.BatchNorm2d
 
 
+@pytest.mark.slow
 def test_sync_bn_converts_every_batchnorm_under_torchrun(tmp_path):
     """Under torchrun SyncBatchNorm replaces every BatchNorm in place, keeping the parameter objects (the
     optimiser's); the engine does it on CUDA only and on CPU (gloo) warns once, on rank 0."""
@@ -180,6 +184,7 @@ def test_only_rank_0_writes_outputs_and_tracks(workdir, tiny, monkeypatch):
     assert not Path("metrics").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_under_torchrun(workdir, tiny, name):
     """The issue's promise, "torchrun trains any method": each registered method, started from its short

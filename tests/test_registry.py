@@ -50,7 +50,9 @@ def _params(*extra: str):
 # the logged model
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# the fast tier logs supervised's; every other method's in the slow tier (each trains and logs: seconds apiece)
+@pytest.mark.parametrize("name", [n if n == "supervised" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(METHODS)])
 def test_every_method_logs_a_pickle_free_pyfunc(workdir, mlflow_uri, name):
     """Each registered method's classifier is logged as code + weights_only state_dict, and it predicts."""
     pretrain_briefly_for(name, _params)  # simclrv2, paws_finetune: from a (short) pre-training
@@ -307,6 +309,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_round_trip(champion, mlflow_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     port = _free_port()

@@ -90,6 +90,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
 KILLS = [("step:5", 1), ("checkpoint:2", 2), ("write:3", 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fault", "kept_epochs"), KILLS)
 def test_train_killed_then_rerun_equals_uninterrupted(workdir, reference, fault, kept_epochs, capsys):
     cmd = ["train", "supervised", "--no-progress", *sets(TRAIN)]
@@ -110,6 +111,7 @@ def test_train_killed_then_rerun_equals_uninterrupted(workdir, reference, fault,
     assert not list(ck.parent.glob(".*.tmp"))  # the killed write's temp file was cleared on resume
 
 
+@pytest.mark.slow
 def test_pretrain_killed_then_rerun_equals_uninterrupted(workdir, reference, capsys):
     cmd = ["pretrain", "rotation", "--no-progress", *sets(PRETRAIN)]
     killed = ssl_ops(*cmd, fault="checkpoint:2")
@@ -218,6 +220,7 @@ def test_unwritable_folder_is_a_clear_error(workdir, monkeypatch):
 # tuning: a worker killed mid-trial
 
 
+@pytest.mark.slow
 def test_tune_worker_killed_mid_trial_fails_it_and_the_study_goes_on(workdir, capsys):
     """SIGKILL after the first epoch of trial 1: the next call fails it (heartbeat), retries its values from
     its checkpoint, and the retry's val top-1 equals trial 1 of an uninterrupted study."""
@@ -279,6 +282,7 @@ def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_tracking_server_lost_mid_run_stops_clearly_and_resumes(workdir, reference, monkeypatch, capsys):
     """Policy: stop with a clear message, keep the checkpoint; the same command resumes into the same run."""
     from ssl_ops import tracking

@@ -246,6 +246,7 @@ def test_resume_under_other_params_is_refused(workdir):
         run_study("supervised", _params(workdir, "train.epochs=3"), trials=0, study_name="fixed")
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(workdir, mlflow_uri):
     """Two `ssl-ops tune` processes started together on one journal storage: the study holds the union."""
     storage = f"journal:{workdir}/tuning/study.log"
