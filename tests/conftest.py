@@ -76,3 +76,44 @@ def wait_for_http(url: str, proc, log: Path, timeout_s: float = 120.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{url} did not answer within {timeout_s:.0f} s:\n{tail}")
         time.sleep(0.5)
+
+
+class Killed(Exception):
+    """Raised at an epoch's end by :func:`kill_after`: the run stops as a SIGKILL after that epoch's checkpoint would."""
+
+
+def kill_after(epoch_to_die: int):
+    """An ``epoch_end`` hook that raises :class:`Killed` once epoch ``epoch_to_die`` is checkpointed."""
+
+    def hook(epoch, metrics):
+        if epoch == epoch_to_die:
+            raise Killed
+
+    return hook
+
+
+def killed_and_resumed(name: str, params, monkeypatch, owner: type, redo: str) -> tuple[list[dict], list[dict]]:
+    """``name`` trained uninterrupted, then killed after epoch 1 and resumed (``train_stage``, cwd = a workdir):
+    the resumed run must not call ``owner.<redo>`` (work the checkpoint carries: pseudo-labels, clusters) and
+    must end with the uninterrupted run's weights, bit for bit. Returns both runs' per-epoch histories."""
+    import torch
+
+    from ssl_ops import io
+    from ssl_ops.stages import CHECKPOINTS, MODELS, train_stage
+
+    last = CHECKPOINTS / name / "last.pt"
+    full = train_stage(name, params)
+    reference = {k: v.clone() for k, v in full.method.model.state_dict().items()}
+    history = io.torch_load(last)["history"]
+    (MODELS / f"{name}.pt").unlink()
+    with pytest.raises(Killed):
+        train_stage(name, params, epoch_end=kill_after(1))
+    assert io.torch_load(last)["epoch"] == 1
+    calls = []
+    original = getattr(owner, redo)
+    monkeypatch.setattr(owner, redo, lambda self: calls.append(1) or original(self))
+    resumed = train_stage(name, params, resume=True)
+    assert calls == [], f"the resumed run redid {owner.__name__}.{redo}"
+    for k, v in resumed.method.model.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    return history, io.torch_load(last)["history"]
