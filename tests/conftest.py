@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
+from ssl_ops import pretrain
 from ssl_ops.params import load_params
 from ssl_ops.stages import prepare_stage, split_stage
+
+# hypothesis: 25 examples per property in `make test` and CI; HYPOTHESIS_PROFILE=thorough runs the former 80
+settings.register_profile("fast", max_examples=25)
+settings.register_profile("thorough", max_examples=80)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+# Short pre-trainings, once per session (issue 18): tests of a transfer method (and MOAM's later steps) call
+# pretrain_briefly_for before training it; the same method, params and prepared data give the same files, so the
+# first call's new files under models/ are kept and later calls copy them into their own cwd. No MLflow run or
+# checkpoints/ folder is made on a copy (no test that uses this helper reads those of the pre-training).
+# Rebound here, before the test modules import it (`from ssl_ops.pretrain import pretrain_briefly_for`).
+_pretrain_uncached = pretrain.pretrain_briefly_for
+_PRETRAINED: dict[tuple, tuple[Path, list[str], Path | None]] = {}
+
+
+def _models_files() -> dict[str, tuple[int, int]]:
+    root = Path("models")
+    return {str(f): (f.stat().st_mtime_ns, f.stat().st_size) for f in root.rglob("*") if f.is_file()} \
+        if root.is_dir() else {}
+
+
+def _pretrain_briefly_for_cached(method: str, load, epochs: int = 1, steps: int = 2, batch_size: int = 8):
+    key = (method, epochs, steps, batch_size, load().model_dump_json(), os.path.realpath("data"))
+    if key in _PRETRAINED:
+        store, files, result = _PRETRAINED[key]
+        for rel in files:
+            Path(rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(store / rel, rel)
+        return result
+    before = _models_files()
+    result = _pretrain_uncached(method, load, epochs, steps, batch_size)
+    files = [f for f, stamp in _models_files().items() if before.get(f) != stamp]
+    store = Path(tempfile.mkdtemp(prefix=f"pretrained-{method}-"))
+    atexit.register(shutil.rmtree, store, ignore_errors=True)
+    for rel in files:
+        (store / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(rel, store / rel)
+    _PRETRAINED[key] = (store, files, result)
+    return result
+
+
+pretrain.pretrain_briefly_for = _pretrain_briefly_for_cached
 
 # Tiny but real: scikit-learn's 8x8 digits, a few optimiser steps, no progress bar, no model logging.
 TINY = [
