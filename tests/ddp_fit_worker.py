@@ -95,7 +95,7 @@ def step(i):
             torch.distributed.all_reduce(loss)
             loss /= w
     losses.append(loss.item())
-    scales.append(max(abs(loss.item()), *(abs(float(result[k])) for k in ("loss_ce", "me_max") if k in result)))
+    scales.append(max([abs(loss.item()), *(abs(float(result[k])) for k in ("loss_ce", "me_max") if k in result)]))
     return result
 
 

@@ -26,12 +26,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(script: Path, nproc: int = 2, args: list[str] = (), env: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess:
+def _torchrun(script: Path, nproc: int = 2, args: list[str] = (), env: dict[str, str] | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_single_process_helpers_are_identities():
@@ -185,16 +185,15 @@ def test_only_rank_0_writes_outputs_and_tracks(workdir, tiny, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_trains_under_torchrun(workdir, tiny, name):
+def test_every_method_trains_under_torchrun(workdir, tiny):
     """The issue's promise, "torchrun trains any method": each registered method, started from its short
-    pre-training where it needs one, runs `ssl-ops train` on 2 gloo ranks to the end; rank 0 writes its model."""
-    pretrain_briefly_for(name, tiny)
+    pre-training where it needs one, runs `ssl-ops train` on 2 gloo ranks to the end; rank 0 writes its model.
+    One launch loops over the methods (tests/ddp_every_method_worker.py): 14 launches cost minutes of start-up."""
+    names = sorted(METHODS)
+    for name in names:
+        pretrain_briefly_for(name, tiny)
     sets = [a for kv in [*TINY, "train.epochs=1", "train.steps_per_epoch=2"] for a in ("--set", kv)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ssl_ops.cli", "train", name,
-           "--no-progress", *sets]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = _torchrun(ROOT / "tests" / "ddp_every_method_worker.py", args=[",".join(names), *sets], timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert Path(f"models/{name}.pt").exists()
+    assert [line for line in p.stdout.splitlines() if " rc=" in line] == [f"{n} rc=0" for n in names], p.stdout
+    assert [n for n in names if not Path(f"models/{n}.pt").exists()] == []

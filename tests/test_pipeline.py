@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ssl_ops.cli import main
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -70,18 +72,21 @@ def test_dvc_repro_on_digits(tmp_path):
     assert (tmp_path / "models/pretrain/rotation.pt").exists()
 
 
-def test_missing_dataset_is_one_paragraph(tmp_path):
-    proc = _run([str(BIN / "ssl-ops"), "prepare", "--set", f"data.root={tmp_path / 'nowhere'}",
-                 "--set", "data.download=false"], tmp_path, _env(tmp_path))
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr and "data.root" in proc.stderr and "dataset-fashion-mnist" in proc.stderr
+# the two below run `ssl-ops` in this process (cli.main: exit code and stderr as the console script gives them;
+# a subprocess cost ~12 s each of interpreter and import start-up)
+def test_missing_dataset_is_one_paragraph(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "--set", f"data.root={tmp_path / 'nowhere'}", "--set", "data.download=false"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "data.root" in err and "dataset-fashion-mnist" in err
     assert not (tmp_path / "data/prepared/fashion_mnist").exists()
 
 
-def test_corrupted_prepared_file_is_one_paragraph(digits_dir, tmp_path):
+def test_corrupted_prepared_file_is_one_paragraph(digits_dir, tmp_path, monkeypatch, capsys):
     shutil.copytree(digits_dir / "data", tmp_path / "data")
     (tmp_path / "data/prepared/digits/test_y.npy").write_bytes(b"garbage")
-    proc = _run([str(BIN / "ssl-ops"), "train", "supervised", "--set", "data.name=digits"], tmp_path,
-                _env(tmp_path))
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "test_y.npy was modified" in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert main(["train", "supervised", "--set", "data.name=digits"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "test_y.npy was modified" in err
