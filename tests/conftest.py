@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import shutil
 import tempfile
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from ssl_ops import pretrain
 from ssl_ops.params import load_params
 from ssl_ops.stages import prepare_stage, split_stage
 
@@ -24,8 +24,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 # pretrain_briefly_for before training it; the same method, params and prepared data give the same files, so the
 # first call's new files under models/ are kept and later calls copy them into their own cwd. No MLflow run or
 # checkpoints/ folder is made on a copy (no test that uses this helper reads those of the pre-training).
-# Rebound here, before the test modules import it (`from ssl_ops.pretrain import pretrain_briefly_for`).
-_pretrain_uncached = pretrain.pretrain_briefly_for
+# Rebound here, before the test modules import it, in every module that offers it (the defining one first).
+_PRETRAIN_MODULES = []
+for _name in ("ssl_ops.pretrain", "ssl_ops.stages.pretrain", "ssl_ops.stages"):
+    try:
+        _module = importlib.import_module(_name)
+    except ImportError:
+        continue
+    if hasattr(_module, "pretrain_briefly_for"):
+        _PRETRAIN_MODULES.append(_module)
+_pretrain_uncached = _PRETRAIN_MODULES[0].pretrain_briefly_for
 _PRETRAINED: dict[tuple, tuple[Path, list[str], Path | None]] = {}
 
 
@@ -55,7 +63,8 @@ def _pretrain_briefly_for_cached(method: str, load, epochs: int = 1, steps: int 
     return result
 
 
-pretrain.pretrain_briefly_for = _pretrain_briefly_for_cached
+for _module in _PRETRAIN_MODULES:
+    _module.pretrain_briefly_for = _pretrain_briefly_for_cached
 
 # Tiny but real: scikit-learn's 8x8 digits, a few optimiser steps, no progress bar, no model logging.
 TINY = [
