@@ -15,12 +15,15 @@ import yaml
 
 from ssl_ops.cli import main
 
+from conftest import migrated_mlflow_db
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": migrated_mlflow_db(tmp / "mlflow.db")}  # tables made once per session
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
