@@ -1,4 +1,4 @@
-"""Time ssl_ops.cluster.kmeans against N (fixed iterations, so cost per iteration is comparable) and
+"""Time ssl_ops.kmeans.kmeans against N (fixed iterations, so cost per iteration is comparable) and
 check its inertia against scikit-learn's KMeans on one size. Writes reports/kmeans_scaling.{json,md}.
 
     OMP_NUM_THREADS=2 python benchmarks/kmeans_scaling.py
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import environment
-from ssl_ops.cluster import kmeans
+from ssl_ops.kmeans import kmeans
 from ssl_ops.io import write_text
 
 K, ITERS, DIM, SEED = 32, 5, 128, 0
@@ -41,7 +41,7 @@ def main() -> None:
            "command": " ".join(sys.argv)}
     Path("reports").mkdir(exist_ok=True)
     write_text(Path("reports/kmeans_scaling.json"), json.dumps(out, indent=2))
-    md = ["# k-means scaling (ssl_ops/cluster.py)", "",
+    md = ["# k-means scaling (ssl_ops/kmeans.py)", "",
           f"k={K}, d={DIM}, {ITERS} Lloyd iterations, random init, Gaussian data; shared 2-core CPU "
           "(times are upper bounds).", "", "| N | seconds |", "|---|---|"]
     md += [f"| {r['n']:,} | {r['seconds']:.2f} |" for r in rows]

@@ -183,7 +183,7 @@ def cmd_results(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from ssl_ops.pretrain import model_path, pretrain_stage
+    from ssl_ops.stages.pretrain import model_path, pretrain_stage
 
     params = _load(args)
     if args.no_progress:
@@ -197,7 +197,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_promote(args) -> None:
-    from ssl_ops.registry import promote
+    from ssl_ops.serving.model_registry import promote
     from ssl_ops.tracking import tracking_uri
 
     params = _load(args)
@@ -221,7 +221,7 @@ def cmd_promote(args) -> None:
 def cmd_predict(args) -> None:
     from pathlib import Path
 
-    from ssl_ops.registry import predict
+    from ssl_ops.serving.model_registry import predict
     from ssl_ops.tracking import tracking_uri
 
     params = _load(args)

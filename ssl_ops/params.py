@@ -116,7 +116,7 @@ class TrainParams(Section):
 class TrackingParams(Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "ssl-ops"
-    log_model: bool = True  # log the final model as an MLflow pyfunc (ssl_ops.registry; input signature, class names)
+    log_model: bool = True  # log the final model as an MLflow pyfunc (ssl_ops.serving.model_registry; input signature, class names)
 
 
 class RegistryParams(Section):

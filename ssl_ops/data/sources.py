@@ -29,7 +29,7 @@ from urllib.error import URLError
 import numpy as np
 
 from ssl_ops.errors import DatasetNotFoundError, ParamsError, SslOpsError
-from ssl_ops.registries import registrar
+from ssl_ops.plugins import registrar
 
 if TYPE_CHECKING:
     from ssl_ops.params import DataParams

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ssl_ops import probes
 from ssl_ops.heads import Encoder, Normalize
 from ssl_ops.methods.base import Method, MethodParams
-from ssl_ops.registries import registrar
+from ssl_ops.plugins import registrar
 
 if TYPE_CHECKING:
     from ssl_ops.engine import RunContext
@@ -65,7 +65,7 @@ class Pretext(Method):
         return self.model
 
     def classifier(self) -> nn.Module:
-        raise TypeError(f"pretext {self.name!r} has no classifier; probe its encoder (ssl_ops.pretrain)")
+        raise TypeError(f"pretext {self.name!r} has no classifier; probe its encoder (ssl_ops.stages.pretrain)")
 
     def epoch_metrics(self) -> dict[str, float]:
         """k-NN top-1 of the val split against the labeled split (cosine, backbone features)."""

@@ -110,7 +110,7 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
                 "train_seconds": result.train_seconds, "mlflow_run_id": run_id,
             })
             if params.tracking.log_model:
-                from ssl_ops import registry  # imports mlflow: only when a model is logged
+                from ssl_ops.serving import model_registry as registry  # imports mlflow: only when a model is logged
 
                 clf = method.classifier()
                 # a distilled student may have another backbone than model.backbone (SimCLRv2 big-to-small)

@@ -28,7 +28,7 @@ from ssl_ops.engine import RunContext, fit, make_context
 from ssl_ops.errors import CheckpointError
 from ssl_ops.params import BaseParams
 from ssl_ops.pretexts import PRETEXTS, Pretext
-from ssl_ops.stages import CHECKPOINTS, METRICS, MODELS, _config_hash, load_data, train_stage
+from ssl_ops.stages.train import CHECKPOINTS, METRICS, MODELS, _config_hash, load_data, train_stage
 
 PRETRAIN_MODELS = MODELS / "pretrain"
 

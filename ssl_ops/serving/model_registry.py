@@ -4,7 +4,7 @@ Besides ``ssl_ops/tracking.py`` this is the only module that imports MLflow.
 
 The logged model ("model" in a training run) is an MLflow **pyfunc logged as code**, not pickled:
 
-- ``ssl_ops/registry_model.py`` (copied into the model as plain text) builds :class:`ImageClassifierModel`;
+- ``ssl_ops/serving/pyfunc_entry.py`` (copied into the model as plain text) builds :class:`ImageClassifierModel`;
   MLflow runs that file at load time instead of unpickling a ``PythonModel`` with cloudpickle;
 - the weights are a bare ``state_dict`` (``weights.pt``) loaded with ``torch.load(weights_only=True)``
   (:func:`ssl_ops.io.torch_load`), which refuses anything but tensors and plain containers;
@@ -12,7 +12,7 @@ The logged model ("model" in a training run) is an MLflow **pyfunc logged as cod
 
 Why not MLflow's ``pt2`` (``torch.export``) format: ``torch.export.load`` reads the weights with
 ``torch.load(weights_only=False)``, i.e. it unpickles. Remaining limitation: loading still *runs code*,
-the model's ``registry_model.py`` and the installed ``ssl_ops`` package (which defines the architecture),
+the model's ``pyfunc_entry.py`` and the installed ``ssl_ops`` package (which defines the architecture),
 so a model must come from a registry you trust to hold the code you reviewed; no pickle is executed.
 
 Input contract (the model signature): float32 ``N×C×H×W`` images with pixel values in [0, 1]
@@ -47,7 +47,7 @@ from ssl_ops.backbones import build_backbone
 from ssl_ops.errors import CheckpointError, PredictInputError, RegistryError
 from ssl_ops.heads import Classifier, Normalize
 
-MODEL_CODE = Path(__file__).with_name("registry_model.py")
+MODEL_CODE = Path(__file__).with_name("pyfunc_entry.py")
 SPEC_FORMAT = "ssl-ops-classifier/1"
 ARTIFACT_NAME = "model"  # the logged model's name inside a training run
 CHALLENGER, CHAMPION = "challenger", "champion"
