@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ssl_ops.params import Section
+from ssl_ops.sections import Section
 
 
 def _uniform(n: int, generator: torch.Generator, device: torch.device) -> Tensor:

@@ -32,7 +32,7 @@ from ssl_ops.errors import DatasetNotFoundError, ParamsError, SslOpsError
 from ssl_ops.plugins import registrar
 
 if TYPE_CHECKING:
-    from ssl_ops.params import DataParams
+    from ssl_ops.sections import DataParams
 
 # Module-level so tests (and unusual installs) can point them elsewhere; read at call time.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ssl_ops import io
 from ssl_ops.errors import CheckpointError, ParamsError
-from ssl_ops.params import Section, TrainParams
+from ssl_ops.sections import Section, TrainParams
 from ssl_ops.plugins import registrar
 
 if TYPE_CHECKING:

@@ -54,7 +54,7 @@ from ssl_ops.engine import lr_lambda
 from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError, SslOpsError
 from ssl_ops.heads import Classifier, Encoder, Normalize
 from ssl_ops.methods.base import Method, MethodParams, register_method
-from ssl_ops.params import TrainParams
+from ssl_ops.sections import TrainParams
 from ssl_ops.probes import extract_features
 
 

@@ -47,7 +47,7 @@ from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError
 from ssl_ops.heads import Classifier, Normalize
 from ssl_ops.losses import distillation_with_labels
 from ssl_ops.methods.base import Method, MethodParams, register_method
-from ssl_ops.params import TrainParams
+from ssl_ops.sections import TrainParams
 
 
 # tau when simclrv2.temperature is null (SimCLRv2 §3: 0.1 self-distillation, 1.0 large-to-small)

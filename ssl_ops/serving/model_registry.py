@@ -42,7 +42,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from ssl_ops import io, tracking
+from ssl_ops import __version__, io, tracking
 from ssl_ops.backbones import build_backbone
 from ssl_ops.errors import CheckpointError, PredictInputError, RegistryError
 from ssl_ops.heads import Classifier, Normalize
@@ -137,11 +137,9 @@ def log_classifier(model: torch.nn.Module, spec: dict[str, Any], name: str = ART
         if not torch.allclose(original(x), replica(x), atol=1e-5, rtol=1e-4):
             raise RuntimeError("the classifier rebuilt from its spec disagrees with the trained one (a bug)")
     # explicit requirements: inferring them re-imports the model in a subprocess (slow, and offline-unsafe)
-    import ssl_ops
-
     reqs = [f"{pkg}=={ver}" for pkg, ver in (("torch", torch.__version__.split("+")[0]), ("numpy", np.__version__),
                                              ("pandas", pd.__version__), ("mlflow", mlflow.__version__),
-                                             ("ssl-ops", ssl_ops.__version__))]
+                                             ("ssl-ops", __version__))]
     with tempfile.TemporaryDirectory(prefix="ssl-ops-model-") as tmp, _no_progress_bars():
         weights, spec_file = Path(tmp) / "weights.pt", Path(tmp) / "spec.json"
         io.torch_save(weights, state)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssl_ops import distributed, io, recovery, tracking
+from ssl_ops import distributed, io, recovery, report, tracking
 from ssl_ops.data.prepare import PreparedDataset, check_prepared_with, link_sources, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
 from ssl_ops.engine import RunContext, fit, make_context, predict_logits, topk_accuracy
@@ -178,8 +178,6 @@ def report_stage(params: BaseParams, out_dir: Path = REPORTS, experiment: str | 
     """Every evaluated run of ``params.data.name`` in the MLflow experiment (default ``tracking.experiment``)
     -> ``out_dir``/summary.md, plot data under ``out_dir``/plots/ and PNGs (``ssl_ops.report``); returns
     the runs' rows. An experiment without such runs is an error naming what to run first."""
-    from ssl_ops import report
-
     experiment = experiment or params.tracking.experiment
     uri = tracking.tracking_uri(params.tracking)
     rows = report.write_report(tracking.search_runs(params.tracking, experiment), params.data.name, out_dir,
