@@ -9,7 +9,7 @@ the val split against the labeled split on backbone features (a monitor only: no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
@@ -18,9 +18,6 @@ from ssl_ops import probes
 from ssl_ops.heads import Encoder, Normalize
 from ssl_ops.methods.base import Method, MethodParams
 from ssl_ops.plugins import registrar
-
-if TYPE_CHECKING:
-    from ssl_ops.engine import RunContext
 
 PRETEXTS: dict[str, type[Pretext]] = {}
 

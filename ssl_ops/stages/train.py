@@ -1,4 +1,5 @@
-"""One importable function per pipeline stage; the CLI (and Optuna, and tests) call these.
+"""A method's pipeline stages, one importable function each (re-exported by ``ssl_ops.stages``; the pretext's
+is ``ssl_ops.stages.pretrain``); the CLI, Optuna and the tests call these.
 
 Outputs by stage (all written atomically):
 - prepare:  data/prepared/<dataset>/                 (arrays + manifest with sha256)
