@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ssl_ops import probes
+from ssl_ops.engine import RunContext
 from ssl_ops.heads import Encoder, Normalize
 from ssl_ops.methods.base import Method, MethodParams
 from ssl_ops.plugins import registrar
