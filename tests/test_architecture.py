@@ -101,3 +101,38 @@ def test_the_cycle_check_sees_an_import_inside_a_function(copy_of_tree):
     root = copy_of_tree("ssl_ops/sections.py", "def _known():\n    from ssl_ops.methods import METHODS\n    return METHODS")
     cycles = import_cycles(import_graph(root))
     assert any({"ssl_ops.sections", "ssl_ops.methods.base"} <= set(c) for c in cycles), cycles
+
+
+def test_a_model_logged_before_the_rename_still_loads(tmp_path, monkeypatch, mlflow_uri):
+    """Models logged before issue 19 carry the old entry point, ``registry_model.py``, whose import of
+    ``ssl_ops.registry`` names a module that no longer exists; ``load_model`` (``ssl-ops predict``) still loads them."""
+    import mlflow
+    import numpy as np
+
+    from ssl_ops.backbones import build_backbone
+    from ssl_ops.heads import Classifier, Normalize
+    from ssl_ops.serving import model_registry as registry
+
+    old_entry = tmp_path / "registry_model.py"  # the file as it was, word for word, before the rename
+    old_entry.write_text("import mlflow\n\nfrom ssl_ops.registry import ImageClassifierModel\n\n"
+                         "mlflow.models.set_model(ImageClassifierModel())\n")
+    monkeypatch.setattr(registry, "MODEL_CODE", old_entry)
+    mlflow.set_tracking_uri(mlflow_uri)
+    net = Classifier(Normalize([0.5], [0.5]), build_backbone("convnet", 1, width=0.25, image_size=8), 2)
+    with monkeypatch.context() as then:  # logged while the module had its old name (MLflow runs the file to check it)
+        then.setitem(sys.modules, "ssl_ops.registry", registry)
+        with mlflow.start_run() as run:
+            registry.log_classifier(net, registry.model_spec("convnet", 0.25, (1, 8, 8), ["a", "b"]))
+    assert "ssl_ops.registry" not in sys.modules
+
+    class NoOldModule:  # now the file is gone (an older checkout on the import path would otherwise serve it)
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "ssl_ops.registry":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(sys, "meta_path", [NoOldModule, *sys.meta_path])
+    loaded = registry.load_model(f"runs:/{run.info.run_id}/model", mlflow_uri)
+    out = loaded.model.predict(np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))
+    assert loaded.classes == ["a", "b"] and list(out.columns) == ["predicted", "p_a", "p_b"]
+    monkeypatch.delitem(sys.modules, "ssl_ops.registry")  # the alias load_model made, for this test only

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import string
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -341,6 +342,9 @@ class Loaded:
 def load_model(model_uri: str, uri: str) -> Loaded:
     """A registered (``models:/name@alias``) or logged model, with its input shape and class names."""
     _client(uri)
+    # A model logged before issue 19 carries the old entry point (registry_model.py), which imports this module by
+    # its old name: alias it so such models still load here (for `mlflow models serve`, re-log them).
+    sys.modules.setdefault("ssl_ops.registry", sys.modules[__name__])
     try:
         with _no_progress_bars():
             model = mlflow.pyfunc.load_model(model_uri)
