@@ -140,7 +140,8 @@ class PipelineParams(Section):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# tuning (``ssl-ops tune``, see ssl_ops/tuning.py): search spaces are checked at load time (ranges here, keys in ssl_ops.params)
+# tuning (``ssl-ops tune``, see ssl_ops/tuning.py): search spaces are checked at load time (ranges here, keys in
+# ssl_ops.params)
 
 
 class FloatSpace(Section):

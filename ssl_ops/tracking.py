@@ -1,4 +1,4 @@
-"""MLflow runs, params, metrics and tags (models: ssl_ops/serving/model_registry.py, the only other module importing mlflow).
+"""MLflow runs, params, metrics and tags (models: ssl_ops/serving/, the only other code importing mlflow).
 
 The default tracking URI is a local SQLite file (``sqlite:///mlflow.db``) so the Model Registry works
 with no server; ``MLFLOW_TRACKING_URI`` (or ``tracking.uri`` in params) points everything at a team

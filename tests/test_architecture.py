@@ -37,7 +37,7 @@ def import_graph(root: Path) -> dict[str, list[str]]:
     return json.loads(p.stdout)
 
 
-def import_cycles(edges: dict[str, list[str]]) -> list[list[str]]:
+def import_cycles(edges: dict[str, list[str]]) -> list[tuple[str, ...]]:
     """Each group of modules that import each other in a loop (directly or through others), sorted."""
     def reachable(start: str) -> set[str]:
         seen, todo = set(), list(edges.get(start, ()))
@@ -77,7 +77,8 @@ def test_contracts_hold():
     ("ssl_ops/engine.py", "def _models_dir():\n    from ssl_ops.stages import MODELS\n    return MODELS",
      "ssl_ops.engine is not allowed to import ssl_ops.stages"),
     # a building block reading the params composition (the old knot: sections importing the registries)
-    ("ssl_ops/augment.py", "from ssl_ops.params import load_params", "ssl_ops.augment is not allowed to import ssl_ops.params"),
+    ("ssl_ops/augment.py", "from ssl_ops.params import load_params",
+     "ssl_ops.augment is not allowed to import ssl_ops.params"),
     ("ssl_ops/results.py", "import mlflow", "Illegal imports of protected package mlflow"),
 ])
 def test_an_upward_import_breaks_the_contract(copy_of_tree, module, line, message):
@@ -98,7 +99,8 @@ def test_no_import_cycle_counting_imports_inside_functions():
 def test_the_cycle_check_sees_an_import_inside_a_function(copy_of_tree):
     """The same check fails once ``ssl_ops.sections`` (a leaf) imports the registries inside a validator, as
     params.py did before its checks moved up: grimp's graph counts function-level imports."""
-    root = copy_of_tree("ssl_ops/sections.py", "def _known():\n    from ssl_ops.methods import METHODS\n    return METHODS")
+    root = copy_of_tree("ssl_ops/sections.py",
+                        "def _known():\n    from ssl_ops.methods import METHODS\n    return METHODS")
     cycles = import_cycles(import_graph(root))
     assert any({"ssl_ops.sections", "ssl_ops.methods.base"} <= set(c) for c in cycles), cycles
 

@@ -1,6 +1,7 @@
 """The model-registry boundary: the logged pyfunc model, ``ssl-ops promote`` and ``ssl-ops predict``.
 
-Besides ``ssl_ops/tracking.py`` this is the only module that imports MLflow.
+Besides ``ssl_ops/tracking.py`` only ``ssl_ops.serving`` (this module and ``pyfunc_entry.py``) imports MLflow
+(an import-linter contract, docs/architecture.md).
 
 The logged model ("model" in a training run) is an MLflow **pyfunc logged as code**, not pickled:
 
