@@ -2,20 +2,24 @@
 
 Every subcommand takes ``--params PATH`` (default params.yaml) and repeatable ``--set key.path=value``
 overrides, validated like the file. Problems the user can fix print one paragraph and exit non-zero.
+Each subcommand imports the stage it runs inside its function, so that ``ssl-ops --help`` and a params error
+do not wait for torch and MLflow to load (the only reason for imports inside functions here).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ssl_ops.errors import SslOpsError
+from ssl_ops.errors import ParamsError, SslOpsError
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -44,10 +48,6 @@ def _preset_tag(args) -> dict[str, str]:
 
 def _refuse_empty(path: Path) -> None:
     """An empty params file (or one of comments only) would silently mean "all defaults" (Fashion-MNIST...)."""
-    import yaml
-
-    from ssl_ops.errors import ParamsError
-
     if not path.is_file():
         return  # load_params: a missing params.yaml is the defaults, any other missing file an error
     try:
@@ -61,8 +61,6 @@ def _refuse_empty(path: Path) -> None:
 
 def _warn_dvc_output(path: Path) -> None:
     """A one-off `ssl-ops train` outside `dvc repro` overwrites an output that dvc.lock pins: say so first."""
-    import os
-
     lock = Path("dvc.lock")
     if os.environ.get("DVC_STAGE") or not lock.is_file() or f"path: {path.as_posix()}\n" not in lock.read_text():
         return
@@ -183,7 +181,7 @@ def cmd_results(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from ssl_ops.pretrain import model_path, pretrain_stage
+    from ssl_ops.stages.pretrain import model_path, pretrain_stage
 
     params = _load(args)
     if args.no_progress:
@@ -197,7 +195,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_promote(args) -> None:
-    from ssl_ops.registry import promote
+    from ssl_ops.serving.model_registry import promote
     from ssl_ops.tracking import tracking_uri
 
     params = _load(args)
@@ -219,9 +217,7 @@ def cmd_promote(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from pathlib import Path
-
-    from ssl_ops.registry import predict
+    from ssl_ops.serving.model_registry import predict
     from ssl_ops.tracking import tracking_uri
 
     params = _load(args)

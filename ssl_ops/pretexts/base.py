@@ -9,18 +9,16 @@ the val split against the labeled split on backbone features (a monitor only: no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
 
 from ssl_ops import probes
+from ssl_ops.engine import RunContext
 from ssl_ops.heads import Encoder, Normalize
 from ssl_ops.methods.base import Method, MethodParams
-from ssl_ops.registries import registrar
-
-if TYPE_CHECKING:
-    from ssl_ops.engine import RunContext
+from ssl_ops.plugins import registrar
 
 PRETEXTS: dict[str, type[Pretext]] = {}
 
@@ -65,7 +63,7 @@ class Pretext(Method):
         return self.model
 
     def classifier(self) -> nn.Module:
-        raise TypeError(f"pretext {self.name!r} has no classifier; probe its encoder (ssl_ops.pretrain)")
+        raise TypeError(f"pretext {self.name!r} has no classifier; probe its encoder (ssl_ops.stages.pretrain)")
 
     def epoch_metrics(self) -> dict[str, float]:
         """k-NN top-1 of the val split against the labeled split (cosine, backbone features)."""

@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from ssl_ops import distributed, io, probes, recovery, tracking
+from ssl_ops.backbones import build_backbone
 from ssl_ops.engine import RunContext, fit, make_context
 from ssl_ops.errors import CheckpointError
 from ssl_ops.params import BaseParams
+from ssl_ops.methods import METHODS
 from ssl_ops.pretexts import PRETEXTS, Pretext
-from ssl_ops.stages import CHECKPOINTS, METRICS, MODELS, _config_hash, load_data, train_stage
+from ssl_ops.stages.train import CHECKPOINTS, METRICS, MODELS, _config_hash, load_data, train_stage
 
 PRETRAIN_MODELS = MODELS / "pretrain"
 
@@ -111,8 +113,6 @@ def pretrain_briefly_for(method: str, load, epochs: int = 1, steps: int = 2, bat
     pre-training. ``load(*overrides)`` builds the params; the checkpoint lands where the method looks for it
     (``models/pretrain/<pretext>.pt`` in the working directory). A MOAM step (its ``previous`` attribute) gets
 the steps before it trained as briefly (``models/<previous>.pt``). None for a method that starts from scratch."""
-    from ssl_ops.methods import METHODS
-
     previous = getattr(METHODS[method], "previous", None)
     if previous is not None:  # a MOAM step: train the steps before it briefly (models/<previous>.pt)
         pretrain_briefly_for(previous, load, epochs, steps, batch_size)
@@ -138,8 +138,6 @@ def load_pretrained_backbone(path: str | Path, ctx: RunContext | None = None, *,
         backbone = load_pretrained_backbone("models/pretrain/rotation.pt", ctx)
         model = Classifier(Normalize(ctx.data.mean, ctx.data.std), backbone, ctx.num_classes)
     """
-    from ssl_ops.backbones import build_backbone
-
     ck: dict[str, Any] = io.torch_load(path)
     freeze = 0
     device = torch.device("cpu")
