@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="fail on the first unusable image (default: leave it out, list it, fail only if none is usable)")
     p = add("tune", cmd_tune, "Optuna study of a method's tune.spaces on the val split, tracked in MLflow")
-    p.add_argument("method", choices=sorted(METHODS), help="registered method")
+    p.add_argument("method", choices=sorted(METHODS) + sorted(PRETEXTS),
+                   help="registered method, or a pretext (scored on its val monitor: PAWS-NN, k-NN)")
     p.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20; 0: only report)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="start no trial after S seconds")
     p.add_argument("--storage", default=None, metavar="URL",
