@@ -179,6 +179,8 @@ def cmd_results(args) -> None:
                       "" if r.val is None else f"{100 * r.val:.2f}",
                       "" if r.cpu_minutes is None else f"{r.cpu_minutes:.1f}")
     out.print(table)
+    if (line := results.best_line(rows)) is not None:
+        out.print(line.replace("**", ""), highlight=False)
     out.print(f"written {out_path} (+ .json, .png, _curves.png)")
 
 
