@@ -248,7 +248,7 @@ def _some(names: list[str], k: int = 5) -> str:
 
 
 def cmd_tune(args) -> None:
-    from ssl_ops.tuning import apply_best, nest, run_study, top_trials_table
+    from ssl_ops.tuning import apply_best, nest, run_study, top_trials_table, trial_values
 
     params = _load(args)
     try:
@@ -268,7 +268,7 @@ def cmd_tune(args) -> None:
     out.print(f"best: trial {best.number}, val top-1 {best.value:.2%} -> {res.best_file} "
               f"(this call: {res.wall_seconds:.1f}s; plots in {res.plots[0].parent if res.plots else '-'})")
     if args.apply:
-        diff = apply_best(args.params, nest(best.params))
+        diff = apply_best(args.params, nest(trial_values(best.params)))
         out.print(diff or f"{args.params} already holds these values", highlight=False, markup=False)
         if diff:
             out.print(f"applied to {args.params}: `dvc repro` now trains with them")

@@ -198,7 +198,19 @@ def suggest(trial: optuna.Trial, key: str, space: FloatSpace | IntSpace | Catego
         return trial.suggest_float(key, space.low, space.high, log=space.log, step=space.step)
     if isinstance(space, IntSpace):
         return trial.suggest_int(key, space.low, space.high, step=space.step, log=space.log)
+    if any(isinstance(c, list) for c in space.choices):  # Optuna's choices are scalars: a list goes as JSON text
+        return _decode(trial.suggest_categorical(key, [json.dumps(c) if isinstance(c, list) else c
+                                                       for c in space.choices]))
     return trial.suggest_categorical(key, space.choices)
+
+
+def _decode(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+
+
+def trial_values(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's ``params`` as params values (a list-valued categorical choice back from its JSON text)."""
+    return {k: _decode(v) for k, v in params.items()}
 
 
 def as_override(key: str, value: Any) -> str:
@@ -397,7 +409,7 @@ def write_best(study: optuna.Study, method: str, storage_url: str) -> Path:
               f"val top-1 {best.value:.4f}\n# on the split's validation set (never test). Apply to params.yaml "
               f"with: ssl-ops tune {method} --study {study.study_name} --trials 0 --apply\n")
     path = best_path(method)
-    io.write_text(path, header + yaml.safe_dump(nest(best.params), sort_keys=True))
+    io.write_text(path, header + yaml.safe_dump(nest(trial_values(best.params)), sort_keys=True))
     return path
 
 
