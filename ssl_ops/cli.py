@@ -177,6 +177,8 @@ def cmd_results(args) -> None:
                       "" if r.val is None else f"{100 * r.val:.2f}",
                       "" if r.cpu_minutes is None else f"{r.cpu_minutes:.1f}")
     out.print(table)
+    if (line := results.best_line(rows)) is not None:
+        out.print(line.replace("**", ""), highlight=False)
     out.print(f"written {out_path} (+ .json, .png, _curves.png)")
 
 
@@ -242,7 +244,7 @@ def _some(names: list[str], k: int = 5) -> str:
 
 
 def cmd_tune(args) -> None:
-    from ssl_ops.tuning import apply_best, nest, run_study, top_trials_table
+    from ssl_ops.tuning import apply_best, nest, run_study, top_trials_table, trial_values
 
     params = _load(args)
     try:
@@ -262,7 +264,7 @@ def cmd_tune(args) -> None:
     out.print(f"best: trial {best.number}, val top-1 {best.value:.2%} -> {res.best_file} "
               f"(this call: {res.wall_seconds:.1f}s; plots in {res.plots[0].parent if res.plots else '-'})")
     if args.apply:
-        diff = apply_best(args.params, nest(best.params))
+        diff = apply_best(args.params, nest(trial_values(best.params)))
         out.print(diff or f"{args.params} already holds these values", highlight=False, markup=False)
         if diff:
             out.print(f"applied to {args.params}: `dvc repro` now trains with them")
@@ -320,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="fail on the first unusable image (default: leave it out, list it, fail only if none is usable)")
     p = add("tune", cmd_tune, "Optuna study of a method's tune.spaces on the val split, tracked in MLflow")
-    p.add_argument("method", choices=sorted(METHODS), help="registered method")
+    p.add_argument("method", choices=sorted(METHODS) + sorted(PRETEXTS),
+                   help="registered method, or a pretext (scored on its val monitor: PAWS-NN, k-NN)")
     p.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20; 0: only report)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="start no trial after S seconds")
     p.add_argument("--storage", default=None, metavar="URL",

@@ -124,8 +124,9 @@ class CheckedParams(BaseParams):
     def _tunable_spaces(self) -> CheckedParams:
         problems = []
         for method, space in self.tune.spaces.items():
-            if method not in METHODS:
-                problems.append(f"tune.spaces.{method}: unknown method; registered: {sorted(METHODS)}")
+            if method not in METHODS and method not in PRETEXTS:  # a pretext is tuned on its own val metric
+                problems.append(f"tune.spaces.{method}: unknown method or pretext; registered: "
+                                f"{sorted(METHODS)}, pretexts {sorted(PRETEXTS)}")
                 continue
             for key, dist in space.items():
                 problems += _space_problems(self, method, key, dist)

@@ -186,7 +186,9 @@ class IntSpace(Section):
 
 class CategoricalSpace(Section):
     type: Literal["categorical"]
-    choices: list[bool | int | float | str | None] = Field(min_length=1)
+    # a list choice is a tuple-valued param (e.g. paws.large_scale: [[0.5, 1.0], [0.75, 1.0]]); Optuna stores
+    # it as its JSON text (ssl_ops.tuning.suggest / trial_values)
+    choices: list[bool | int | float | str | None | list[int | float]] = Field(min_length=1)
 
     def values(self) -> list[Any]:
         return list(self.choices)

@@ -53,6 +53,8 @@ class Pretext(Method):
     """Base: subclasses set ``Params``, call ``self.build(head)`` in ``__init__``, implement ``training_step``."""
 
     Params: ClassVar[type[PretextParams]] = PretextParams
+    # the per-epoch val monitor that ``ssl-ops tune <pretext>`` maximises (``epoch_metrics`` must return it)
+    val_metric: ClassVar[str] = "knn_val_top1"
 
     def __init__(self, ctx: RunContext, params: PretextParams):
         super().__init__(ctx, params)

@@ -71,25 +71,33 @@ def probe_encoder(encoder: nn.Module, ctx: RunContext, knn_k: int = 20, knn_temp
 
 
 def pretrain_stage(name: str, params: BaseParams, resume: bool = False, write_outputs: bool = True,
-                   run_tags: dict[str, str] | None = None) -> PretrainResult:
-    """Pre-train pretext ``name`` on all train images (no labels), probe it, write its outputs."""
+                   run_tags: dict[str, str] | None = None, epoch_end=None, nested: bool = False,
+                   checkpoint: Path | None = None, probe: bool = True) -> PretrainResult:
+    """Pre-train pretext ``name`` on all train images (no labels), probe it, write its outputs.
+
+    For ``ssl-ops tune <pretext>`` (as :func:`ssl_ops.stages.train_stage`): ``epoch_end(epoch, metrics)`` after
+    each epoch, ``nested`` MLflow run, its own ``checkpoint``; ``probe=False`` skips the test-set probes and the
+    pretext's test metrics (a trial is scored on the val split only, and they cost CPU)."""
     data, split, spath = load_data(params)
     pretext = build_pretext(name, params, data, split)
     ctx, pparams = pretext.ctx, pretext.params
     resolved = params.model_dump(mode="json")
     config_hash = _config_hash(resolved, name)
-    checkpoint = CHECKPOINTS / "pretrain" / name / "last.pt"
+    checkpoint = checkpoint or CHECKPOINTS / "pretrain" / name / "last.pt"
     resume, prev_run = recovery.resume_from(checkpoint, config_hash, ctx.train.epochs, explicit=resume)
     tags = {"pretext": name, "stage": "pretrain", "dataset": params.data.name, "split_file": str(spath),
             "split_sha256": split.sha256, "dataset_sha256": data.sha256, **(run_tags or {})}
     with tracking.start_run(params.tracking, run_name=f"pretrain-{name}", params=resolved, tags=tags,
-                            run_id=prev_run) as run_id:
+                            run_id=prev_run, nested=nested) as run_id:
         result = fit(pretext, ctx, checkpoint, resume=resume, config_hash=config_hash, log=tracking.log_metrics,
-                     run_state={"mlflow_run_id": run_id})
-        metrics = {**probe_encoder(pretext.encoder, ctx, pparams.knn_k, pparams.knn_temperature),
-                   "pretext_loss": result.history[-1]["loss"], **result.machine}
-        if hasattr(pretext, "test_metrics"):  # a pretext's own evaluation, e.g. PAWS-NN
-            metrics.update(pretext.test_metrics())
+                     run_state={"mlflow_run_id": run_id}, epoch_end=epoch_end)
+        metrics = {"pretext_loss": result.history[-1]["loss"], **result.machine}
+        if probe:
+            metrics.update(probe_encoder(pretext.encoder, ctx, pparams.knn_k, pparams.knn_temperature))
+            if hasattr(pretext, "test_metrics"):  # a pretext's own evaluation, e.g. PAWS-NN
+                metrics.update(pretext.test_metrics())
+        else:  # a tuning trial: the last epoch's val monitors only
+            metrics.update({k: v for k, v in result.history[-1].items() if k.endswith("val_top1")})
         tracking.log_metrics(metrics)
         if write_outputs and distributed.is_main():  # under torchrun rank 0 alone writes
             model = pretext.model
