@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ssl_ops.engine import make_context
     from ssl_ops.heads import Encoder, Normalize
-    from ssl_ops.pretrain import pretrain_stage, probe_encoder
+    from ssl_ops.stages.pretrain import pretrain_stage, probe_encoder
     from ssl_ops.stages import load_data, prepare_stage, split_stage
 
     prepare_stage(params)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _reuse(name: str, params) -> dict | None:
-    from ssl_ops.pretrain import model_path
+    from ssl_ops.stages.pretrain import model_path
 
     if not model_path(name).exists():
         return None

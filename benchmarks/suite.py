@@ -45,7 +45,7 @@ from ssl_ops import io, tracking
 from ssl_ops.engine import fit, make_optimizer
 from ssl_ops.methods import METHODS
 from ssl_ops.params import load_params
-from ssl_ops.pretrain import pretrain_briefly_for
+from ssl_ops.stages.pretrain import pretrain_briefly_for
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_SIZE = ["data.name=synthetic", "data.synthetic.channels=3", "data.synthetic.image_size=32",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ssl_ops.params import Section
+from ssl_ops.sections import Section
 
 
 def _uniform(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -358,7 +358,7 @@ def occlude_tiles(tiles: Tensor, generator: torch.Generator, max_occluders: int 
 
 
 # -- exemplar views (Dosovitskiy et al. 2014; S4L §3.1): shared by the exemplar pretext and S4L-Exemplar, here
-# below both so that a method never imports the pretexts package (whose base imports the methods package)
+# below both: methods sit below pretexts (whose base builds on methods.base), docs/architecture.md
 
 class ExemplarViewParams(Section):
     """The exemplar views and embedding: the exemplar pretext's keys, and S4L-Exemplar's."""

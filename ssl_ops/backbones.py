@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_ops.registries import registrar
+from ssl_ops.plugins import registrar
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {}
 

@@ -2,20 +2,24 @@
 
 Every subcommand takes ``--params PATH`` (default params.yaml) and repeatable ``--set key.path=value``
 overrides, validated like the file. Problems the user can fix print one paragraph and exit non-zero.
+Each subcommand imports the stage it runs inside its function, so that ``ssl-ops --help`` and a params error
+do not wait for torch and MLflow to load (the only reason for imports inside functions here).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ssl_ops.errors import SslOpsError
+from ssl_ops.errors import ParamsError, SslOpsError
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -44,10 +48,6 @@ def _preset_tag(args) -> dict[str, str]:
 
 def _refuse_empty(path: Path) -> None:
     """An empty params file (or one of comments only) would silently mean "all defaults" (Fashion-MNIST...)."""
-    import yaml
-
-    from ssl_ops.errors import ParamsError
-
     if not path.is_file():
         return  # load_params: a missing params.yaml is the defaults, any other missing file an error
     try:
@@ -61,8 +61,6 @@ def _refuse_empty(path: Path) -> None:
 
 def _warn_dvc_output(path: Path) -> None:
     """A one-off `ssl-ops train` outside `dvc repro` overwrites an output that dvc.lock pins: say so first."""
-    import os
-
     lock = Path("dvc.lock")
     if os.environ.get("DVC_STAGE") or not lock.is_file() or f"path: {path.as_posix()}\n" not in lock.read_text():
         return
@@ -179,11 +177,13 @@ def cmd_results(args) -> None:
                       "" if r.val is None else f"{100 * r.val:.2f}",
                       "" if r.cpu_minutes is None else f"{r.cpu_minutes:.1f}")
     out.print(table)
+    if (line := results.best_line(rows)) is not None:
+        out.print(line.replace("**", ""), highlight=False)
     out.print(f"written {out_path} (+ .json, .png, _curves.png)")
 
 
 def cmd_pretrain(args) -> None:
-    from ssl_ops.pretrain import model_path, pretrain_stage
+    from ssl_ops.stages.pretrain import model_path, pretrain_stage
 
     params = _load(args)
     if args.no_progress:
@@ -197,7 +197,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_promote(args) -> None:
-    from ssl_ops.registry import promote
+    from ssl_ops.serving.model_registry import promote
     from ssl_ops.tracking import tracking_uri
 
     params = _load(args)
@@ -219,9 +219,7 @@ def cmd_promote(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from pathlib import Path
-
-    from ssl_ops.registry import predict
+    from ssl_ops.serving.model_registry import predict
     from ssl_ops.tracking import tracking_uri
 
     params = _load(args)
@@ -246,7 +244,7 @@ def _some(names: list[str], k: int = 5) -> str:
 
 
 def cmd_tune(args) -> None:
-    from ssl_ops.tuning import apply_best, nest, run_study, top_trials_table
+    from ssl_ops.tuning import apply_best, nest, run_study, top_trials_table, trial_values
 
     params = _load(args)
     try:
@@ -266,7 +264,7 @@ def cmd_tune(args) -> None:
     out.print(f"best: trial {best.number}, val top-1 {best.value:.2%} -> {res.best_file} "
               f"(this call: {res.wall_seconds:.1f}s; plots in {res.plots[0].parent if res.plots else '-'})")
     if args.apply:
-        diff = apply_best(args.params, nest(best.params))
+        diff = apply_best(args.params, nest(trial_values(best.params)))
         out.print(diff or f"{args.params} already holds these values", highlight=False, markup=False)
         if diff:
             out.print(f"applied to {args.params}: `dvc repro` now trains with them")
@@ -324,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="fail on the first unusable image (default: leave it out, list it, fail only if none is usable)")
     p = add("tune", cmd_tune, "Optuna study of a method's tune.spaces on the val split, tracked in MLflow")
-    p.add_argument("method", choices=sorted(METHODS), help="registered method")
+    p.add_argument("method", choices=sorted(METHODS) + sorted(PRETEXTS),
+                   help="registered method, or a pretext (scored on its val monitor: PAWS-NN, k-NN)")
     p.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20; 0: only report)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="start no trial after S seconds")
     p.add_argument("--storage", default=None, metavar="URL",

@@ -26,9 +26,11 @@ from ssl_ops.backbones import build_backbone, set_memory_format
 from ssl_ops.data.prepare import PreparedDataset
 from ssl_ops.data.splits import Split
 from ssl_ops.data.store import ImageStore
-from ssl_ops.errors import CheckpointError, TrainingDivergedError
+from ssl_ops.errors import CheckpointError, SslOpsError, TrainingDivergedError
 from ssl_ops.heads import Classifier, Normalize
-from ssl_ops.params import BaseParams, TrainParams
+from ssl_ops.lars import LARS
+from ssl_ops.progress import TrainProgress
+from ssl_ops.sections import BaseParams, TrainParams
 
 
 def select_device(choice: str = "auto") -> torch.device:
@@ -37,8 +39,6 @@ def select_device(choice: str = "auto") -> torch.device:
     if choice == "auto":
         return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
     if not available[choice]:
-        from ssl_ops.errors import SslOpsError
-
         raise SslOpsError(f"train.device={choice} but no {choice} device is available; use train.device=auto or cpu")
     return torch.device(choice)
 
@@ -141,8 +141,6 @@ def make_optimizer(model: nn.Module, train: TrainParams, total_steps: int):
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if train.optimizer == "lars":
-        from ssl_ops.lars import LARS
-
         # SimCLR reference code: biases and norm scales get neither weight decay nor the trust ratio
         groups[1]["lars_exclude"] = True
         opt = LARS(groups, lr=train.lr, momentum=train.momentum)
@@ -283,8 +281,6 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
 
     if hasattr(method, "bind_optimizer"):  # a method that restarts momentum / schedule itself (alternating's cycles)
         method.bind_optimizer(optimizer, scheduler)
-
-    from ssl_ops.progress import TrainProgress
 
     distributed.broadcast_parameters(model)  # every rank starts from rank 0's weights, as DDP does
     main = distributed.is_main()  # only rank 0 logs, writes checkpoints and shows progress

@@ -27,7 +27,7 @@ class Classifier(nn.Module):
 
     The optional ``neck`` is the kept part of a pre-training projection head (SimCLRv2 §2: fine-tune from
     its first layer; PAWS §5 likewise), built by :func:`projection_neck` and described by ``neck_spec`` so
-    that the exported model can be rebuilt from its spec (``ssl_ops.registry``)."""
+    that the exported model can be rebuilt from its spec (``ssl_ops.serving.model_registry``)."""
 
     def __init__(self, normalize: Normalize, backbone: nn.Module, num_classes: int,
                  neck_spec: dict[str, int] | None = None):

@@ -13,6 +13,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ssl_ops import distributed
+
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -20,8 +22,6 @@ class TrainProgress:
     """Updated every ``every`` steps only: reading the loss forces a device sync, so we do it rarely."""
 
     def __init__(self, name: str, total: int, enabled: bool = True, completed: int = 0, every: int = 20):
-        from ssl_ops import distributed
-
         self.lines = distributed.is_main()  # the epoch lines: rank 0 only, whatever the bar does
         enabled = enabled and console.is_terminal  # a bar in a log file is noise: lines only there
         self.enabled, self.every, self.name = enabled, every, name

@@ -160,9 +160,23 @@ def _pct(x: float | None, sign: bool = False) -> str:
     return f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
 
 
+def best_row(rows: list[Row]) -> Row | None:
+    """The non-baseline row with the highest mean test top-1 among those that did not collapse."""
+    return max((r for r in rows if r.name != BASELINE and not r.collapsed), key=lambda r: r.mean, default=None)
+
+
+def best_line(rows: list[Row]) -> str | None:
+    """'Best method: **name**, mean ± std % (+Δ points over supervised).' or None."""
+    best = best_row(rows)
+    if best is None:
+        return None
+    spread = f" ± {_pct(best.std)}" if best.std is not None else ""
+    return (f"Best method: **{best.name}**, {_pct(best.mean)}{spread} % "
+            f"({_pct(best.delta, sign=True)} points over {BASELINE}).")
+
+
 def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: str, curves: str) -> str:
     seeds = sorted({s for r in rows for s in r.seeds})
-    best = max((r for r in rows if r.name != BASELINE and not r.collapsed), key=lambda r: r.mean, default=None)
     lines = [
         "# Results: test top-1 per method over labeled splits", "",
         f"From MLflow ({source}); labeled splits (split seed = train seed): {', '.join(map(str, seeds)) or '—'}. "
@@ -173,10 +187,8 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
         f"worst split's share of test images given the commonest predicted class (> {COLLAPSE:.0%}: collapsed).",
         "",
     ]
-    if best is not None:
-        spread = f" ± {_pct(best.std)}" if best.std is not None else ""
-        lines += [f"Best method: **{best.name}**, {_pct(best.mean)}{spread} % "
-                  f"({_pct(best.delta, sign=True)} points over {BASELINE}).", ""]
+    if (line := best_line(rows)) is not None:
+        lines += [line, ""]
     lines += ["| method | splits | test top-1 | Δ vs supervised | val top-1 | CPU-min | max class | recipe | commit "
               "| load |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:

@@ -1,4 +1,4 @@
-"""MLflow runs, params, metrics and tags (models: ssl_ops/registry.py, the only other module importing mlflow).
+"""MLflow runs, params, metrics and tags (models: ssl_ops/serving/, the only other code importing mlflow).
 
 The default tracking URI is a local SQLite file (``sqlite:///mlflow.db``) so the Model Registry works
 with no server; ``MLFLOW_TRACKING_URI`` (or ``tracking.uri`` in params) points everything at a team
@@ -15,8 +15,9 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
+from ssl_ops import distributed
 from ssl_ops.errors import SslOpsError, TrackingUnavailableError
-from ssl_ops.params import TrackingParams, flatten, unflatten
+from ssl_ops.sections import TrackingParams, flatten, unflatten
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -54,13 +55,11 @@ def git_commit() -> str:
 
 
 def _main_rank() -> bool:
-    from ssl_ops import distributed
-
     return distributed.is_main()
 
 
 def _mlflow():
-    import mlflow
+    import mlflow  # lazy: importing mlflow takes seconds; commands that track nothing skip it
 
     # alembic's migration chatter on a fresh SQLite store is noise to users
     logging.getLogger("alembic").setLevel(logging.WARNING)

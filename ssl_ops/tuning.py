@@ -56,7 +56,8 @@ from ssl_ops import io, tracking
 from ssl_ops.errors import ParamsError, SslOpsError
 from ssl_ops.params import (BaseParams, CategoricalSpace, FloatSpace, IntSpace, PrunerParams, TuneParams,
                             flatten, params_model, unflatten, with_overrides)
-from ssl_ops.stages import train_stage
+from ssl_ops.pretexts import PRETEXTS
+from ssl_ops.stages import pretrain_stage, train_stage
 
 TUNING = Path("tuning")
 DEFAULT_STORAGE = f"sqlite:///{TUNING}/optuna.db"
@@ -145,6 +146,12 @@ def make_pruner(p: PrunerParams, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def val_metric(name: str) -> str:
+    """The val-split metric a study of ``name`` maximises: ``val_top1`` for a method (its classifier on val); for a
+    pretext, which has no classifier, the monitor its class names (``Pretext.val_metric``: k-NN, or PAWS-NN)."""
+    return PRETEXTS[name].val_metric if name in PRETEXTS else "val_top1"
+
+
 def search_space(params: BaseParams, method: str) -> dict[str, FloatSpace | IntSpace | CategoricalSpace]:
     space = params.tune.spaces.get(method)
     if not space:
@@ -189,7 +196,19 @@ def suggest(trial: optuna.Trial, key: str, space: FloatSpace | IntSpace | Catego
         return trial.suggest_float(key, space.low, space.high, log=space.log, step=space.step)
     if isinstance(space, IntSpace):
         return trial.suggest_int(key, space.low, space.high, step=space.step, log=space.log)
+    if any(isinstance(c, list) for c in space.choices):  # Optuna's choices are scalars: a list goes as JSON text
+        return _decode(trial.suggest_categorical(key, [json.dumps(c) if isinstance(c, list) else c
+                                                       for c in space.choices]))
     return trial.suggest_categorical(key, space.choices)
+
+
+def _decode(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+
+
+def trial_values(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's ``params`` as params values (a list-valued categorical choice back from its JSON text)."""
+    return {k: _decode(v) for k, v in params.items()}
 
 
 def as_override(key: str, value: Any) -> str:
@@ -203,7 +222,8 @@ nest = unflatten  # {"train.lr": 0.1} -> {"train": {"lr": 0.1}}: trial params in
 
 @dataclass
 class Objective:
-    """Train ``method`` with a trial's values through ``train_stage``; return the last epoch's val top-1."""
+    """Train ``method`` with a trial's values through ``train_stage`` (a pretext: ``pretrain_stage``); return the
+    last epoch's val metric (:func:`val_metric`)."""
 
     method: str
     base: BaseParams
@@ -211,6 +231,11 @@ class Objective:
     parent_run_id: str
     keep_checkpoints: bool = False
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        """What a trial maximises: a method's val top-1, or a pretext's own val monitor (PAWS-NN, k-NN)."""
+        return val_metric(self.method)
 
     def checkpoint(self, number: int) -> Path:
         return TUNING / self.study_name / f"trial-{number}.pt"
@@ -221,9 +246,9 @@ class Objective:
         before = tracking.last_run_id()
 
         def epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-            trial.report(metrics["val_top1"], epoch)
+            trial.report(metrics[self.metric], epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {epoch}: val top-1 {metrics['val_top1']:.4f}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.metric} {metrics[self.metric]:.4f}")
 
         # a retry of a trial whose worker died continues from that trial's last epoch checkpoint
         # (train_stage resumes a matching unfinished checkpoint by itself)
@@ -236,8 +261,12 @@ class Objective:
         try:
             params = with_overrides(self.base, [*(as_override(k, v) for k, v in values.items()),
                                                 "train.progress=false"], source=f"trial {trial.number}")
-            res = train_stage(self.method, params, epoch_end=epoch_end, write_outputs=False, run_tags=tags,
-                              nested=True, checkpoint=ckpt)
+            if self.metric == "val_top1":
+                res = train_stage(self.method, params, epoch_end=epoch_end, write_outputs=False, run_tags=tags,
+                                  nested=True, checkpoint=ckpt)
+            else:  # a pretext: no outputs, no test probes (pretrain_stage(probe=False))
+                res = pretrain_stage(self.method, params, epoch_end=epoch_end, write_outputs=False, run_tags=tags,
+                                     nested=True, checkpoint=ckpt, probe=False)
         except optuna.TrialPruned as exc:
             self._finish(before, {"optuna.state": "PRUNED", "optuna.prune_reason": str(exc)}, "FINISHED")
             raise
@@ -256,7 +285,7 @@ class Objective:
         trial.set_user_attr("cpu_seconds", time.process_time() - cpu0)
         self._finish(before, {"optuna.state": "COMPLETE", **({} if retried is None else {
             "optuna.trial_number": str(trial.number), "optuna.retry_of_trial": str(retried)})})
-        return res.metrics["val_top1"]
+        return res.metrics[self.metric]
 
     def _finish(self, before: str | None, tags: dict[str, str], status: str | None = None) -> None:
         """Tag the trial's MLflow run, if train_stage got as far as starting one."""
@@ -378,7 +407,7 @@ def write_best(study: optuna.Study, method: str, storage_url: str) -> Path:
               f"val top-1 {best.value:.4f}\n# on the split's validation set (never test). Apply to params.yaml "
               f"with: ssl-ops tune {method} --study {study.study_name} --trials 0 --apply\n")
     path = best_path(method)
-    io.write_text(path, header + yaml.safe_dump(nest(best.params), sort_keys=True))
+    io.write_text(path, header + yaml.safe_dump(nest(trial_values(best.params)), sort_keys=True))
     return path
 
 

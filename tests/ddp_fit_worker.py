@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ssl_ops import augment, distributed
 from ssl_ops.engine import fit
 from ssl_ops.params import load_params
-from ssl_ops.pretrain import build_pretext
+from ssl_ops.stages.pretrain import build_pretext
 from ssl_ops.stages import build_method, load_data
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ssl_ops import io
 from ssl_ops.losses import soft_cross_entropy
-from ssl_ops.pretrain import pretrain_briefly_for
+from ssl_ops.stages.pretrain import pretrain_briefly_for
 from ssl_ops.stages import build_method, load_data, train_stage
 
 

@@ -79,3 +79,22 @@ def test_campaign_runs_per_split_and_reports(campaign):
     assert "| supervised | 0,1 |" in md and "| paws_nn | 0 |" in md
     status = _run(["dvc", "status", *targets[:-1]], campaign).stdout
     assert "up to date" in status, status
+
+
+def test_demo_trains_both_rows_and_states_the_gain(campaign):
+    """`make demo` (issue 17 item 5): the supervised baseline and PAWS-NN on split 0, a table with the gain, all in
+    demo/ (its own MLflow store), leaving the campaign's store and reports/ alone."""
+    demo_preset = campaign.parents[1] / "presets" / "fmnist_10pc" / "demo" / "paws.yaml"
+    assert demo_preset.is_file()
+    demo_preset.write_text(yaml.safe_dump({"paws": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8}}))
+    res = _run(["./demo.sh"], campaign)
+    table = res.stdout[res.stdout.index("results: experiment fmnist-10pc-demo"):]
+    assert "supervised" in table and "paws_nn" in table, res.stdout
+    md = (campaign / "demo" / "results.md").read_text()
+    sup, paws = (next(line for line in md.splitlines() if line.startswith(f"| {row} | 0 |"))
+                 for row in ("supervised", "paws_nn"))
+    sup_test, (paws_test, delta) = float(sup.split("|")[3]), map(float, paws.split("|")[3:5])
+    assert abs(paws_test - sup_test - delta) < 0.011  # one split: the gain is the difference of the two test top-1
+    assert "Best method: paws_nn" in table and f"({delta:+.2f} points over supervised)" in table, table
+    assert (campaign / "demo" / "mlflow.db").is_file() and not (campaign / "mlflow.db").exists()
+    assert not (campaign.parents[1] / "reports").exists()

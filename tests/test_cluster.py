@@ -1,8 +1,8 @@
-"""k-means (ssl_ops/cluster.py): recovers separated clusters, deterministic per seed, chunking-invariant."""
+"""k-means (ssl_ops/kmeans.py): recovers separated clusters, deterministic per seed, chunking-invariant."""
 import pytest
 import torch
 
-from ssl_ops.cluster import kmeans
+from ssl_ops.kmeans import kmeans
 
 
 def _blobs(seed: int = 0, n_per: int = 200, k: int = 5, d: int = 8):

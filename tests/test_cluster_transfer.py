@@ -14,7 +14,7 @@ from torch import nn
 
 from ssl_ops import io
 from ssl_ops.backbones import Backbone
-from ssl_ops.cluster import kmeans
+from ssl_ops.kmeans import kmeans
 from ssl_ops.errors import CheckpointError, ParamsError
 from ssl_ops.heads import Encoder, Normalize
 from ssl_ops.methods.cluster_transfer import (ClusterTransfer, PooledBlock, bag_of_words, cluster_count,
@@ -98,7 +98,7 @@ def test_pooled_block_is_the_max_over_grid_cells():
 
 
 def test_pretext_source_clusters_the_pooled_block(workdir, tiny):
-    from ssl_ops.pretrain import pretrain_briefly_for
+    from ssl_ops.stages.pretrain import pretrain_briefly_for
 
     pretrain_briefly_for("cluster_transfer", tiny)
     m = _build(tiny, "cluster_transfer.feature_grid=2")

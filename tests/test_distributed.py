@@ -13,7 +13,7 @@ import torch
 
 from ssl_ops import distributed, engine
 from ssl_ops.methods import METHODS
-from ssl_ops.pretrain import pretrain_briefly_for
+from ssl_ops.stages.pretrain import pretrain_briefly_for
 
 from conftest import TINY
 
@@ -168,7 +168,8 @@ def test_sync_bn_converts_every_batchnorm_under_torchrun(tmp_path):
 
 def test_only_rank_0_writes_outputs_and_tracks(workdir, tiny, monkeypatch):
     """train, pretrain and evaluate on a non-zero rank: no model, checkpoint or metrics file, no MLflow run."""
-    from ssl_ops import pretrain, stages, tracking
+    from ssl_ops import stages, tracking
+    from ssl_ops.stages import pretrain
 
     p = tiny("train.epochs=1", "tracking.experiment=rank-test", "rotation.epochs=1", "rotation.steps_per_epoch=1")
     monkeypatch.setattr(distributed, "rank", lambda: 1)

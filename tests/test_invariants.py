@@ -19,7 +19,7 @@ import torch
 from ssl_ops.engine import fit
 from ssl_ops.methods import METHODS
 from ssl_ops.pretexts import PRETEXTS
-from ssl_ops.pretrain import build_pretext, pretrain_briefly_for
+from ssl_ops.stages.pretrain import build_pretext, pretrain_briefly_for
 from ssl_ops.stages import build_method, load_data
 
 NAMES = sorted(METHODS) + sorted(PRETEXTS)

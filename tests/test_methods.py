@@ -9,7 +9,7 @@ import pytest
 
 from ssl_ops.methods import METHODS
 from ssl_ops import io
-from ssl_ops.pretrain import pretrain_briefly_for
+from ssl_ops.stages.pretrain import pretrain_briefly_for
 from ssl_ops.stages import CHECKPOINTS, METRICS, evaluate_stage, train_stage
 
 

@@ -15,7 +15,7 @@ from ssl_ops.errors import CheckpointError, ParamsError
 from ssl_ops.params import load_params
 from ssl_ops.pretexts import PRETEXTS
 from ssl_ops.pretexts.jigsaw_pp import hamming_permutations, load_permutations
-from ssl_ops.pretrain import load_pretrained_backbone, model_path, pretrain_stage
+from ssl_ops.stages.pretrain import load_pretrained_backbone, model_path, pretrain_stage
 from ssl_ops.stages import CHECKPOINTS, METRICS
 
 
@@ -110,7 +110,7 @@ def test_jigsaw_occluders_replace_zero_one_or_two_tiles():
 
 
 def test_jigsaw_puzzles_are_shuffled_by_their_label(workdir, tiny):
-    from ssl_ops.pretrain import build_pretext
+    from ssl_ops.stages.pretrain import build_pretext
     from ssl_ops.stages import load_data
 
     params = tiny("jigsaw_pp.max_occluders=0", "jigsaw_pp.permutations=24")

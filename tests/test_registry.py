@@ -30,8 +30,8 @@ from ssl_ops import cli, io
 from ssl_ops.errors import CheckpointError, PredictInputError, RegistryError
 from ssl_ops.methods import METHODS
 from ssl_ops.params import load_params
-from ssl_ops.pretrain import pretrain_briefly_for
-from ssl_ops.registry import load_model, promote, read_inputs
+from ssl_ops.stages.pretrain import pretrain_briefly_for
+from ssl_ops.serving.model_registry import load_model, promote, read_inputs
 from ssl_ops.stages import load_trained, train_stage
 from conftest import TINY, wait_for_http
 
@@ -394,7 +394,7 @@ def test_registry_artifact_with_pickled_payload_is_refused(champion, mlflow_uri,
     assert not (tmp_path / "predictions.csv").exists()
 
 
-@pytest.mark.parametrize("module", ["ssl_ops.pretexts", "ssl_ops.pretrain", "ssl_ops.methods", "ssl_ops.stages"])
+@pytest.mark.parametrize("module", ["ssl_ops.pretexts", "ssl_ops.stages.pretrain", "ssl_ops.methods", "ssl_ops.stages"])
 def test_registries_import_in_any_order(module):
     """Whichever package a fresh interpreter imports first, the method and pretext registries load: the
     pretexts' base imports the methods package (which imports every method), so no method may import the

@@ -25,7 +25,7 @@ from ssl_ops import engine, io
 from ssl_ops.cli import main
 from ssl_ops.errors import WriteFailedError
 from ssl_ops.params import load_params
-from ssl_ops.pretrain import model_path, pretrain_stage
+from ssl_ops.stages.pretrain import model_path, pretrain_stage
 from ssl_ops.stages import CHECKPOINTS, METRICS, MODELS, evaluate_stage, train_stage
 
 ROOT = Path(__file__).resolve().parents[1]

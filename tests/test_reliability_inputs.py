@@ -14,7 +14,7 @@ import pytest
 from conftest import TINY
 from PIL import Image
 
-from ssl_ops import registry
+from ssl_ops.serving import model_registry as registry
 from ssl_ops.cli import main
 from ssl_ops.data.splits import make_split, sha256_path, split_path, write_split
 from ssl_ops.errors import PredictInputError, SslOpsError

@@ -121,7 +121,7 @@ def test_support_is_class_balanced_and_from_the_labeled_pool_only():
 
 def test_simclrv2_fine_tunes_from_the_first_head_layer(workdir, tiny):
     from ssl_ops.methods.simclrv2 import fine_tune_network, load_simclr
-    from ssl_ops.pretrain import model_path, pretrain_stage
+    from ssl_ops.stages.pretrain import model_path, pretrain_stage
     from ssl_ops.stages import build_method, load_data
 
     pretrain_stage("simclr", tiny("simclr.epochs=1", "simclr.steps_per_epoch=2", "simclr.batch_size=8"))
@@ -192,7 +192,7 @@ def test_a_distillation_step_does_not_grow_as_one_over_tau():
 
 
 def test_wrong_pretraining_checkpoints_are_clear_errors(workdir, tiny):
-    from ssl_ops.pretrain import pretrain_stage
+    from ssl_ops.stages.pretrain import pretrain_stage
     from ssl_ops.stages import train_stage
 
     with pytest.raises(CheckpointError, match="pretrain simclr"):
@@ -206,7 +206,7 @@ def test_wrong_pretraining_checkpoints_are_clear_errors(workdir, tiny):
 
 def test_distillation_trains_a_student_from_a_fine_tuned_teacher(workdir, tiny):
     from ssl_ops import io
-    from ssl_ops.pretrain import pretrain_stage
+    from ssl_ops.stages.pretrain import pretrain_stage
     from ssl_ops.stages import MODELS, evaluate_stage, train_stage
 
     pretrain_stage("simclr", tiny("simclr.epochs=1", "simclr.steps_per_epoch=2", "simclr.batch_size=8"))
@@ -305,7 +305,7 @@ def test_paws_cifar10_preset_turns_on_appendix_c_supcon_step():
 
 
 def test_paws_pretraining_runs_the_supcon_step_and_fine_tunes_from_the_whole_head(workdir, tiny):
-    from ssl_ops.pretrain import pretrain_stage
+    from ssl_ops.stages.pretrain import pretrain_stage
     from ssl_ops.stages import train_stage
 
     small = ["paws.epochs=1", "paws.steps_per_epoch=2", "paws.batch_size=8", "paws.small_size=4"]

@@ -80,7 +80,7 @@ def test_invalid_search_space_names_the_key(tmp_path, space, extra, expected):
 def test_unknown_method_and_threshold_pruner_errors(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"tune": {"spaces": {"fixmatch2": {}}}}))
-    with pytest.raises(ParamsError, match=r"tune.spaces.fixmatch2: unknown method"):
+    with pytest.raises(ParamsError, match=r"tune.spaces.fixmatch2: unknown method or pretext"):
         load_params(path)
     path.write_text(yaml.safe_dump({"tune": {"pruner": {"kind": "threshold"}}}))
     with pytest.raises(ParamsError, match=r"tune.pruner: .*needs lower"):
@@ -149,6 +149,43 @@ def test_four_trial_study_completes_and_writes_best(workdir, mlflow_uri):
     applied = load_params("params.yaml")
     assert applied.train.lr == best["train"]["lr"]
     assert applied.supervised.label_smoothing == best["supervised"]["label_smoothing"]
+
+
+@pytest.mark.parametrize(("pretext", "metric"), [("paws", "paws_nn_val_top1"), ("rotation", "knn_val_top1")])
+def test_pretext_study_maximises_its_val_monitor(workdir, mlflow_uri, pretext, metric):
+    """Issue 17: a pretext (no classifier) is tuned on its own val monitor - PAWS-NN for PAWS (PAWS §5), the k-NN
+    monitor otherwise - with no test-set probe in any trial, and no checkpoint or metrics file written."""
+    space = {f"{pretext}.lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True}}
+    if pretext == "paws":  # a tuple-valued param: list choices
+        space["paws.large_scale"] = {"type": "categorical", "choices": [[0.5, 1.0], [0.75, 1.0]]}
+    Path("params.yaml").write_text(yaml.safe_dump({"tune": {"pruner": {"kind": "none"}, "spaces": {pretext: space}}}))
+    params = load_params("params.yaml", [*TINY, f"{pretext}.epochs=2", f"{pretext}.steps_per_epoch=2",
+                                         f"{pretext}.batch_size=16"])
+    assert tuning.val_metric(pretext) == metric
+    res = run_study(pretext, params, trials=2)
+    runs = _trial_runs(mlflow_uri, f"{pretext}-digits")
+    client = mlflow.MlflowClient(mlflow_uri)
+    for t in res.study.trials:
+        assert t.state.name == "COMPLETE" and sorted(t.intermediate_values) == [1, 2]
+        curve = {m.step: m.value for m in client.get_metric_history(runs[t.number].info.run_id, metric)}
+        assert t.intermediate_values == {1: curve[1], 2: curve[2]} and t.value == curve[2]
+        assert not {"knn_top1", "linear_top1", "paws_nn_top1"} & set(runs[t.number].data.metrics)  # no test probe
+    assert not Path(f"models/pretrain/{pretext}.pt").exists() and not Path(f"metrics/pretrain_{pretext}.json").exists()
+    assert yaml.safe_load(Path(f"tuning/{pretext}.best.yaml").read_text()) == {
+        pretext: {k.split(".")[1]: v for k, v in tuning.trial_values(res.study.best_params).items()}}
+    if pretext == "paws":
+        scales = [tuning.trial_values(t.params)["paws.large_scale"] for t in res.study.trials]
+        assert all(s in ([0.5, 1.0], [0.75, 1.0]) for s in scales), scales
+
+
+def test_list_choice_round_trips_through_optuna():
+    """A tuple-valued param (crop scales) as a categorical choice: Optuna holds JSON text, the trial gets the list,
+    and its --set override parses back to the list."""
+    space = tuning.CategoricalSpace(type="categorical", choices=[[0.5, 1.0], [0.75, 1.0], 3])
+    assert tuning.suggest(optuna.trial.FixedTrial({"k": "[0.75, 1.0]"}), "k", space) == [0.75, 1.0]
+    assert tuning.suggest(optuna.trial.FixedTrial({"k": 3}), "k", space) == 3
+    key, _, raw = as_override("paws.large_scale", [0.75, 1.0]).partition("=")
+    assert apply_overrides({}, [f"{key}={raw}"]) == {"paws": {"large_scale": [0.75, 1.0]}}
 
 
 def test_pruner_prunes(workdir, mlflow_uri):

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ssl_ops import io
-from ssl_ops.errors import DataIntegrityError
-from ssl_ops.params import DataParams
+from ssl_ops.data.sources import _user_path, load_source
+from ssl_ops.errors import DataIntegrityError, ParamsError
+from ssl_ops.sections import DataParams
 
 PREPARED_ROOT = Path("data/prepared")
 # Committed symlinks that dvc.yaml's prepare stage depends on (DVC follows a dep that is a symlink and hashes
@@ -65,8 +66,6 @@ def dataset_hash(array_hashes: dict[str, str]) -> str:
 
 def prepare(cfg: DataParams, root: Path = PREPARED_ROOT) -> Path:
     """Read the source dataset and write ``root/<name>/`` atomically (temp dir, then rename)."""
-    from ssl_ops.data.sources import load_source
-
     raw = load_source(cfg)
     out = root / cfg.name
     root.mkdir(parents=True, exist_ok=True)
@@ -125,8 +124,6 @@ def _prepared_with(cfg: DataParams) -> dict:
 def check_prepared_with(cfg: DataParams, data: PreparedDataset) -> None:
     """Refuse data params that disagree with the prepared arrays (e.g. ``--set data.image_size=64`` on arrays
     prepared at 32): the run would use the old arrays while MLflow records the new value."""
-    from ssl_ops.errors import ParamsError
-
     now = _prepared_with(cfg)
     then = dict(data.prepared_with or {})
     then["image_size"] = data.image_shape[-1]  # the arrays' own size: also catches manifests that predate this
@@ -146,8 +143,6 @@ def link_sources(cfg: DataParams, base: Path = SOURCES) -> dict[str, str]:
     DVC cannot template a dep from a param that may be null (``${data.root}`` fails for the default
     Fashion-MNIST), so the dependency goes through these links; ``prepare`` re-points them on every run.
     """
-    from ssl_ops.data.sources import _user_path
-
     if not base.is_dir():
         return {}
     done = {}

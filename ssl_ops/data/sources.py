@@ -23,16 +23,14 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.error import URLError
 
 import numpy as np
 
 from ssl_ops.errors import DatasetNotFoundError, ParamsError, SslOpsError
-from ssl_ops.registries import registrar
-
-if TYPE_CHECKING:
-    from ssl_ops.params import DataParams
+from ssl_ops.plugins import registrar
+from ssl_ops.sections import DataParams
 
 # Module-level so tests (and unusual installs) can point them elsewhere; read at call time.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist

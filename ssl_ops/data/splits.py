@@ -23,7 +23,7 @@ import numpy as np
 
 from ssl_ops import io
 from ssl_ops.errors import DataIntegrityError, SslOpsError
-from ssl_ops.params import SplitParams
+from ssl_ops.sections import SplitParams
 
 SPLITS_ROOT = Path("data/splits")
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ssl_ops import augment, io
 from ssl_ops.errors import CheckpointError, DataIntegrityError
-from ssl_ops.methods.base import Method
+from ssl_ops.methods.base import METHODS, Method
 
 
 def fixed_crops(x: Tensor, padding: int, crops: int, flip: bool) -> list[Tensor]:
@@ -72,8 +72,6 @@ def tta_predict(net: nn.Module, store, indices: np.ndarray | Tensor, batch_size:
 def load_previous(path: Path, ctx, method: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The classifier state dict exported by the previous MOAM step (``models/<method>.pt``) and the whole
     checkpoint; a clear error when it is missing, from another method, split or dataset."""
-    from ssl_ops.methods import METHODS
-
     if not Path(path).exists():
         raise CheckpointError(f"{path} does not exist; run `ssl-ops train {method}` on this split first "
                               f"(or `dvc repro` with {method} in the MOAM chain)")

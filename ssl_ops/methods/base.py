@@ -9,18 +9,16 @@ progress, tracking. No deep hierarchy: this base class holds defaults only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from pydantic import Field
 from torch import Tensor, nn
 
 from ssl_ops import io
+from ssl_ops.engine import RunContext
 from ssl_ops.errors import CheckpointError, ParamsError
-from ssl_ops.params import Section, TrainParams
-from ssl_ops.registries import registrar
-
-if TYPE_CHECKING:
-    from ssl_ops.engine import RunContext
+from ssl_ops.sections import Section, TrainParams
+from ssl_ops.plugins import registrar
 
 METHODS: dict[str, type[Method]] = {}
 

@@ -13,7 +13,7 @@
      of ``hog_words`` visual words (k-means on a sample of descriptors) and each image becomes its histogram of
      words. The paper gives neither the vocabulary size nor the HOG settings: choose them on val.
    Features are L2-normalised, so that k-means compares directions as a cosine classifier would.
-2. k-means (``ssl_ops.cluster.kmeans``: batched, on the device, seeded k-means++) with ``k`` centres; each image's
+2. k-means (``ssl_ops.kmeans.kmeans``: batched, on the device, seeded k-means++) with ``k`` centres; each image's
    pseudo-label is its nearest centre (§3 (c)). The paper uses k = 2000 on ImageNet ("k = 2K", "the 1.3M images of
    ImageNet", §5), i.e. 650 images per cluster, and notes that fewer images per cluster "might cause the network to
    overfit" (§5.1). ``k: null`` keeps that ratio on another dataset (``images_per_cluster``), with at least one
@@ -49,12 +49,12 @@ from torch import Tensor, nn
 
 from ssl_ops import io
 from ssl_ops.backbones import build_backbone
-from ssl_ops.cluster import assign, kmeans
+from ssl_ops.kmeans import assign, kmeans
 from ssl_ops.engine import lr_lambda
 from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError, SslOpsError
 from ssl_ops.heads import Classifier, Encoder, Normalize
 from ssl_ops.methods.base import Method, MethodParams, register_method
-from ssl_ops.params import TrainParams
+from ssl_ops.sections import TrainParams
 from ssl_ops.probes import extract_features
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ssl_ops.methods._moam import MoamStep
 from ssl_ops.methods.base import MethodParams, register_method
-from ssl_ops.params import TrainParams
+from ssl_ops.sections import TrainParams
 
 
 class MoamFinetuneParams(MethodParams):

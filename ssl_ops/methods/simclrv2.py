@@ -47,7 +47,7 @@ from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError
 from ssl_ops.heads import Classifier, Normalize
 from ssl_ops.losses import distillation_with_labels
 from ssl_ops.methods.base import Method, MethodParams, register_method
-from ssl_ops.params import TrainParams
+from ssl_ops.sections import TrainParams
 
 
 # tau when simclrv2.temperature is null (SimCLRv2 §3: 0.1 self-distillation, 1.0 large-to-small)
@@ -80,8 +80,8 @@ class Simclrv2Params(MethodParams):
     distill_warmup_fraction: float = Field(0.05, ge=0, le=1)  # pre-training's first 5% of epochs
     # LARS trust ratio on every student tensor (biases, norm scales, the classifier too): no step then grows as
     # eq. (2)'s 1/tau. False: the reference code's exclusions, whose plain steps at 0.1 x sqrt(B) diverged at
-    # tau = 0.1 (val 10% vs 66%, Fashion-MNIST seed 0: benchmarks/simclrv2_distill_trust.py); the paper says
-    # only "LARS".
+    # tau = 0.1 (val 10% vs 66%, Fashion-MNIST seed 0; a one-off script, removed:
+    # `git show 2b5e41e:benchmarks/simclrv2_distill_trust.py`); the paper says only "LARS".
     distill_trust_all: bool = True
     student_backbone: str | None = None  # None: the teacher's (self-distillation); else big-to-small
     student_width: float | None = Field(None, gt=0)  # None: model.width

@@ -9,18 +9,16 @@ the val split against the labeled split on backbone features (a monitor only: no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
 
 from ssl_ops import probes
+from ssl_ops.engine import RunContext
 from ssl_ops.heads import Encoder, Normalize
 from ssl_ops.methods.base import Method, MethodParams
-from ssl_ops.registries import registrar
-
-if TYPE_CHECKING:
-    from ssl_ops.engine import RunContext
+from ssl_ops.plugins import registrar
 
 PRETEXTS: dict[str, type[Pretext]] = {}
 
@@ -55,6 +53,8 @@ class Pretext(Method):
     """Base: subclasses set ``Params``, call ``self.build(head)`` in ``__init__``, implement ``training_step``."""
 
     Params: ClassVar[type[PretextParams]] = PretextParams
+    # the per-epoch val monitor that ``ssl-ops tune <pretext>`` maximises (``epoch_metrics`` must return it)
+    val_metric: ClassVar[str] = "knn_val_top1"
 
     def __init__(self, ctx: RunContext, params: PretextParams):
         super().__init__(ctx, params)
@@ -65,7 +65,7 @@ class Pretext(Method):
         return self.model
 
     def classifier(self) -> nn.Module:
-        raise TypeError(f"pretext {self.name!r} has no classifier; probe its encoder (ssl_ops.pretrain)")
+        raise TypeError(f"pretext {self.name!r} has no classifier; probe its encoder (ssl_ops.stages.pretrain)")
 
     def epoch_metrics(self) -> dict[str, float]:
         """k-NN top-1 of the val split against the labeled split (cosine, backbone features)."""

@@ -132,6 +132,7 @@ class SupportSampler:
 @register_pretext("paws")
 class Paws(Pretext):
     Params = PawsParams
+    val_metric = "paws_nn_val_top1"  # PAWS §5: the SNN classifier is the evaluation; tune on it
 
     def __init__(self, ctx, params: PawsParams):
         super().__init__(ctx, params)

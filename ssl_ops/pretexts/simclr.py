@@ -25,7 +25,7 @@ from ssl_ops import augment
 from ssl_ops.heads import ProjectionHead
 from ssl_ops import distributed
 from ssl_ops.losses import nt_xent
-from ssl_ops.params import TrainParams
+from ssl_ops.sections import TrainParams
 from ssl_ops.pretexts.base import Pretext, PretextParams, register_pretext
 
 

@@ -1,10 +1,11 @@
 """The model-registry boundary: the logged pyfunc model, ``ssl-ops promote`` and ``ssl-ops predict``.
 
-Besides ``ssl_ops/tracking.py`` this is the only module that imports MLflow.
+Besides ``ssl_ops/tracking.py`` only ``ssl_ops.serving`` (this module and ``pyfunc_entry.py``) imports MLflow
+(an import-linter contract, docs/architecture.md).
 
 The logged model ("model" in a training run) is an MLflow **pyfunc logged as code**, not pickled:
 
-- ``ssl_ops/registry_model.py`` (copied into the model as plain text) builds :class:`ImageClassifierModel`;
+- ``ssl_ops/serving/pyfunc_entry.py`` (copied into the model as plain text) builds :class:`ImageClassifierModel`;
   MLflow runs that file at load time instead of unpickling a ``PythonModel`` with cloudpickle;
 - the weights are a bare ``state_dict`` (``weights.pt``) loaded with ``torch.load(weights_only=True)``
   (:func:`ssl_ops.io.torch_load`), which refuses anything but tensors and plain containers;
@@ -12,7 +13,7 @@ The logged model ("model" in a training run) is an MLflow **pyfunc logged as cod
 
 Why not MLflow's ``pt2`` (``torch.export``) format: ``torch.export.load`` reads the weights with
 ``torch.load(weights_only=False)``, i.e. it unpickles. Remaining limitation: loading still *runs code*,
-the model's ``registry_model.py`` and the installed ``ssl_ops`` package (which defines the architecture),
+the model's ``pyfunc_entry.py`` and the installed ``ssl_ops`` package (which defines the architecture),
 so a model must come from a registry you trust to hold the code you reviewed; no pickle is executed.
 
 Input contract (the model signature): float32 ``N×C×H×W`` images with pixel values in [0, 1]
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import string
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -42,12 +44,12 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from ssl_ops import io, tracking
+from ssl_ops import __version__, io, tracking
 from ssl_ops.backbones import build_backbone
 from ssl_ops.errors import CheckpointError, PredictInputError, RegistryError
 from ssl_ops.heads import Classifier, Normalize
 
-MODEL_CODE = Path(__file__).with_name("registry_model.py")
+MODEL_CODE = Path(__file__).with_name("pyfunc_entry.py")
 SPEC_FORMAT = "ssl-ops-classifier/1"
 ARTIFACT_NAME = "model"  # the logged model's name inside a training run
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -137,11 +139,9 @@ def log_classifier(model: torch.nn.Module, spec: dict[str, Any], name: str = ART
         if not torch.allclose(original(x), replica(x), atol=1e-5, rtol=1e-4):
             raise RuntimeError("the classifier rebuilt from its spec disagrees with the trained one (a bug)")
     # explicit requirements: inferring them re-imports the model in a subprocess (slow, and offline-unsafe)
-    import ssl_ops
-
     reqs = [f"{pkg}=={ver}" for pkg, ver in (("torch", torch.__version__.split("+")[0]), ("numpy", np.__version__),
                                              ("pandas", pd.__version__), ("mlflow", mlflow.__version__),
-                                             ("ssl-ops", ssl_ops.__version__))]
+                                             ("ssl-ops", __version__))]
     with tempfile.TemporaryDirectory(prefix="ssl-ops-model-") as tmp, _no_progress_bars():
         weights, spec_file = Path(tmp) / "weights.pt", Path(tmp) / "spec.json"
         io.torch_save(weights, state)
@@ -343,6 +343,9 @@ class Loaded:
 def load_model(model_uri: str, uri: str) -> Loaded:
     """A registered (``models:/name@alias``) or logged model, with its input shape and class names."""
     _client(uri)
+    # A model logged before issue 19 carries the old entry point (registry_model.py), which imports this module by
+    # its old name: alias it so such models still load here (for `mlflow models serve`, re-log them).
+    sys.modules.setdefault("ssl_ops.registry", sys.modules[__name__])
     try:
         with _no_progress_bars():
             model = mlflow.pyfunc.load_model(model_uri)

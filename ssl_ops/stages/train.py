@@ -1,4 +1,5 @@
-"""One importable function per pipeline stage; the CLI (and Optuna, and tests) call these.
+"""A method's pipeline stages, one importable function each (re-exported by ``ssl_ops.stages``; the pretext's
+is ``ssl_ops.stages.pretrain``); the CLI, Optuna and the tests call these.
 
 Outputs by stage (all written atomically):
 - prepare:  data/prepared/<dataset>/                 (arrays + manifest with sha256)
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssl_ops import distributed, io, recovery, tracking
+from ssl_ops import distributed, io, recovery, report, tracking
 from ssl_ops.data.prepare import PreparedDataset, check_prepared_with, link_sources, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
 from ssl_ops.engine import RunContext, fit, make_context, predict_logits, topk_accuracy
@@ -110,7 +111,7 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
                 "train_seconds": result.train_seconds, "mlflow_run_id": run_id,
             })
             if params.tracking.log_model:
-                from ssl_ops import registry  # imports mlflow: only when a model is logged
+                from ssl_ops.serving import model_registry as registry  # imports mlflow: only when a model is logged
 
                 clf = method.classifier()
                 # a distilled student may have another backbone than model.backbone (SimCLRv2 big-to-small)
@@ -178,8 +179,6 @@ def report_stage(params: BaseParams, out_dir: Path = REPORTS, experiment: str | 
     """Every evaluated run of ``params.data.name`` in the MLflow experiment (default ``tracking.experiment``)
     -> ``out_dir``/summary.md, plot data under ``out_dir``/plots/ and PNGs (``ssl_ops.report``); returns
     the runs' rows. An experiment without such runs is an error naming what to run first."""
-    from ssl_ops import report
-
     experiment = experiment or params.tracking.experiment
     uri = tracking.tracking_uri(params.tracking)
     rows = report.write_report(tracking.search_runs(params.tracking, experiment), params.data.name, out_dir,

@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from ssl_ops import distributed, io, probes, recovery, tracking
+from ssl_ops.backbones import build_backbone
 from ssl_ops.engine import RunContext, fit, make_context
 from ssl_ops.errors import CheckpointError
 from ssl_ops.params import BaseParams
+from ssl_ops.methods import METHODS
 from ssl_ops.pretexts import PRETEXTS, Pretext
-from ssl_ops.stages import CHECKPOINTS, METRICS, MODELS, _config_hash, load_data, train_stage
+from ssl_ops.stages.train import CHECKPOINTS, METRICS, MODELS, _config_hash, load_data, train_stage
 
 PRETRAIN_MODELS = MODELS / "pretrain"
 
@@ -69,25 +71,33 @@ def probe_encoder(encoder: nn.Module, ctx: RunContext, knn_k: int = 20, knn_temp
 
 
 def pretrain_stage(name: str, params: BaseParams, resume: bool = False, write_outputs: bool = True,
-                   run_tags: dict[str, str] | None = None) -> PretrainResult:
-    """Pre-train pretext ``name`` on all train images (no labels), probe it, write its outputs."""
+                   run_tags: dict[str, str] | None = None, epoch_end=None, nested: bool = False,
+                   checkpoint: Path | None = None, probe: bool = True) -> PretrainResult:
+    """Pre-train pretext ``name`` on all train images (no labels), probe it, write its outputs.
+
+    For ``ssl-ops tune <pretext>`` (as :func:`ssl_ops.stages.train_stage`): ``epoch_end(epoch, metrics)`` after
+    each epoch, ``nested`` MLflow run, its own ``checkpoint``; ``probe=False`` skips the test-set probes and the
+    pretext's test metrics (a trial is scored on the val split only, and they cost CPU)."""
     data, split, spath = load_data(params)
     pretext = build_pretext(name, params, data, split)
     ctx, pparams = pretext.ctx, pretext.params
     resolved = params.model_dump(mode="json")
     config_hash = _config_hash(resolved, name)
-    checkpoint = CHECKPOINTS / "pretrain" / name / "last.pt"
+    checkpoint = checkpoint or CHECKPOINTS / "pretrain" / name / "last.pt"
     resume, prev_run = recovery.resume_from(checkpoint, config_hash, ctx.train.epochs, explicit=resume)
     tags = {"pretext": name, "stage": "pretrain", "dataset": params.data.name, "split_file": str(spath),
             "split_sha256": split.sha256, "dataset_sha256": data.sha256, **(run_tags or {})}
     with tracking.start_run(params.tracking, run_name=f"pretrain-{name}", params=resolved, tags=tags,
-                            run_id=prev_run) as run_id:
+                            run_id=prev_run, nested=nested) as run_id:
         result = fit(pretext, ctx, checkpoint, resume=resume, config_hash=config_hash, log=tracking.log_metrics,
-                     run_state={"mlflow_run_id": run_id})
-        metrics = {**probe_encoder(pretext.encoder, ctx, pparams.knn_k, pparams.knn_temperature),
-                   "pretext_loss": result.history[-1]["loss"], **result.machine}
-        if hasattr(pretext, "test_metrics"):  # a pretext's own evaluation, e.g. PAWS-NN
-            metrics.update(pretext.test_metrics())
+                     run_state={"mlflow_run_id": run_id}, epoch_end=epoch_end)
+        metrics = {"pretext_loss": result.history[-1]["loss"], **result.machine}
+        if probe:
+            metrics.update(probe_encoder(pretext.encoder, ctx, pparams.knn_k, pparams.knn_temperature))
+            if hasattr(pretext, "test_metrics"):  # a pretext's own evaluation, e.g. PAWS-NN
+                metrics.update(pretext.test_metrics())
+        else:  # a tuning trial: the last epoch's val monitors only
+            metrics.update({k: v for k, v in result.history[-1].items() if k.endswith("val_top1")})
         tracking.log_metrics(metrics)
         if write_outputs and distributed.is_main():  # under torchrun rank 0 alone writes
             model = pretext.model
@@ -111,8 +121,6 @@ def pretrain_briefly_for(method: str, load, epochs: int = 1, steps: int = 2, bat
     pre-training. ``load(*overrides)`` builds the params; the checkpoint lands where the method looks for it
     (``models/pretrain/<pretext>.pt`` in the working directory). A MOAM step (its ``previous`` attribute) gets
 the steps before it trained as briefly (``models/<previous>.pt``). None for a method that starts from scratch."""
-    from ssl_ops.methods import METHODS
-
     previous = getattr(METHODS[method], "previous", None)
     if previous is not None:  # a MOAM step: train the steps before it briefly (models/<previous>.pt)
         pretrain_briefly_for(previous, load, epochs, steps, batch_size)
@@ -138,8 +146,6 @@ def load_pretrained_backbone(path: str | Path, ctx: RunContext | None = None, *,
         backbone = load_pretrained_backbone("models/pretrain/rotation.pt", ctx)
         model = Classifier(Normalize(ctx.data.mean, ctx.data.std), backbone, ctx.num_classes)
     """
-    from ssl_ops.backbones import build_backbone
-
     ck: dict[str, Any] = io.torch_load(path)
     freeze = 0
     device = torch.device("cpu")
