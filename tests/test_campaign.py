@@ -81,6 +81,7 @@ def test_campaign_runs_per_split_and_reports(campaign):
     assert "up to date" in status, status
 
 
+@pytest.mark.slow  # demo.sh end to end: dvc and ssl-ops subprocesses, a minute
 def test_demo_trains_both_rows_and_states_the_gain(campaign):
     """`make demo` (issue 17 item 5): the supervised baseline and PAWS-NN on split 0, a table with the gain, all in
     demo/ (its own MLflow store), leaving the campaign's store and reports/ alone."""
