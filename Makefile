@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench install dataset ui clean registry-demo results
+.PHONY: demo test test-all bench install dataset ui clean registry-demo results
 
 install: $(STAMP)
 
@@ -36,8 +36,13 @@ dataset:
 demo: $(STAMP) dataset
 	PATH=$(CURDIR)/$(BIN):$$PATH pipelines/fmnist_10pc/demo.sh
 
+# issue 18: `make test` is the fast tier (every module, method and pretext exercised at least once; minutes),
+# `make test-all` adds the tests marked @pytest.mark.slow (torchrun, dvc repro, servers, notebooks, benchmarks); CI runs it
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow" --durations=20
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=20
 
 # issue 9: every registered method's throughput vs a bare loop, augmentation, cost vs N, peak memory
 # -> reports/benchmarks.md + .json; then the train-step speed of every backbone in the default vs channels_last

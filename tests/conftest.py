@@ -2,13 +2,69 @@
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from ssl_ops.params import load_params
 from ssl_ops.stages import prepare_stage, split_stage
+
+# hypothesis: 25 examples per property in `make test` and CI; HYPOTHESIS_PROFILE=thorough runs the former 80
+settings.register_profile("fast", max_examples=25)
+settings.register_profile("thorough", max_examples=80)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+# Short pre-trainings, once per session (issue 18): tests of a transfer method (and MOAM's later steps) call
+# pretrain_briefly_for before training it; the same method, params and prepared data give the same files, so the
+# first call's new files under models/ are kept and later calls copy them into their own cwd. No MLflow run or
+# checkpoints/ folder is made on a copy (no test that uses this helper reads those of the pre-training).
+# Rebound here, before the test modules import it, in every module that offers it (the defining one first).
+_PRETRAIN_MODULES = []
+for _name in ("ssl_ops.pretrain", "ssl_ops.stages.pretrain", "ssl_ops.stages"):
+    try:
+        _module = importlib.import_module(_name)
+    except ImportError:
+        continue
+    if hasattr(_module, "pretrain_briefly_for"):
+        _PRETRAIN_MODULES.append(_module)
+_pretrain_uncached = _PRETRAIN_MODULES[0].pretrain_briefly_for
+_PRETRAINED: dict[tuple, tuple[Path, list[str], Path | None]] = {}
+
+
+def _models_files() -> dict[str, tuple[int, int]]:
+    root = Path("models")
+    return {str(f): (f.stat().st_mtime_ns, f.stat().st_size) for f in root.rglob("*") if f.is_file()} \
+        if root.is_dir() else {}
+
+
+def _pretrain_briefly_for_cached(method: str, load, epochs: int = 1, steps: int = 2, batch_size: int = 8):
+    key = (method, epochs, steps, batch_size, load().model_dump_json(), os.path.realpath("data"))
+    if key in _PRETRAINED:
+        store, files, result = _PRETRAINED[key]
+        for rel in files:
+            Path(rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(store / rel, rel)
+        return result
+    before = _models_files()
+    result = _pretrain_uncached(method, load, epochs, steps, batch_size)
+    files = [f for f, stamp in _models_files().items() if before.get(f) != stamp]
+    store = Path(tempfile.mkdtemp(prefix=f"pretrained-{method}-"))
+    atexit.register(shutil.rmtree, store, ignore_errors=True)
+    for rel in files:
+        (store / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(rel, store / rel)
+    _PRETRAINED[key] = (store, files, result)
+    return result
+
+
+for _module in _PRETRAIN_MODULES:
+    _module.pretrain_briefly_for = _pretrain_briefly_for_cached
 
 # Tiny but real: scikit-learn's 8x8 digits, a few optimiser steps, no progress bar, no model logging.
 TINY = [
@@ -17,10 +73,27 @@ TINY = [
 ]
 
 
+_MLFLOW_TEMPLATE: list[Path] = []
+
+
+def migrated_mlflow_db(dest: Path) -> str:
+    """A SQLite MLflow store at ``dest`` with MLflow's tables made: a copy of one store migrated once per session
+    (a subprocess that starts from a missing file runs MLflow's migrations itself, ~14 s). Returns its URI."""
+    if not _MLFLOW_TEMPLATE:
+        import mlflow
+
+        path = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+        atexit.register(shutil.rmtree, path.parent, ignore_errors=True)
+        mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()  # opening the store creates the tables
+        _MLFLOW_TEMPLATE.append(path)
+    shutil.copy(_MLFLOW_TEMPLATE[0], dest)
+    return f"sqlite:///{dest}"
+
+
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     """One SQLite store per test session: creating one runs MLflow's migrations (seconds)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    uri = migrated_mlflow_db(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
 
@@ -76,3 +149,45 @@ def wait_for_http(url: str, proc, log: Path, timeout_s: float = 120.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{url} did not answer within {timeout_s:.0f} s:\n{tail}")
         time.sleep(0.5)
+
+
+class Killed(Exception):
+    """Raised at an epoch's end by :func:`kill_after`: the run stops where a SIGKILL after that epoch's checkpoint
+    would leave it."""
+
+
+def kill_after(epoch_to_die: int):
+    """An ``epoch_end`` hook that raises :class:`Killed` once epoch ``epoch_to_die`` is checkpointed."""
+
+    def hook(epoch, metrics):
+        if epoch == epoch_to_die:
+            raise Killed
+
+    return hook
+
+
+def killed_and_resumed(name: str, params, monkeypatch, owner: type, redo: str) -> tuple[list[dict], list[dict]]:
+    """``name`` trained uninterrupted, then killed after epoch 1 and resumed (``train_stage``, cwd = a workdir):
+    the resumed run must not call ``owner.<redo>`` (work the checkpoint carries: pseudo-labels, clusters) and
+    must end with the uninterrupted run's weights, bit for bit. Returns both runs' per-epoch histories."""
+    import torch
+
+    from ssl_ops import io
+    from ssl_ops.stages import CHECKPOINTS, MODELS, train_stage
+
+    last = CHECKPOINTS / name / "last.pt"
+    full = train_stage(name, params)
+    reference = {k: v.clone() for k, v in full.method.model.state_dict().items()}
+    history = io.torch_load(last)["history"]
+    (MODELS / f"{name}.pt").unlink()
+    with pytest.raises(Killed):
+        train_stage(name, params, epoch_end=kill_after(1))
+    assert io.torch_load(last)["epoch"] == 1
+    calls = []
+    original = getattr(owner, redo)
+    monkeypatch.setattr(owner, redo, lambda self: calls.append(1) or original(self))
+    resumed = train_stage(name, params, resume=True)
+    assert calls == [], f"the resumed run redid {owner.__name__}.{redo}"
+    for k, v in resumed.method.model.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    return history, io.torch_load(last)["history"]

@@ -1,6 +1,8 @@
 """Run by tests/test_distributed.py, as 1 process or under `torchrun --nproc_per_node=2`: engine.fit on
 digits with the same deterministic global batch at every step (each rank takes its slice), BatchNorm
-removed (see below), and writes rank 0's per-step losses to argv[3] as JSON.
+removed (see below), and writes rank 0's per-step losses to argv[3] as JSON: {"loss": [...], "scale": [...]}, where
+scale is the size of the loss's largest term (PAWS's loss is CE - H(p_bar), two ~ln 10 terms whose difference is
+~1e-4: float32 rounds it on the scale of the terms, not of the difference).
 
 Usage: ddp_fit_worker.py <supervised|simclr|paws> <global batch> <out.json> [local-slot]
 
@@ -50,7 +52,7 @@ for parent in list(method.model.modules()):
     for child_name, child in parent.named_children():
         if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
             setattr(parent, child_name, torch.nn.Identity())
-ctx, steps, losses = method.ctx, [0], []
+ctx, steps, losses, scales = method.ctx, [0], [], []
 
 
 def global_slice(size: int) -> torch.Tensor:
@@ -93,10 +95,11 @@ def step(i):
             torch.distributed.all_reduce(loss)
             loss /= w
     losses.append(loss.item())
+    scales.append(max([abs(loss.item()), *(abs(float(result[k])) for k in ("loss_ce", "me_max") if k in result)]))
     return result
 
 
 method.training_step = step
 fit(method, ctx, out.with_suffix(f".rank{r}.pt"))
 if distributed.is_main():
-    out.write_text(json.dumps(losses))
+    out.write_text(json.dumps({"loss": losses, "scale": scales}))

@@ -146,7 +146,9 @@ def test_small_image_resnet50_stem():
 # ------------------------------------------------------------------ train.channels_last (issue 17, item 4)
 
 
-@names
+# ResNet-50's float64 steps take ~25 s on a loaded 2-core CPU: in the slow tier (its other tests stay fast)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "resnet50" else n
+                                  for n in sorted(BACKBONES)])
 def test_channels_last_is_the_same_function(name):
     """Layout changes strides, not values. float64: the same gradients and weights after an SGD step up to 1e-10
     (float32 is checked on outputs only: deep nets at init amplify float32 summation order in backward to ~1%

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import suite
 from ssl_ops.methods import METHODS
 
 
+@pytest.mark.slow
 def test_suite_on_digits(tmp_path, monkeypatch, mlflow_uri):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     suite.main(["--dataset", "digits", "--steps", "2", "--repeats", "1", "--memory-steps", "1",

@@ -51,6 +51,7 @@ def campaign(tmp_path) -> Path:
     return tmp_path / "pipelines" / "fmnist_10pc"
 
 
+@pytest.mark.slow
 def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
     """Every stage's preset exists (run.sh refuses a method without one), and the graph orders a transfer method
     after the pre-training it starts from."""
@@ -64,6 +65,7 @@ def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
     assert missing.returncode == 2 and "no recipe" in missing.stderr and "pi_model.yaml" in missing.stderr
 
 
+@pytest.mark.slow
 def test_campaign_runs_per_split_and_reports(campaign):
     """A scratch method on two splits, PAWS per split, the report: one MLflow store, rows per split, and `dvc status`
     of the same targets finds everything up to date."""
@@ -79,6 +81,7 @@ def test_campaign_runs_per_split_and_reports(campaign):
     assert "up to date" in status, status
 
 
+@pytest.mark.slow  # demo.sh end to end: dvc and ssl-ops subprocesses, a minute
 def test_demo_trains_both_rows_and_states_the_gain(campaign):
     """`make demo` (issue 17 item 5): the supervised baseline and PAWS-NN on split 0, a table with the gain, all in
     demo/ (its own MLflow store), leaving the campaign's store and reports/ alone."""

@@ -19,7 +19,9 @@ from ssl_ops.errors import CheckpointError, ParamsError
 from ssl_ops.heads import Encoder, Normalize
 from ssl_ops.methods.cluster_transfer import (ClusterTransfer, PooledBlock, bag_of_words, cluster_count,
                                               cluster_purity, hog_descriptors)
-from ssl_ops.stages import CHECKPOINTS, MODELS, build_method, evaluate_stage, load_data, train_stage
+from ssl_ops.stages import CHECKPOINTS, build_method, evaluate_stage, load_data, train_stage
+
+from conftest import killed_and_resumed
 
 # digits are 8x8: 2 px cells give 3 x 3 blocks (descriptors) per image
 HOG = ["cluster_transfer.source=hog", "cluster_transfer.k=10", "cluster_transfer.hog_cell=2",
@@ -150,30 +152,9 @@ def test_resume_across_the_phase_switch(workdir, tiny, monkeypatch):
     """Killed at the end of the cluster phase and resumed: the run continues with fine-tuning, keeps its clusters
     (no second k-means) and ends bit-identical to an uninterrupted run."""
     params = tiny(*HOG, "cluster_transfer.cluster_epochs=1", "train.epochs=2", "train.steps_per_epoch=2")
-    full = train_stage("cluster_transfer", params)
-    reference = {k: v.clone() for k, v in full.method.model.state_dict().items()}
-    curve = [h["loss"] for h in _history()]
-    (MODELS / "cluster_transfer.pt").unlink()
-
-    class Killed(Exception):
-        pass
-
-    def die(epoch, metrics):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train_stage("cluster_transfer", params, epoch_end=die)
-    assert io.torch_load(CHECKPOINTS / "cluster_transfer" / "last.pt")["epoch"] == 1
-    calls = []
-    original = ClusterTransfer.make_clusters
-    monkeypatch.setattr(ClusterTransfer, "make_clusters", lambda self: calls.append(1) or original(self))
-    resumed = train_stage("cluster_transfer", params, resume=True)
-    assert calls == []
-    assert [h["fine_tuning"] for h in _history()] == [0.0, 1.0, 1.0]
-    assert [h["loss"] for h in _history()] == curve
-    for k, v in resumed.method.model.state_dict().items():
-        assert torch.equal(v, reference[k]), k
+    full, resumed = killed_and_resumed("cluster_transfer", params, monkeypatch, ClusterTransfer, "make_clusters")
+    assert [h["fine_tuning"] for h in resumed] == [0.0, 1.0, 1.0]
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
 
 
 def _history() -> list[dict]:

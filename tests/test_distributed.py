@@ -26,12 +26,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(script: Path, nproc: int = 2, args: list[str] = (), env: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess:
+def _torchrun(script: Path, nproc: int = 2, args: list[str] = (), env: dict[str, str] | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_single_process_helpers_are_identities():
@@ -41,6 +41,7 @@ def test_single_process_helpers_are_identities():
     assert torch.equal(distributed.shard(torch.arange(5)), torch.arange(5))
 
 
+@pytest.mark.slow
 def test_gathered_nt_xent_matches_single_process_loss_and_gradient():
     """SimCLR §2 / appendix: negatives from the whole global batch; each rank's gradient is its slice of
     the single-process gradient."""
@@ -49,6 +50,7 @@ def test_gathered_nt_xent_matches_single_process_loss_and_gradient():
     assert p.stdout.count("ok=True") == 2, p.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_rank_brings_the_job_down(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text("import torch, sys\nfrom ssl_ops import distributed\ndistributed.init(timeout_s=20)\n"
@@ -58,8 +60,14 @@ def test_a_failing_rank_brings_the_job_down(tmp_path):
     assert p.returncode != 0
 
 
-def _curves(name: str, *extra: str) -> tuple[list[float], list[float]]:
-    """(1-process, 2-rank) per-step loss curves of tests/ddp_fit_worker.py at global batch 16."""
+# float32 reductions in another order (2 ranks) move a loss by ~1e-7 of its terms' size (measured: 2e-7 supervised,
+# 7e-8 SimCLR, 1e-7 PAWS); the equivalence check allows 25x that, relative to the terms' size
+REL_TOL = 5e-6
+
+
+def _curves(name: str, *extra: str) -> tuple[list[float], list[float], float]:
+    """(1-process, 2-rank) per-step loss curves of tests/ddp_fit_worker.py at global batch 16, and the size of the
+    loss's largest term (the scale float32 rounds on)."""
     worker = ROOT / "tests" / "ddp_fit_worker.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(worker), name, "16", "one.json"], env=env, capture_output=True,
@@ -68,33 +76,37 @@ def _curves(name: str, *extra: str) -> tuple[list[float], list[float]]:
     two = _torchrun(worker, args=[name, "16", "two.json", *extra])
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = json.loads(Path("one.json").read_text()), json.loads(Path("two.json").read_text())
-    assert len(a) == len(b) == 6
-    return a, b
+    assert len(a["loss"]) == len(b["loss"]) == 6
+    return a["loss"], b["loss"], max(a["scale"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["supervised", "simclr", "paws"])
 def test_two_ranks_follow_the_one_process_loss_curve(workdir, name):
     """Same global batch (16) and deterministic data: 2 ranks x 8 under torchrun (gradient mean all-reduce,
     SimCLR negatives and PAWS support gathered with autograd, PAWS's ME-MAX over the global batch, lr rule on
     the global batch) give the 1-process loss curve."""
-    a, b = _curves(name)
+    a, b, scale = _curves(name)
     diff = max(abs(x - y) for x, y in zip(a, b))
-    print(f"{name}: max abs loss difference per step {diff:.2e}")
-    assert diff < 1e-4, (a, b)
-    assert a[0] != a[-1]  # the curve moves: the check compares training, not six copies of one number
+    print(f"{name}: max loss difference per step {diff:.2e} = {diff / scale:.1e} of the terms' size {scale:.3g}")
+    assert diff < REL_TOL * scale, (a, b)
+    moved = max(abs(x - a[0]) for x in a)
+    assert moved > 100 * max(diff, 1e-8 * scale), (a, b)  # training moves the curve far more than the ranks differ
 
 
+@pytest.mark.slow
 def test_paws_needs_the_support_gradient_from_other_ranks(workdir):
     """The check above can fail: with a gather whose gradient reaches only the local slice (the other ranks'
     anchors then do not train this rank's support), PAWS leaves the 1-process curve."""
-    a, b = _curves("paws", "local-slot")
+    a, b, scale = _curves("paws", "local-slot")
     diff = max(abs(x - y) for x, y in zip(a, b))
-    print(f"paws with a local-slot gather: max abs loss difference per step {diff:.2e}")
-    # 5e-3 with BN after the projection's output layer, 5e-4 with PAWS appendix A's hidden-only BN (a biased output
-    # layer): either way well above the 1e-4 the equivalence check above allows
-    assert diff > 2e-4, (a, b)
+    print(f"paws with a local-slot gather: max loss difference per step {diff:.2e} = {diff / scale:.1e} of {scale:.3g}")
+    # measured 2.2e-4 of the terms' size (5e-4 absolute with PAWS appendix A's hidden-only BN): 10x the tolerance
+    # the equivalence check allows is still 4x below it, and 250x above float32 noise
+    assert diff > 10 * REL_TOL * scale, (a, b)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_two_rank_run_is_bit_identical_to_an_uninterrupted_one(workdir):
     """Resume under DDP: the checkpoint holds every rank's RNG states, so after every rank is SIGKILLed at the
     end of epoch 1 a relaunch continues each rank's own augmentation stream: the same losses and weights, bit
@@ -130,6 +142,7 @@ def test_sync_bn_defaults_on_for_simclr_and_paws_and_is_a_no_op_in_one_process(w
     assert type(model[1]) is torch.nn.BatchNorm2d
 
 
+@pytest.mark.slow
 def test_sync_bn_converts_every_batchnorm_under_torchrun(tmp_path):
     """Under torchrun SyncBatchNorm replaces every BatchNorm in place, keeping the parameter objects (the
     optimiser's); the engine does it on CUDA only and on CPU (gloo) warns once, on rank 0."""
@@ -172,16 +185,16 @@ def test_only_rank_0_writes_outputs_and_tracks(workdir, tiny, monkeypatch):
     assert not Path("metrics").exists()
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_trains_under_torchrun(workdir, tiny, name):
+@pytest.mark.slow
+def test_every_method_trains_under_torchrun(workdir, tiny):
     """The issue's promise, "torchrun trains any method": each registered method, started from its short
-    pre-training where it needs one, runs `ssl-ops train` on 2 gloo ranks to the end; rank 0 writes its model."""
-    pretrain_briefly_for(name, tiny)
+    pre-training where it needs one, runs `ssl-ops train` on 2 gloo ranks to the end; rank 0 writes its model.
+    One launch loops over the methods (tests/ddp_every_method_worker.py): 14 launches cost minutes of start-up."""
+    names = sorted(METHODS)
+    for name in names:
+        pretrain_briefly_for(name, tiny)
     sets = [a for kv in [*TINY, "train.epochs=1", "train.steps_per_epoch=2"] for a in ("--set", kv)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ssl_ops.cli", "train", name,
-           "--no-progress", *sets]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = _torchrun(ROOT / "tests" / "ddp_every_method_worker.py", args=[",".join(names), *sets], timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert Path(f"models/{name}.pt").exists()
+    assert [line for line in p.stdout.splitlines() if " rc=" in line] == [f"{n} rc=0" for n in names], p.stdout
+    assert [n for n in names if not Path(f"models/{n}.pt").exists()] == []

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from test_pipeline import REPO, _env, _run
@@ -20,6 +21,7 @@ def _digests(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".gitignore"}  # git tracks those
 
 
+@pytest.mark.slow
 def test_push_delete_pull_gives_identical_data(tmp_path):
     work, remote = tmp_path / "work", tmp_path / "remote"
     work.mkdir()

@@ -101,3 +101,102 @@ def test_dataset_too_big_for_memory_streams_from_disk(workdir, tiny):
     assert not result.ctx.store.in_memory
     metrics = evaluate_stage("supervised", tiny("data.max_in_memory_gb=1e-6", "data.loader_workers=1"))
     assert 0 <= metrics["test_top1"] <= 1 and math.isfinite(result.metrics["loss"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hand values: accuracy, the optimiser factory, the streamed store
+
+
+def test_topk_accuracy_and_test_accuracy_by_hand():
+    from types import SimpleNamespace
+
+    from ssl_ops.data.store import ImageStore
+    from ssl_ops.engine import test_accuracy, topk_accuracy
+
+    logits = torch.tensor([[3.0, 2, 1], [1, 3, 2], [2, 1, 3], [0, 0, 5]])
+    labels = torch.tensor([0, 2, 1, 2])  # ranks of the true class: 1st, 2nd, 3rd, 1st
+    assert [topk_accuracy(logits, labels, k) for k in (1, 2, 3)] == [0.5, 0.75, 1.0]
+    assert topk_accuracy(logits, labels, 5) == 1.0  # k above the class count is clamped to it
+    assert math.isnan(topk_accuracy(logits[:0], labels[:0], 1))
+
+    # test_accuracy: a 6-class identity "network" on 1x6 images (logit c = pixel c / 255), batches of 3
+    x = np.array([[60, 50, 40, 30, 20, 10], [60, 50, 40, 30, 20, 10], [10, 20, 30, 40, 50, 60], [0, 0, 0, 255, 0, 1]],
+                 np.uint8).reshape(4, 1, 1, 6)
+    y = np.array([0, 5, 1, 3])  # top-1 hit; last of 6 (outside the top 5); 5th of 6; top-1 hit
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 6, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.eye(6))
+    store = ImageStore(x, y, torch.device("cpu"))
+    ctx = SimpleNamespace(test_store=lambda: store, data=SimpleNamespace(test_y=y),
+                          train=SimpleNamespace(eval_batch_size=3, amp=False))
+    assert test_accuracy(net, ctx) == (0.5, 0.75)
+
+
+def test_make_optimizer_groups_lr_and_weight_decay_exclusions_by_hand():
+    from ssl_ops.engine import make_optimizer
+    from ssl_ops.lars import LARS
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                              torch.nn.Linear(2, 3))
+    net[0].bias.requires_grad_(False)  # frozen: not handed to the optimiser at all
+    train = TrainParams(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, epochs=1, steps_per_epoch=4)
+    opt, sched = make_optimizer(net, train, 4)
+    assert type(opt) is torch.optim.SGD
+    decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    assert decay == {id(net[0].weight), id(net[3].weight)}  # conv and linear weights (ndim > 1)
+    assert no_decay == {id(net[1].weight), id(net[1].bias), id(net[3].bias)}  # norm scales and biases
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1] and opt.defaults["nesterov"]
+    # one step with gradient 1 everywhere: w - lr (g + wd w) for the decayed tensors, w - lr g for the others
+    # (momentum and Nesterov: the first step's buffer is g itself, and Nesterov's g + mu g -> (1 + 0.9) lr g)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for n, p in net.named_parameters():
+        if n == "0.bias":
+            torch.testing.assert_close(p, before[n])  # frozen
+            continue
+        wd = 0.01 if p.ndim > 1 else 0.0
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * 1.9 * (1 + wd * before[n]))
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 4)))  # cosine, step 1 of 4
+    assert not make_optimizer(net, train.model_copy(update={"momentum": 0.0}), 4)[0].defaults["nesterov"]
+
+    lars, _ = make_optimizer(net, train.model_copy(update={"optimizer": "lars"}), 4)
+    assert type(lars) is LARS and [g["lars_exclude"] for g in lars.param_groups] == [False, True]
+    assert [g["weight_decay"] for g in lars.param_groups] == [0.01, 0.0] and lars.defaults["momentum"] == 0.9
+
+
+def test_streamed_store_gives_the_in_memory_stores_images_and_labels():
+    """The on-disk path (data over data.max_in_memory_gb) against the in-memory one: ordered iteration is
+    identical batch for batch; random batches pair each image with its own label and draw only from the pool
+    (streamed: one pass over the pool is a permutation of it)."""
+    from ssl_ops.data.store import ImageStore
+
+    n = 300
+    x = np.zeros((n, 1, 2, 2), np.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = np.arange(n) // 256, np.arange(n) % 256  # image i encodes i
+    y = (np.arange(n) * 7) % 10
+    mem = ImageStore(x, y, torch.device("cpu"), max_bytes=1e9, workers=0)
+    disk = ImageStore(x, y, torch.device("cpu"), max_bytes=0, workers=0)
+    assert mem.in_memory and not disk.in_memory
+    order = np.random.default_rng(0).permutation(n)[:100]
+    for (xm, ym), (xd, yd) in zip(mem.iterate(order, 7), disk.iterate(order, 7), strict=True):
+        assert torch.equal(xm, xd) and torch.equal(ym, yd)
+    pool = torch.as_tensor(np.sort(order[:40]))
+
+    def ids(xb):
+        return (xb[:, 0, 0, 0].long() * 256 + xb[:, 0, 0, 1].long()).tolist()
+
+    for store in (mem, disk):
+        g = torch.Generator().manual_seed(0)
+        seen = []
+        for _ in range(5):  # 5 batches of 8 = one pass over the 40-image pool
+            xb, yb = store.sample(pool, 8, g)
+            assert yb.tolist() == [int(y[i]) for i in ids(xb)]
+            seen += ids(xb)
+        assert set(seen) <= set(pool.tolist())
+        if store is disk:
+            assert sorted(seen) == pool.tolist()

@@ -21,6 +21,8 @@ from ssl_ops.methods.s4l_rotation import RotationAveraged
 from ssl_ops.schedules import sigmoid_rampup
 from ssl_ops.stages import MODELS, build_method, load_data, train_stage
 
+from conftest import killed_and_resumed
+
 LN3 = math.log(3.0)
 
 
@@ -193,34 +195,13 @@ def test_bad_init_checkpoints_are_clear_errors(workdir, tiny, tmp_path):
         build_method("vat", tiny("vat.freeze_blocks=7"), data, split)
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_pseudo_label_resume_reuses_the_stored_labels(workdir, tiny, monkeypatch):
     """The pseudo-labels travel in the checkpoint: a resumed run does not redo the teacher phase and ends
     exactly where an uninterrupted run ends."""
     from ssl_ops.methods.pseudo_label import PseudoLabel
-    from ssl_ops.stages import CHECKPOINTS
 
     params = tiny("train.epochs=2", "train.steps_per_epoch=2", "pseudo_label.teacher_epochs=1")
-    full = train_stage("pseudo_label", params)
-    reference = {k: v.clone() for k, v in full.method.model.state_dict().items()}
-
-    def die(epoch, metrics):
-        if epoch == 1:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        train_stage("pseudo_label", params, epoch_end=die)
-    assert io.torch_load(CHECKPOINTS / "pseudo_label" / "last.pt")["epoch"] == 1
-    calls = []
-    original = PseudoLabel._make_pseudo_labels
-    monkeypatch.setattr(PseudoLabel, "_make_pseudo_labels", lambda self: calls.append(1) or original(self))
-    resumed = train_stage("pseudo_label", params, resume=True)
-    assert calls == []
-    for k, v in resumed.method.model.state_dict().items():
-        assert torch.equal(v, reference[k]), k
+    killed_and_resumed("pseudo_label", params, monkeypatch, PseudoLabel, "_make_pseudo_labels")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ def _images(nb) -> int:
     return sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
 
 
+@pytest.mark.slow
 def test_compare_runs(trained, monkeypatch):
     nb = _execute("compare_runs", trained, monkeypatch)
     text = _text(nb)
@@ -69,6 +70,7 @@ def test_compare_runs(trained, monkeypatch):
     assert _images(nb) == 2  # accuracy plots, val curves
 
 
+@pytest.mark.slow
 def test_inspect_data(trained, monkeypatch):
     nb = _execute("inspect_data", trained, monkeypatch)
     text = _text(nb)

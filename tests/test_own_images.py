@@ -140,6 +140,7 @@ def _dvc_project(tmp_path: Path, images: Path, extra: Path | None) -> tuple[Path
     return proj, env
 
 
+@pytest.mark.slow
 def test_dvc_sees_a_file_added_to_the_image_folder(tmp_path):
     """Silent failure 2: a PNG added to data.root left `dvc repro` "didn't change, skipping"."""
     import subprocess
@@ -253,6 +254,7 @@ def test_data_param_that_disagrees_with_the_prepared_arrays_is_an_error(own_imag
     assert "data.test_fraction is 0.5" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_tune_workers_started_together_on_a_fresh_store_both_finish(workdir, tmp_path):
     """Silent failure 5: two `ssl-ops tune --storage journal:...` workers racing to create MLflow's SQLite
     tables died with alembic tracebacks. No pre-created store here: both start on a missing mlflow.db."""
@@ -360,6 +362,7 @@ def test_one_off_train_warns_and_evaluate_logs_at_the_last_step(workdir, mlflow_
     assert steps == sorted(steps) and steps[-1] == 2 and 0 not in steps  # TINY: train.epochs=2
 
 
+@pytest.mark.slow
 def test_top_level_dvc_views_show_only_the_default_pipeline(tmp_path):
     """Rough edge: at the top level `dvc status` listed every pipelines/* stage and `dvc metrics show` opened
     with "DVC failed to load some metrics". pipelines/ is its own DVC project (pipelines/.dvc), so the top

@@ -174,6 +174,7 @@ def test_overlays_keep_data_and_split(name):
 # the DAG and a one-step run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PIPELINES)
 def test_dvc_repro_dry(name, tmp_path):
     """The DAG resolves (deps, outs, params keys and files) and lists every stage, without running any."""
@@ -225,6 +226,7 @@ def _fields(section: str) -> set[str]:
     return set(owner.Params.model_fields) if owner else set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PIPELINES)
 def test_one_step_smoke_run(name, tmp_path, monkeypatch, mlflow_uri):
     dvc, params = _load(name)

@@ -110,7 +110,7 @@ def key_and_valid(draw):
     return key, draw(valid_value(key))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # examples: conftest profile
 @given(case=key_and_invalid())
 def test_invalid_value_names_the_key_and_exits_cleanly(case, tmp_path, monkeypatch, capsys):
     key, value = case
@@ -123,7 +123,7 @@ def test_invalid_value_names_the_key_and_exits_cleanly(case, tmp_path, monkeypat
     assert "invalid params" in printed and key in printed and "Traceback" not in printed
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # examples: conftest profile
 @given(case=key_and_valid())
 def test_valid_value_round_trips(case, tmp_path, monkeypatch):
     key, value = case

@@ -10,20 +10,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from ssl_ops.cli import main
+
+from conftest import migrated_mlflow_db
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": migrated_mlflow_db(tmp / "mlflow.db")}  # tables made once per session
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)  # a hang guard, not a speed test: the CPU may be shared
 
 
+@pytest.mark.slow
 def test_dvc_repro_on_digits(tmp_path):
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, tmp_path / name)
@@ -68,18 +75,21 @@ def test_dvc_repro_on_digits(tmp_path):
     assert (tmp_path / "models/pretrain/rotation.pt").exists()
 
 
-def test_missing_dataset_is_one_paragraph(tmp_path):
-    proc = _run([str(BIN / "ssl-ops"), "prepare", "--set", f"data.root={tmp_path / 'nowhere'}",
-                 "--set", "data.download=false"], tmp_path, _env(tmp_path))
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr and "data.root" in proc.stderr and "dataset-fashion-mnist" in proc.stderr
+# the two below run `ssl-ops` in this process (cli.main: exit code and stderr as the console script gives them;
+# a subprocess cost ~12 s each of interpreter and import start-up)
+def test_missing_dataset_is_one_paragraph(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "--set", f"data.root={tmp_path / 'nowhere'}", "--set", "data.download=false"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "data.root" in err and "dataset-fashion-mnist" in err
     assert not (tmp_path / "data/prepared/fashion_mnist").exists()
 
 
-def test_corrupted_prepared_file_is_one_paragraph(digits_dir, tmp_path):
+def test_corrupted_prepared_file_is_one_paragraph(digits_dir, tmp_path, monkeypatch, capsys):
     shutil.copytree(digits_dir / "data", tmp_path / "data")
     (tmp_path / "data/prepared/digits/test_y.npy").write_bytes(b"garbage")
-    proc = _run([str(BIN / "ssl-ops"), "train", "supervised", "--set", "data.name=digits"], tmp_path,
-                _env(tmp_path))
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "test_y.npy was modified" in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert main(["train", "supervised", "--set", "data.name=digits"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "test_y.npy was modified" in err

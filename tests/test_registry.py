@@ -7,6 +7,7 @@ All on digits (8x8 grey) with the session's temp SQLite store; training budgets 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ import yaml
 from PIL import Image
 
 from ssl_ops import cli, io
-from ssl_ops.errors import CheckpointError, PredictInputError
+from ssl_ops.errors import CheckpointError, PredictInputError, RegistryError
 from ssl_ops.methods import METHODS
 from ssl_ops.params import load_params
 from ssl_ops.stages.pretrain import pretrain_briefly_for
@@ -49,7 +50,9 @@ def _params(*extra: str):
 # the logged model
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# the fast tier logs supervised's; every other method's in the slow tier (each trains and logs: seconds apiece)
+@pytest.mark.parametrize("name", [n if n == "supervised" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(METHODS)])
 def test_every_method_logs_a_pickle_free_pyfunc(workdir, mlflow_uri, name):
     """Each registered method's classifier is logged as code + weights_only state_dict, and it predicts."""
     pretrain_briefly_for(name, _params)  # simclrv2, paws_finetune: from a (short) pre-training
@@ -126,6 +129,25 @@ def test_promotion_gate_both_ways(workdir, mlflow_uri, capsys):
     assert r5.promoted and not r6.promoted  # weak was first (no champion); strong's lead is not > margin
     r7 = promote("supervised", mlflow_uri, 0.0, pattern, run_id=weak.run_id, force=True)
     assert r7.promoted and r7.reason.startswith("--force") and _alias(mlflow_uri, r1.name, "champion") == r7.challenger.version
+
+
+def test_promotion_gate_with_a_missing_or_nan_val_top1(workdir, mlflow_uri):
+    """A challenger without val_top1 is refused (the gate has nothing to compare); a champion whose val_top1 is NaN
+    (logged as NaN: an empty val split) cannot win a comparison, so any challenger replaces it, saying why."""
+    pattern = "gate-nan-{dataset}"
+    bare = mlflow.MlflowClient(mlflow_uri).create_run("0")  # the default experiment: a run with no metrics
+    with pytest.raises(RegistryError, match=f"run {bare.info.run_id} has no val_top1 metric"):
+        promote("supervised", mlflow_uri, 0.0, pattern, run_id=bare.info.run_id)
+
+    run = train_stage("supervised", _params(*WEAK))
+    first = promote("supervised", mlflow_uri, 0.0, pattern)
+    assert first.promoted and first.reason == "no champion yet"
+    # now the champion's val_top1 is NaN (MLflow reports the value of the highest step)
+    mlflow.MlflowClient(mlflow_uri).log_metric(run.run_id, "val_top1", float("nan"), step=10**6)
+    again = promote("supervised", mlflow_uri, 0.5, pattern)  # margin 0.5: no real accuracy would pass it
+    assert math.isnan(again.champion.val_top1) and math.isnan(again.challenger.val_top1)
+    assert again.promoted and again.reason == "champion v1 has no val_top1 to compare with"
+    assert _alias(mlflow_uri, first.name, "champion") == "2"
 
 
 def test_promote_needs_a_logged_model(workdir, tiny, mlflow_uri, capsys):
@@ -287,6 +309,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_round_trip(champion, mlflow_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     port = _free_port()

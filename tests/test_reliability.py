@@ -90,6 +90,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
 KILLS = [("step:5", 1), ("checkpoint:2", 2), ("write:3", 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fault", "kept_epochs"), KILLS)
 def test_train_killed_then_rerun_equals_uninterrupted(workdir, reference, fault, kept_epochs, capsys):
     cmd = ["train", "supervised", "--no-progress", *sets(TRAIN)]
@@ -110,6 +111,7 @@ def test_train_killed_then_rerun_equals_uninterrupted(workdir, reference, fault,
     assert not list(ck.parent.glob(".*.tmp"))  # the killed write's temp file was cleared on resume
 
 
+@pytest.mark.slow
 def test_pretrain_killed_then_rerun_equals_uninterrupted(workdir, reference, capsys):
     cmd = ["pretrain", "rotation", "--no-progress", *sets(PRETRAIN)]
     killed = ssl_ops(*cmd, fault="checkpoint:2")
@@ -128,8 +130,10 @@ def test_explicit_resume_of_finished_or_other_params_checkpoint(workdir, tiny):
     train_stage("supervised", tiny("train.epochs=1"))
     assert main(["train", "supervised", "--no-progress", *sets([*TINY, "train.epochs=1", "train.lr=0.2"]),
                  "--resume"]) == 2
-    res = train_stage("supervised", tiny("train.epochs=1", "train.lr=0.2"))
-    assert io.torch_load(CHECKPOINTS / "supervised" / "last.pt")["epoch"] == 1 and res.metrics["lr"] >= 0
+    train_stage("supervised", tiny("train.epochs=1", "train.lr=0.2"))
+    state = io.torch_load(CHECKPOINTS / "supervised" / "last.pt")
+    # a fresh run at the new lr (a resumed one would keep the old optimiser, whose groups start at the default lr)
+    assert state["epoch"] == 1 and {g["initial_lr"] for g in state["optimizer"]["param_groups"]} == {0.2}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,6 +220,7 @@ def test_unwritable_folder_is_a_clear_error(workdir, monkeypatch):
 # tuning: a worker killed mid-trial
 
 
+@pytest.mark.slow
 def test_tune_worker_killed_mid_trial_fails_it_and_the_study_goes_on(workdir, capsys):
     """SIGKILL after the first epoch of trial 1: the next call fails it (heartbeat), retries its values from
     its checkpoint, and the retry's val top-1 equals trial 1 of an uninterrupted study."""
@@ -268,21 +273,51 @@ def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
            "--artifacts-destination", str(root / "artifacts")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "ab"))
+    # its own process group: `mlflow server` runs the app in worker processes, which must die with it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "ab"),
+                            start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc, root / "server.log")
     except BaseException:
-        proc.kill()
+        _stop_server(proc, port)
         raise
     return proc
 
 
+def _stop_server(proc: subprocess.Popen, port: int) -> None:
+    """SIGTERM to the server's whole process group (SIGKILL after 60 s), then wait until the port refuses
+    connections: terminating only the CLI left a worker answering under load, and the "outage" did not happen."""
+    import socket
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(60)
+            break
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"port {port} still accepts connections 60 s after the MLflow server was stopped")
+
+
+@pytest.mark.slow
 def test_tracking_server_lost_mid_run_stops_clearly_and_resumes(workdir, reference, monkeypatch, capsys):
     """Policy: stop with a clear message, keep the checkpoint; the same command resumes into the same run."""
     from ssl_ops import tracking
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: the outage is certain here
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    # a stopped server refuses connections at once; the timeout only bounds a slow answer of the live server,
+    # which under load can take longer than the former 5 s and so end the run before step 3 (a likely cause of
+    # the flaky failure; the other: terminate() stopped the CLI but not its worker, so the outage never came)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _mlflow_server(workdir, port)
@@ -290,8 +325,7 @@ def test_tracking_server_lost_mid_run_stops_clearly_and_resumes(workdir, referen
 
     def server_dies_before_epoch_3(metrics, step=None):
         if step == 3 and server.poll() is None:
-            server.terminate()
-            server.wait(30)
+            _stop_server(server, port)
         original(metrics, step)
 
     cmd = ["train", "supervised", "--no-progress", *sets([*TRAIN, f"tracking.uri={uri}"])]
@@ -316,5 +350,5 @@ def test_tracking_server_lost_mid_run_stops_clearly_and_resumes(workdir, referen
         assert sorted(m.step for m in client.get_metric_history(run_id, "val_top1")) == [1, 2, 3, 4]
         _assert_same_state(io.torch_load(MODELS / "supervised.pt")["state_dict"], reference["state"])
     finally:
-        server.terminate()
+        _stop_server(server, port)
         server.wait(30)

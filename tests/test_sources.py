@@ -104,6 +104,22 @@ def test_fashion_mnist_from_debian_package() -> None:
     assert np.array_equal(np.bincount(raw.test_y), [1000] * 10)
 
 
+def test_fashion_mnist_reader_on_a_tiny_debian_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default dataset's reader, run in every CI (the test above needs the real package): four tiny IDX .gz
+    files where Debian's dataset-fashion-mnist puts them, read with no data.root, pixels and labels as written."""
+    system = tmp_path / "usr-share-datasets-fashion-mnist"
+    rng = np.random.default_rng(1)
+    images = {p: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for p, n in (("train", 20), ("t10k", 10))}
+    for prefix, x in images.items():
+        write_idx(system / f"{prefix}-images-idx3-ubyte.gz", x, gz=True)
+        write_idx(system / f"{prefix}-labels-idx1-ubyte.gz", (9 - np.arange(len(x)) % 10).astype(np.uint8), gz=True)
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST_DIR", system)
+    raw = load_source(DataParams(name="fashion_mnist", download=False))
+    assert np.array_equal(raw.train_x[:, 0], images["train"]) and np.array_equal(raw.test_x[:, 0], images["t10k"])
+    assert raw.train_y.tolist() == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0] * 2 and raw.test_y.dtype == np.int64
+    assert raw.classes[0] == "T-shirt/top" and raw.classes[9] == "Ankle boot"
+
+
 @pytest.mark.parametrize("layout", ["flat_gz", "torchvision_raw"])
 def test_mnist_like_from_root(tmp_path: Path, layout: str) -> None:
     folder = tmp_path / "data" if layout == "flat_gz" else tmp_path / "data" / "MNIST" / "raw"

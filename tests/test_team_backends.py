@@ -114,6 +114,7 @@ def _sets(*overrides: str) -> list[str]:
     return [a for o in (*TINY, *overrides) for a in ("--set", o)]
 
 
+@pytest.mark.slow
 def test_tuning_workers_training_and_promotion_share_postgres_backed_mlflow_and_optuna(workdir, postgres,
                                                                                         mlflow_server):
     import mlflow

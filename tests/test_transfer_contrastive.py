@@ -212,12 +212,14 @@ def test_distillation_trains_a_student_from_a_fine_tuned_teacher(workdir, tiny):
     pretrain_stage("simclr", tiny("simclr.epochs=1", "simclr.steps_per_epoch=2", "simclr.batch_size=8"))
     teacher = train_stage("simclrv2", tiny("train.epochs=1", "train.steps_per_epoch=2"))
     io.torch_save("teacher.pt", io.torch_load(MODELS / "simclrv2.pt"))
-    for extra in (["simclrv2.teacher=teacher.pt"], ["simclrv2.teacher=teacher.pt", "simclrv2.student_width=0.5",
-                                                    "simclrv2.alpha=0.5"]):
-        res = train_stage("simclrv2", tiny("train.epochs=1", "train.steps_per_epoch=2", "simclrv2.distill=true", *extra))
-        m = res.method
+    # SimCLRv2 §3 "For distillation": self-distillation (same architecture) at tau = 0.1, big-to-small at tau = 1.0
+    for extra, self_distillation, tau in (
+            (["simclrv2.teacher=teacher.pt"], True, 0.1),
+            (["simclrv2.teacher=teacher.pt", "simclrv2.student_width=0.5", "simclrv2.alpha=0.5"], False, 1.0)):
+        params = tiny("train.epochs=1", "train.steps_per_epoch=2", "simclrv2.distill=true", *extra)
+        m = train_stage("simclrv2", params).method
         torch.testing.assert_close(m.model["teacher"].fc.weight, teacher.method.model.fc.weight)  # fixed teacher
-        assert m.temperature == (0.1 if m.self_distillation else 1.0)
+        assert (m.self_distillation, m.temperature) == (self_distillation, tau)
         assert 0 <= evaluate_stage("simclrv2", tiny())["test_top1"] <= 1
 
 
