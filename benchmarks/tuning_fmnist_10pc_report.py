@@ -1,6 +1,7 @@
 """reports/tuning_fmnist_10pc.md (+ .json, trials CSV, PNG) from the issue-17 studies and the frozen recipes.
 
     python -m benchmarks.tuning_fmnist_10pc_report [--storage sqlite:///tuning/optuna.db] [--study sup-fmnist10pc]
+        [--out reports/tuning_fmnist_10pc]
 
 Reads every trial of each ``--study`` (values, val top-1 = the objective, per-epoch val curve = Optuna's
 intermediate values, wall and CPU seconds) and the 3-seed measurements of the chosen presets written by
@@ -64,20 +65,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--study", nargs="*", default=["sup-fmnist10pc"])
     ap.add_argument("--recipes", nargs="*", default=None, help="reports/recipes/<name>.json (default: all)")
     ap.add_argument("--notes", default=None, help="markdown file appended as the report's discussion")
+    ap.add_argument("--out", default=str(OUT), help="output path without suffix (default: %(default)s)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
     studies = {s: trials(optuna.load_study(study_name=s, storage=args.storage)) for s in args.study}
     paths = [Path(p) for p in args.recipes] if args.recipes is not None else sorted(Path("reports/recipes").glob("*.json"))
     recipes = {p.stem: json.loads(p.read_text()) for p in paths}
     env = environment()
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for rows in studies.values() for r in rows for k in r if k != "curve"},
                   key=lambda k: (k not in ("study", "trial", "state", "val_top1", "val_last3_mean", "val_last5_mean"), k))
     cols = [k for k in keys if k != "study"]
-    with open(f"{OUT}_trials.csv", "w", newline="") as f:
+    with open(f"{out}_trials.csv", "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(r for rows in studies.values() for r in rows)
-    plot(studies, recipes, Path(f"{OUT}.png"))
+    plot(studies, recipes, Path(f"{out}.png"))
     lines = ["# Tuned recipes, Fashion-MNIST 10 labels/class (issue 17)", "",
              f"git `{env['git_commit']}`, {env['date']}, {env['machine']}; load average (1 min) at report time "
              f"{env['load_average_1min']:.1f}. **A shared machine** (other sessions' jobs ran alongside): wall "
@@ -86,11 +89,12 @@ def main(argv: list[str] | None = None) -> None:
              "accuracy was measured once, after the preset was frozen, on split seeds 0, 1, 2.", ""]
     for name, rows in studies.items():
         done = [r for r in rows if r["state"] == "COMPLETE"]
+        own = [k for k in cols if any(r.get(k) is not None for r in rows)]  # this study's columns only
         lines += [f"## Study `{name}` ({len(done)} complete of {len(rows)} trials)", "",
-                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                  "| " + " | ".join(own) + " |", "|" + "---|" * len(own)]
         for r in sorted(done, key=lambda r: -(r["val_top1"] or 0)):
             cells = []
-            for k in cols:
+            for k in own:
                 v = r.get(k)
                 cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
             lines.append("| " + " | ".join(cells) + " |")
@@ -106,13 +110,13 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {', '.join(rec['presets'])} | {rec['test_top1_mean']:.2%} ± {rec['test_top1_std']:.2%} | "
             f"{per('{:.2%}', 'test_top1')} | {per('{:.2f}', 'val_top1')} | {per('{:.0f}', 'cpu_seconds')} | "
             f"{rs[0]['steps']} x {rs[0]['batch_size']} | {loads} | `{rec['environment']['git_commit'][:10]}` |")
-    lines += ["", f"![val curves]({OUT.name}.png)", "", f"Trials: `{OUT.name}_trials.csv`; per-seed curves: "
+    lines += ["", f"![val curves]({out.name}.png)", "", f"Trials: `{out.name}_trials.csv`; per-seed curves: "
               "`reports/recipes/<name>_curves.csv`.", ""]
     if args.notes:
         lines += [Path(args.notes).read_text()]
-    io.write_text(f"{OUT}.md", "\n".join(lines))
-    io.write_json(f"{OUT}.json", {"environment": env, "studies": studies, "recipes": recipes})
-    print(f"-> {OUT}.md, .json, .png, _trials.csv")
+    io.write_text(f"{out}.md", "\n".join(lines))
+    io.write_json(f"{out}.json", {"environment": env, "studies": studies, "recipes": recipes})
+    print(f"-> {out}.md, .json, .png, _trials.csv")
 
 
 if __name__ == "__main__":
