@@ -17,6 +17,7 @@ from ssl_ops.methods import METHODS
 # default is checked below without training (test_the_suite_measures_every_registered_method_by_default); that
 # each method trains at all is the fast tier's registry smoke tests'.
 KINDS = ["moam_retrain", "paws_finetune", "pseudo_label", "supervised"]
+MEMORY = ["moam_retrain", "supervised"]  # peak memory: a fresh process per method and dataset, ~14 s each loaded
 
 
 @pytest.mark.slow
@@ -24,7 +25,7 @@ def test_suite_on_digits(tmp_path, monkeypatch, mlflow_uri):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     suite.main(["--dataset", "digits", "--steps", "2", "--repeats", "1", "--memory-steps", "1",
                 "--augment-images", "256", "--cifar-train-per-class", "20", "--out-dir", str(tmp_path),
-                "--methods", *KINDS,
+                "--methods", *KINDS, "--memory-methods", *MEMORY,
                 "--set", "pseudo_label.teacher_epochs=1", "train.batch_size=8", "train.steps_per_epoch=2"])
     res = json.loads((tmp_path / "benchmarks.json").read_text())
     md = (tmp_path / "benchmarks.md").read_text()
@@ -36,11 +37,14 @@ def test_suite_on_digits(tmp_path, monkeypatch, mlflow_uri):
         # one repeat: the ratio is the quotient of the two rates, and the report's row says so
         assert r["ratio"]["runs"] == [pytest.approx(ours / bare, rel=1e-12)]
         assert f"| {name} | {r['images_per_step']} | {ours:,.0f} ± 0 | {bare:,.0f} ± 0 | {ours / bare:.2f} ± 0.00 |" in md
-        for per in res["memory"].values():
-            m = per[name]
+    memory = md.split("## Peak memory")[1]
+    for per in res["memory"].values():
+        assert list(per) == MEMORY
+        for name, m in per.items():
             assert "error" not in m, (name, m)
             assert m["peak_rss_mib_training"] >= m["rss_mib_at_start"] > 50  # torch alone is > 50 MiB
-            assert f"| {name} | " in md.split("## Peak memory")[1]
+            assert f"{m['rss_mib_at_start']:,.0f} → {m['peak_rss_mib_training']:,.0f}" in memory
+    assert "| pseudo_label | not measured | not measured |" in memory
     for part in res["cost_vs_n"].values():
         assert part["available"] is False and "not available" in part["note"] or part["log_log_slope"] > 0
     a = res["augment"]
