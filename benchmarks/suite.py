@@ -1,6 +1,6 @@
 """The benchmark suite behind ``make bench``: reports/benchmarks.json + reports/benchmarks.md.
 
-    python -m benchmarks.suite [--steps 24] [--repeats 2] [--methods all] [--set KEY=VALUE ...]
+    python -m benchmarks.suite [--steps 24] [--repeats 2] [--methods all] [--memory-methods all] [--set KEY=VALUE ...]
 
 Every part discovers what it measures at run time, so methods merged later are measured with no edit here:
 
