@@ -1,6 +1,6 @@
 """The benchmark suite behind ``make bench``: reports/benchmarks.json + reports/benchmarks.md.
 
-    python -m benchmarks.suite [--steps 24] [--repeats 2] [--methods all] [--set KEY=VALUE ...]
+    python -m benchmarks.suite [--steps 24] [--repeats 2] [--methods all] [--memory-methods all] [--set KEY=VALUE ...]
 
 Every part discovers what it measures at run time, so methods merged later are measured with no edit here:
 
@@ -308,8 +308,8 @@ def render(res: dict) -> str:
     for name in res["throughput"]:
         cells = []
         for per in res["memory"].values():
-            m = per.get(name, {})
-            cells.append(f"failed: {m['error']}" if "error" in m else
+            m = per.get(name)
+            cells.append("not measured" if m is None else f"failed: {m['error']}" if "error" in m else
                          f"{m['rss_mib_at_start']:,.0f} → {m['peak_rss_mib_training']:,.0f}"
                          + (f" (CUDA {m['cuda_max_allocated_mib']:,.0f})" if "cuda_max_allocated_mib" in m else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                     help="params overrides for every run, e.g. pseudo_label.teacher_epochs=1")
     ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--memory-methods", nargs="*", default=None,
+                    help="peak memory of these only (a fresh process each, the slow part); default: as --methods")
     ap.add_argument("--augment-images", type=int, default=10000)
     ap.add_argument("--cifar-train-per-class", type=int, default=5000, help="CIFAR-size set: 5000 = CIFAR-10's 50k")
     ap.add_argument("--dataset", default="fashion_mnist", help="throughput and first memory dataset")
@@ -356,8 +358,8 @@ def run_suite(args, argv: list[str]) -> dict:
             res = {"environment": env, "command": command, **timed_parts(args, base, datasets, methods)}
         res["memory_environment"], res["memory_command"] = env, command
         res["memory_steps"] = args.memory_steps
-        res["memory"] = {d: {name: peak_memory(name, [*base, *o], args.memory_steps, work) for name in methods}
-                         for d, o in datasets.items()}
+        res["memory"] = {d: {name: peak_memory(name, [*base, *o], args.memory_steps, work)
+                             for name in args.memory_methods or methods} for d, o in datasets.items()}
         res["load_average_1min_end"] = os.getloadavg()[0]
     finally:
         os.chdir(REPO)

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import TINY, wait_for_http
+from conftest import TINY, migrated_mlflow_db, wait_for_http
 
 from ssl_ops import engine, io
 from ssl_ops.cli import main
@@ -270,6 +270,8 @@ def _free_port() -> int:
 
 def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts), waited for until healthy."""
+    if not (root / "server.db").exists():
+        migrated_mlflow_db(root / "server.db")  # tables made: the server's first start skips MLflow's migrations
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
            "--artifacts-destination", str(root / "artifacts")]

@@ -19,6 +19,7 @@ from ssl_ops import io
 from ssl_ops.augment import rot90
 from ssl_ops.errors import CheckpointError
 from ssl_ops.methods._moam import fixed_crops, tta_predict, tta_probs
+from ssl_ops.methods.moam import MoamParams, moam_loss
 from ssl_ops.methods.s4l_rotation import rotation_losses
 from ssl_ops.params import PipelineParams
 from ssl_ops.augment import exemplar_views, instance_labels
@@ -169,11 +170,7 @@ def test_moam_step1_loss_weights_ramped_unlabeled_terms_and_polyak_average(workd
     out = m.training_step(0)
     p = m.params
     r = math.exp(-5)  # step 0 of the sigmoid ramp-up: VAT and EntMin start near 0, the labeled terms do not
-    assert p.rampup_epochs > 0 and out["w_unlabeled"].item() == pytest.approx(r)
-    expected = p.w_sup * out["loss_sup"] + p.w_rot * out["loss_rot"] \
-        + r * (p.w_vat * out["loss_vat"] + p.w_entmin * out["loss_entmin"])
-    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert 0.0 < out["pred_max_fraction"].item() <= 1.0
+    assert p.rampup_epochs > 0 and out["w_unlabeled"].item() == pytest.approx(r)  # the terms: the test below
     before = {k: v.clone() for k, v in m.model["ema"].module.state_dict().items()}
     with torch.no_grad():
         for q in m.model["net"].parameters():
@@ -184,6 +181,45 @@ def test_moam_step1_loss_weights_ramped_unlabeled_terms_and_polyak_average(workd
         if v.dtype.is_floating_point:
             assert torch.allclose(v, 0.5 * before[k] + 0.5 * live[k], atol=1e-6), k
     assert m.classifier() is m.model["ema"].module
+
+
+class _OnePixelNet(nn.Module):
+    """Class logits [0, a * pixel] of a 1 x 1 image (features = the pixel): every term of the loss has a closed form."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.fc = nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[0.0], [a]]))
+
+    def features(self, x):
+        return x.flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+@pytest.mark.parametrize("class_on_rotations", [True, False])
+def test_moam_step1_loss_by_hand(class_on_rotations):
+    """S4L §3.2/§5: w_sup CE + w_rot rotation CE + w (w_vat VAT + w_entmin EntMin), on black 1 x 1 images (one
+    labeled, one unlabeled). Upright or rotated, the logits are [0, 0]: class CE = EntMin = ln 2. The rotation head
+    is its bias log[1, 2, 3, 4]: rotation CE = -mean_k ln(k/10). VAT moves the pixel by +-eps (1 pixel: norm eps),
+    logits [0, +-a eps]: KL(uniform || softmax) = ln cosh(a eps / 2), whichever the sign."""
+    a, eps, w = 2.0, 1.5, 0.5
+    head = nn.Linear(1, 4)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0])))
+    p = MoamParams(w_sup=1.0, w_rot=0.7, w_vat=0.3, w_entmin=0.2, eps=eps, class_on_rotations=class_on_rotations)
+    black = torch.zeros(1, 1, 1, 1)
+    out = moam_loss(_OnePixelNet(a), head, black, torch.tensor([1]), black, p, w, torch.Generator().manual_seed(0))
+    ln2, rot, vat = math.log(2), -sum(math.log(k / 10) for k in (1, 2, 3, 4)) / 4, math.log(math.cosh(a * eps / 2))
+    assert out["loss_sup"].item() == pytest.approx(ln2, rel=1e-6)
+    assert out["loss_rot"].item() == pytest.approx(rot, rel=1e-6)
+    assert out["loss_vat"].item() == pytest.approx(vat, rel=1e-5)  # 0.8133
+    assert out["loss_entmin"].item() == pytest.approx(ln2, rel=1e-6)
+    assert out["loss"].item() == pytest.approx(ln2 + 0.7 * rot + w * (0.3 * vat + 0.2 * ln2), rel=1e-5)
+    assert out["pred_max_fraction"].item() == 1.0  # both upright images predict class 0 (argmax of a tie)
 
 
 @pytest.mark.parametrize("steps_per_epoch", [2, 20])

@@ -340,14 +340,26 @@ class Loaded:
     color_mode: str = "RGB"  # PIL mode images are converted to (recorded at training; older models: by channels)
 
 
+@contextlib.contextmanager
+def _old_module_name():
+    """A model logged before issue 19 carries the old entry point (registry_model.py), which imports this module by
+    its old name ``ssl_ops.registry``: alias it while MLflow runs that file, and only then (a lasting alias would
+    hide a stale import elsewhere; for `mlflow models serve`, re-log such models)."""
+    added = "ssl_ops.registry" not in sys.modules
+    if added:
+        sys.modules["ssl_ops.registry"] = sys.modules[__name__]
+    try:
+        yield
+    finally:
+        if added and sys.modules.get("ssl_ops.registry") is sys.modules[__name__]:
+            del sys.modules["ssl_ops.registry"]
+
+
 def load_model(model_uri: str, uri: str) -> Loaded:
     """A registered (``models:/name@alias``) or logged model, with its input shape and class names."""
     _client(uri)
-    # A model logged before issue 19 carries the old entry point (registry_model.py), which imports this module by
-    # its old name: alias it so such models still load here (for `mlflow models serve`, re-log them).
-    sys.modules.setdefault("ssl_ops.registry", sys.modules[__name__])
     try:
-        with _no_progress_bars():
+        with _no_progress_bars(), _old_module_name():
             model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
         raise RegistryError(f"cannot load model {model_uri} from {tracking.mask_uri(uri)}: "
