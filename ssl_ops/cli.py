@@ -155,13 +155,16 @@ def cmd_report(args) -> None:
 
 def cmd_results(args) -> None:
     from ssl_ops import results, tracking
+    from ssl_ops.methods import METHODS
 
     params = _load(args)
     experiment = args.experiment or params.tracking.experiment
     out_path = Path(args.out or f"reports/results_{experiment}.md")
     runs = tracking.search_runs(params.tracking, experiment)
+    # a campaign's table keeps a line for every registered method not measured yet (issue 17)
+    expected = [*sorted(METHODS), results.PAWS_NN] if args.all_methods else []
     rows = results.write(runs, lambda run_id, key: tracking.metric_history(params.tracking, run_id, key), out_path,
-                         source=f"experiment `{experiment}`")
+                         source=f"experiment `{experiment}`", expected=expected)
     if not rows:
         raise SslOpsError(f"no evaluated runs in MLflow experiment {experiment!r} at "
                           f"{tracking.mask_uri(tracking.tracking_uri(params.tracking))}: run the campaign first "
@@ -179,6 +182,8 @@ def cmd_results(args) -> None:
     out.print(table)
     if (line := results.best_line(rows)) is not None:
         out.print(line.replace("**", ""), highlight=False)
+    if missing := results.missing_rows(rows, expected):
+        out.print(f"not measured yet: {', '.join(missing)}", highlight=False)
     out.print(f"written {out_path} (+ .json, .png, _curves.png)")
 
 
@@ -308,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
             "curves, from MLflow -> reports/results_<experiment>.md + .json + PNGs")
     p.add_argument("--experiment", default=None, help="MLflow experiment to read (default: tracking.experiment)")
     p.add_argument("--out", default=None, help="the markdown file (default: reports/results_<experiment>.md)")
+    p.add_argument("--all-methods", action="store_true",
+                   help="name every registered method (and PAWS-NN) that has no evaluated run yet")
     p = add("promote", cmd_promote, "register a run's model (alias challenger); make it champion if it wins on val")
     p.add_argument("method", help="method whose models/<method>.json names the run (unless --run-id)")
     p.add_argument("--run-id", help="MLflow run to promote (default: the one in models/<method>.json)")

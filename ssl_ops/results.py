@@ -59,7 +59,7 @@ def parse(run: dict[str, Any]) -> Run | None:
                    max_class_fraction=m.get("test_max_class_fraction"), curve_key="val_top1", **common)
     if tags.get("pretext") == "paws" and "paws_nn_top1" in m:
         return Run(row=PAWS_NN, test_top1=m["paws_nn_top1"], val_top1=m.get("paws_nn_val_top1"),
-                   max_class_fraction=m.get("paws_nn_max_class_fraction"), curve_key="knn_val_top1", **common)
+                   max_class_fraction=m.get("paws_nn_max_class_fraction"), curve_key="paws_nn_val_top1", **common)
     return None
 
 
@@ -175,7 +175,15 @@ def best_line(rows: list[Row]) -> str | None:
             f"({_pct(best.delta, sign=True)} points over {BASELINE}).")
 
 
-def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: str, curves: str) -> str:
+def missing_rows(rows: list[Row], expected: list[str]) -> list[str]:
+    """The ``expected`` rows (every registered method and PAWS-NN: issue 17 keeps every method in the table) that
+    have no evaluated run yet, in ``expected``'s order."""
+    present = {r.name for r in rows}
+    return [name for name in expected if name not in present]
+
+
+def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: str, curves: str,
+           missing: list[str] | None = None) -> str:
     seeds = sorted({s for r in rows for s in r.seeds})
     lines = [
         "# Results: test top-1 per method over labeled splits", "",
@@ -200,6 +208,8 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
             f"| {'—' if r.max_class_fraction is None else f'{r.max_class_fraction:.2f}'}{flag} "
             f"| {'<br>'.join(_short(p) for ps in r.presets for p in ps.split(',')) or 'params.yaml'} "
             f"| {' '.join(r.commits)} | {'—' if r.load is None else f'{r.load:.1f}'} |")
+    if missing:
+        lines += ["", f"Not measured yet (no evaluated run in this experiment): {', '.join(missing)}."]
     if pretrainings:
         lines += ["", "Pre-trainings (label-free ones run once and serve every split; PAWS reads the labels and runs "
                   "per split):", "", "| pretext | splits | CPU-min | k-NN test top-1 | linear probe |",
@@ -271,7 +281,7 @@ def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Pat
     save_png(fig, path, dpi=100)
 
 
-def write(runs: list[dict[str, Any]], history, out: Path, source: str) -> list[Row]:
+def write(runs: list[dict[str, Any]], history, out: Path, source: str, expected: list[str] | None = None) -> list[Row]:
     """Write ``out`` (.md) and its .json / .png / _curves.png from ``runs`` (``tracking.search_runs``);
     ``history(run_id, key)`` gives a run's per-epoch metric. Returns the rows (empty: nothing written)."""
     parsed = [r for r in map(parse, runs) if r is not None]
@@ -288,6 +298,8 @@ def write(runs: list[dict[str, Any]], history, out: Path, source: str) -> list[R
     plot_curves(curves, curves_png)
     io.write_json(out.with_suffix(".json"), {
         "source": source, "rows": [asdict(r) | {"collapsed": r.collapsed} for r in rows],
+        "missing": missing_rows(rows, expected or []),
         "pretrainings": [asdict(p) for p in pretrainings], "curves": curves})
-    io.write_text(out, render(rows, pretrainings, source, png.name, curves_png.name))
+    io.write_text(out, render(rows, pretrainings, source, png.name, curves_png.name,
+                              missing_rows(rows, expected or [])))
     return rows

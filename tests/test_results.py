@@ -67,6 +67,19 @@ def test_write_outputs_and_names_the_best_uncollapsed(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_rows_not_measured_yet_are_named(tmp_path):
+    """Issue 17 keeps every method in the campaign's table: the expected rows without an evaluated run are listed
+    (a run that failed or was never evaluated does not count); PAWS-NN's curve is its own val monitor."""
+    out = tmp_path / "r.md"
+    keys = []
+    rows = results.write(RUNS, lambda run_id, key: keys.append((run_id, key)) or [], out, source="x",
+                         expected=["supervised", "pi_model", "vat", "alternating", "paws_nn"])
+    assert results.missing_rows(rows, ["pi_model", "supervised", "alternating"]) == ["pi_model", "alternating"]
+    assert "Not measured yet (no evaluated run in this experiment): pi_model, alternating." in out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["missing"] == ["pi_model", "alternating"]
+    assert ("p0", "paws_nn_val_top1") in keys and ("s0", "val_top1") in keys
+
+
 def test_no_evaluated_run_writes_nothing(tmp_path):
     out = tmp_path / "r.md"
     assert results.write([RUNS[-1]], lambda *a: [], out, source="x") == []
