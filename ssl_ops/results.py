@@ -43,7 +43,19 @@ class Run:
     git_commit: str
     load: float | None
     start_time: int
-    curve_key: str  # the per-epoch val metric of this run (val_top1; the pretexts' k-NN monitor)
+    curve_key: str  # the per-epoch val metric of this run (val_top1; PAWS-NN's val monitor)
+    budget: str = "—"  # "steps x batch" of its training (the method's section overriding train), from its params
+
+
+def _budget(p: dict[str, Any], section: str) -> str:
+    """"epochs*steps_per_epoch x batch_size" as the run resolved them (``<section>.<key>``, else ``train.<key>``)."""
+    def value(key: str) -> str | None:
+        v = p.get(f"{section}.{key}")
+        return v if v not in (None, "None") else p.get(f"train.{key}")
+    epochs, steps, batch = value("epochs"), value("steps_per_epoch"), value("batch_size")
+    if None in (epochs, steps, batch):
+        return "—"
+    return f"{int(epochs) * int(steps)} x {batch}"
 
 
 def parse(run: dict[str, Any]) -> Run | None:
@@ -56,10 +68,12 @@ def parse(run: dict[str, Any]) -> Run | None:
                   load=m.get("loadavg_mean"), start_time=run["start_time"] or 0)
     if tags.get("method") and "test_top1" in m:
         return Run(row=tags["method"], test_top1=m["test_top1"], val_top1=m.get("val_top1"),
-                   max_class_fraction=m.get("test_max_class_fraction"), curve_key="val_top1", **common)
+                   max_class_fraction=m.get("test_max_class_fraction"), curve_key="val_top1",
+                   budget=_budget(p, tags["method"]), **common)
     if tags.get("pretext") == "paws" and "paws_nn_top1" in m:
         return Run(row=PAWS_NN, test_top1=m["paws_nn_top1"], val_top1=m.get("paws_nn_val_top1"),
-                   max_class_fraction=m.get("paws_nn_max_class_fraction"), curve_key="paws_nn_val_top1", **common)
+                   max_class_fraction=m.get("paws_nn_max_class_fraction"), curve_key="paws_nn_val_top1",
+                   budget=_budget(p, "paws"), **common)
     return None
 
 
@@ -92,6 +106,7 @@ class Row:
     commits: list[str]
     load: float | None
     run_ids: list[str] = field(default_factory=list)
+    budgets: list[str] = field(default_factory=list)  # "steps x batch" of its runs
 
     @property
     def collapsed(self) -> bool:
@@ -117,7 +132,7 @@ def rows_of(runs: list[Run]) -> list[Row]:
             val=_mean([r.val_top1 for r in rs]), cpu_minutes=None if cpu is None else cpu / 60,
             max_class_fraction=max(fractions) if fractions else None,
             presets=sorted({r.presets for r in rs if r.presets}), commits=sorted({r.git_commit[:10] for r in rs}),
-            load=_mean([r.load for r in rs]), run_ids=[r.run_id for r in rs]))
+            load=_mean([r.load for r in rs]), run_ids=[r.run_id for r in rs], budgets=sorted({r.budget for r in rs})))
     return sorted(out, key=lambda row: (row.name != BASELINE, -row.mean))
 
 
@@ -160,14 +175,10 @@ def _pct(x: float | None, sign: bool = False) -> str:
     return f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
 
 
-def best_row(rows: list[Row]) -> Row | None:
-    """The non-baseline row with the highest mean test top-1 among those that did not collapse."""
-    return max((r for r in rows if r.name != BASELINE and not r.collapsed), key=lambda r: r.mean, default=None)
-
-
 def best_line(rows: list[Row]) -> str | None:
-    """'Best method: **name**, mean ± std % (+Δ points over supervised).' or None."""
-    best = best_row(rows)
+    """'Best method: **name**, mean ± std % (+Δ points over supervised).' for the non-baseline row with the highest
+    mean test top-1 that did not collapse, or None."""
+    best = max((r for r in rows if r.name != BASELINE and not r.collapsed), key=lambda r: r.mean, default=None)
     if best is None:
         return None
     spread = f" ± {_pct(best.std)}" if best.std is not None else ""
@@ -198,7 +209,7 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
     if (line := best_line(rows)) is not None:
         lines += [line, ""]
     lines += ["| method | splits | test top-1 | Δ vs supervised | val top-1 | CPU-min | max class | recipe | commit "
-              "| load |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+              "| load | steps x batch |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for r in rows:
         test = f"{_pct(r.mean)}" + (f" ± {_pct(r.std)}" if r.std is not None else "")
         flag = " collapsed" if r.collapsed else ""
@@ -207,7 +218,7 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
             f"| {'—' if r.cpu_minutes is None else f'{r.cpu_minutes:.2f}'} "
             f"| {'—' if r.max_class_fraction is None else f'{r.max_class_fraction:.2f}'}{flag} "
             f"| {'<br>'.join(_short(p) for ps in r.presets for p in ps.split(',')) or 'params.yaml'} "
-            f"| {' '.join(r.commits)} | {'—' if r.load is None else f'{r.load:.1f}'} |")
+            f"| {' '.join(r.commits)} | {'—' if r.load is None else f'{r.load:.1f}'} | {', '.join(r.budgets)} |")
     if missing:
         lines += ["", f"Not measured yet (no evaluated run in this experiment): {', '.join(missing)}."]
     if pretrainings:
@@ -293,13 +304,12 @@ def write(runs: list[dict[str, Any]], history, out: Path, source: str, expected:
     for r in latest(parsed):
         # training logs one point per epoch (step = epoch >= 1); `ssl-ops evaluate` may add its final value at step 0
         curves.setdefault(r.row, {})[r.seed] = [(step, v) for step, v in history(r.run_id, r.curve_key) if step > 0]
-    pretrainings = pretrainings_of(runs)
+    pretrainings, missing = pretrainings_of(runs), missing_rows(rows, expected or [])
     plot(rows, png)
     plot_curves(curves, curves_png)
     io.write_json(out.with_suffix(".json"), {
         "source": source, "rows": [asdict(r) | {"collapsed": r.collapsed} for r in rows],
-        "missing": missing_rows(rows, expected or []),
+        "missing": missing,
         "pretrainings": [asdict(p) for p in pretrainings], "curves": curves})
-    io.write_text(out, render(rows, pretrainings, source, png.name, curves_png.name,
-                              missing_rows(rows, expected or [])))
+    io.write_text(out, render(rows, pretrainings, source, png.name, curves_png.name, missing))
     return rows

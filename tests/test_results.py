@@ -84,3 +84,15 @@ def test_no_evaluated_run_writes_nothing(tmp_path):
     out = tmp_path / "r.md"
     assert results.write([RUNS[-1]], lambda *a: [], out, source="x") == []
     assert not out.exists()
+
+
+def test_budget_is_the_method_section_over_train():
+    """steps x batch as the run resolved them: the method's (or PAWS's) own value, else train's."""
+    p = {"split.seed": "0", "train.epochs": "10", "train.steps_per_epoch": "50", "train.batch_size": "64",
+         "supervised.epochs": "None", "paws.epochs": "20", "paws.steps_per_epoch": "None", "paws.batch_size": "32"}
+    run = {"run_id": "x", "status": "FINISHED", "start_time": 1, "params": p, "metrics": {"test_top1": 0.7},
+           "tags": {"method": "supervised"}}
+    assert results.parse(run).budget == "500 x 64"
+    paws = {**run, "metrics": {"paws_nn_top1": 0.7}, "tags": {"pretext": "paws"}}
+    assert results.parse(paws).budget == "1000 x 32"
+    assert results.parse({**run, "params": {"split.seed": "0"}}).budget == "—"
