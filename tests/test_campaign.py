@@ -101,3 +101,27 @@ def test_demo_trains_both_rows_and_states_the_gain(campaign):
     assert "Best method: paws_nn" in table and f"({delta:+.2f} points over supervised)" in table, table
     assert (campaign / "demo" / "mlflow.db").is_file() and not (campaign / "mlflow.db").exists()
     assert not (campaign.parents[1] / "reports").exists()
+
+
+def test_training_stages_ignore_code_that_only_reports(tmp_path):
+    """The campaign's stages depend on training_code.sha256, not on the package: an edit to the report code
+    leaves the listing (and so hours of trainings) unchanged; an edit to the training loop changes its line."""
+    sys.path.insert(0, str(CAMPAIGN))
+    try:
+        import training_code
+    finally:
+        sys.path.remove(str(CAMPAIGN))
+    pkg = tmp_path / "ssl_ops"
+    (pkg / "serving").mkdir(parents=True)
+    for rel in ("engine.py", "results.py", "serving/model_registry.py", "methods.py"):
+        (pkg / rel).write_text("x = 1\n")
+    before = training_code.listing(pkg)
+    assert [line.split()[1] for line in before.splitlines()] == ["ssl_ops/engine.py", "ssl_ops/methods.py"]
+    (pkg / "results.py").write_text("x = 2\n")
+    (pkg / "serving" / "model_registry.py").write_text("x = 2\n")
+    assert training_code.listing(pkg) == before
+    (pkg / "engine.py").write_text("x = 2\n")
+    after = training_code.listing(pkg)
+    assert after != before and after.splitlines()[1] == before.splitlines()[1]
+    training_code.main(str(pkg), str(tmp_path / "listing"))
+    assert (tmp_path / "listing").read_text() == after and not (tmp_path / "listing.tmp").exists()
