@@ -51,3 +51,10 @@ def linear_top1(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
     clf.fit(train_f.cpu().numpy(), train_y.cpu().numpy())
     return float(clf.score(test_f.cpu().numpy(), test_y.cpu().numpy()))
+
+
+def max_class_fraction(scores: Tensor) -> float:
+    """The share of rows whose arg-max is the commonest predicted class (1/K for a balanced predictor, 1 for a
+    collapsed one); ``scores`` are (N, K) logits or probabilities."""
+    counts = torch.bincount(scores.argmax(dim=1), minlength=scores.shape[1])
+    return (counts.max() / counts.sum()).item()

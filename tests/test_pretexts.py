@@ -165,3 +165,11 @@ def test_knn_and_linear_probe_on_hand_examples():
     q_y = torch.tensor([0, 1, 0])  # the third is closer to class 1: one miss
     assert probes.knn_top1(ref, ref_y, q, q_y, k=2) == pytest.approx(2 / 3)
     assert probes.linear_top1(ref, ref_y, q[:2], q_y[:2]) == 1.0
+
+
+def test_max_class_fraction_on_hand_examples():
+    """The collapse measure of every evaluated run and of PAWS-NN: the commonest arg-max class's share."""
+    scores = torch.tensor([[3.0, 1, 0], [2, 0, 1], [0, 5, 1], [0, 1, 4]])  # predicted classes 0, 0, 1, 2
+    assert probes.max_class_fraction(scores) == 0.5
+    assert probes.max_class_fraction(torch.eye(3)) == pytest.approx(1 / 3)  # balanced: 1/K
+    assert probes.max_class_fraction(torch.tensor([[0.1, 0.9]] * 5)) == 1.0  # collapsed

@@ -310,7 +310,8 @@ def test_paws_pretraining_runs_the_supcon_step_and_fine_tunes_from_the_whole_hea
 
     small = ["paws.epochs=1", "paws.steps_per_epoch=2", "paws.batch_size=8", "paws.small_size=4"]
     res = pretrain_stage("paws", tiny(*small, "paws.supcon_steps=2", "paws.supcon_per_class=4"))
-    assert {"supcon_loss", "paws_nn_top1", "paws_nn_val_top1_supcon"} <= set(res.metrics)
+    assert {"supcon_loss", "paws_nn_top1", "paws_nn_val_top1_supcon", "paws_nn_max_class_fraction"} <= set(res.metrics)
+    assert 0.1 - 1e-9 <= res.metrics["paws_nn_max_class_fraction"] <= 1  # digits: 10 classes, at least 1/10
     net = train_stage("paws_finetune", tiny("train.epochs=1", "train.steps_per_epoch=1",
                                             "paws_finetune.finetune_from=3")).method.model
     assert net.neck_spec["out_bn"] is False and net.fc.in_features == 128

@@ -226,8 +226,11 @@ class Paws(Pretext):
                 out["paws_nn_val_top1_supcon"] = paws_nn_accuracy(embed, ctx.store, ctx.split.labeled, ctx.store,
                                                                   ctx.split.val, p.temperature, ctx.train.eval_batch_size)
         test_idx = np.arange(len(ctx.data.test_y))
-        out["paws_nn_top1"] = paws_nn_accuracy(embed, ctx.store, ctx.split.labeled, ctx.test_store(), test_idx,
-                                               p.temperature, ctx.train.eval_batch_size)
+        probs, test_y = paws_nn_probs(embed, ctx.store, ctx.split.labeled, ctx.test_store(), test_idx, p.temperature,
+                                      ctx.train.eval_batch_size)
+        out["paws_nn_top1"] = (probs.argmax(1) == test_y).float().mean().item()
+        # a collapsed representation sends (nearly) every image to one support class (results.COLLAPSE)
+        out["paws_nn_max_class_fraction"] = probes.max_class_fraction(probs)
         return out
 
 
@@ -293,12 +296,19 @@ class PawsEmbedding(nn.Module):
 
 
 @torch.no_grad()
-def paws_nn_accuracy(embed: nn.Module, ref_store, ref_idx, query_store, query_idx, temperature: float,
-                     batch_size: int) -> float:
+def paws_nn_probs(embed: nn.Module, ref_store, ref_idx, query_store, query_idx, temperature: float,
+                  batch_size: int) -> tuple[Tensor, Tensor]:
     """PAWS-NN (§5): the soft nearest-neighbour classifier (eq. (1), one-hot labels, no smoothing) of every
-    query image against **all** labeled images, on the representation ``embed``; no training."""
+    query image against **all** labeled images, on the representation ``embed``; no training. Returns the class
+    probabilities of the queries and their labels."""
     ref_f, ref_y = probes.extract_features(embed, ref_store, ref_idx, batch_size)
     q_f, q_y = probes.extract_features(embed, query_store, query_idx, batch_size)
     k = int(max(ref_y.max().item(), q_y.max().item())) + 1
-    probs = snn(q_f, ref_f, smooth_labels(ref_y, k, 0.0), temperature)
+    return snn(q_f, ref_f, smooth_labels(ref_y, k, 0.0), temperature), q_y
+
+
+def paws_nn_accuracy(embed: nn.Module, ref_store, ref_idx, query_store, query_idx, temperature: float,
+                     batch_size: int) -> float:
+    """Top-1 of :func:`paws_nn_probs` on the queries."""
+    probs, q_y = paws_nn_probs(embed, ref_store, ref_idx, query_store, query_idx, temperature, batch_size)
     return (probs.argmax(1) == q_y).float().mean().item()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ssl_ops import distributed, io, recovery, report, tracking
+from ssl_ops.probes import max_class_fraction
 from ssl_ops.data.prepare import PreparedDataset, check_prepared_with, link_sources, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
 from ssl_ops.engine import RunContext, fit, make_context, predict_logits, topk_accuracy
@@ -166,13 +167,6 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
         # at the run's last step (its epoch count): at step 0 the UI's val_top1 curve would jump back to the start
         tracking.log_metrics({k: v for k, v in metrics.items() if k != "train_seconds"}, step=ctx.train.epochs)
     return metrics
-
-
-def max_class_fraction(logits) -> float:
-    """The fraction of rows whose arg-max is the most frequent class (1/K for a balanced predictor, 1 for a
-    collapsed one)."""
-    counts = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1])
-    return (counts.max() / counts.sum()).item()
 
 
 def report_stage(params: BaseParams, out_dir: Path = REPORTS, experiment: str | None = None) -> list[dict]:
