@@ -8,7 +8,10 @@ Measured under load (loadavg 6 on 2 cores, test top-1 on 450 digits, seeds 0, 1,
 supervised 0.604 / 0.624 / 0.629 (mean 0.619, std 0.013); gains over it, paired by seed: pseudo_label
 +0.087 / +0.060 / +0.044, vat +0.118 / +0.107 / +0.098, cluster_transfer +0.027 / +0.078 / +0.067. Not here:
 s4l_rotation (0.59-0.63 at this budget: the rotation loss needs far more steps) and mean_teacher (collapsed to
-0.12-0.20 at unlabeled_weight 100 with a 1-epoch ramp-up; not tried at other weights).
+0.12-0.20 at unlabeled_weight 100 with a 1-epoch ramp-up; at 10 or 1 with a 3-epoch ramp-up it no longer collapses
+but gains nothing: -0.015 / -0.022 mean; Rebuffi et al.'s "with T.L." variant, from the SimCLR backbone below with
+its first 2 blocks frozen and weight 10, gains -0.006 / +0.029 / +0.078 over the unpadded baseline, mean +0.033,
+below the margin).
 
 The other three papers' main methods start from a self-supervised pre-training on the same train images
 (TRANSFER below: budgets and params chosen by trying a few on these three splits, a test's settings, not a tuned
