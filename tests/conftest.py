@@ -120,7 +120,12 @@ def _on_the_session_store(monkeypatch):
     """Every test starts on the session's MLflow store: a test that tracked to another one (tracking.uri=http://...
     of a server it then stopped) left that URI in mlflow's global and in $MLFLOW_TRACKING_URI (set_tracking_uri
     sets both), and the next test in the same process hung retrying the dead server (seen under pytest-xdist,
-    where test_engine.py ran after test_reliability.py)."""
+    where test_engine.py ran after test_reliability.py). Likewise set_experiment leaves $MLFLOW_EXPERIMENT_ID, which
+    the CLI subprocesses of a later test inherited: test_team_backends' workers asked their server for experiment 12
+    of the session store."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].tracking.fluent._active_experiment_id = None
     if _SESSION_STORE:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", _SESSION_STORE[0])
         if "mlflow" in sys.modules:
