@@ -38,11 +38,15 @@ demo: $(STAMP) dataset
 
 # issue 18: `make test` is the fast tier (every module, method and pretext exercised at least once; minutes),
 # `make test-all` adds the tests marked @pytest.mark.slow (torchrun, dvc repro, servers, notebooks, benchmarks); CI runs it
+# Both run TEST_WORKERS pytest-xdist workers (default 2, this project's machines' cores; `make test TEST_WORKERS=1`
+# for one process), a test file per worker at a time (--dist loadfile: a file's module fixtures are built once),
+# heaviest files first (tests/conftest.py HEAVY_FIRST).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --durations=20
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 # issue 9: every registered method's throughput vs a bare loop, augmentation, cost vs N, peak memory
 # -> reports/benchmarks.md + .json; then the train-step speed of every backbone in the default vs channels_last

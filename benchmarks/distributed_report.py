@@ -39,15 +39,22 @@ def _torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.
     return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
 
 
-def curves(name: str, *extra: str) -> dict:
+def curves(runs: list[str]) -> dict:
+    """Per run (tests/ddp_fit_worker.py's RUN: a name, "paws:local-slot" for the ablation): the 1-process curve of its
+    method and the 2-process curve; one process and one torchrun launch for all of them."""
     worker = str(ROOT / "tests" / "ddp_fit_worker.py")
-    one = subprocess.run([sys.executable, worker, name, "16", "one.json"], env=ENV, capture_output=True, text=True,
-                         timeout=600)
-    two = _torchrun([worker, name, "16", "two.json", *extra])
+    names = sorted({run.partition(":")[0] for run in runs})
+    one = subprocess.run([sys.executable, worker, ",".join(names), "16", "one.json"], env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    two = _torchrun([worker, ",".join(runs), "16", "two.json"])
     if one.returncode or two.returncode:
-        raise RuntimeError(f"{name}: worker failed\n{one.stderr[-2000:]}\n{two.stdout[-2000:]}{two.stderr[-2000:]}")
+        raise RuntimeError(f"{runs}: worker failed\n{one.stderr[-2000:]}\n{two.stdout[-2000:]}{two.stderr[-2000:]}")
     a, b = json.loads(Path("one.json").read_text()), json.loads(Path("two.json").read_text())
-    return {"one_process": a, "two_processes": b, "max_abs_diff": max(abs(x - y) for x, y in zip(a, b))}
+    out = {}
+    for run in runs:
+        x, y = a[run.partition(":")[0]]["loss"], b[run]["loss"]
+        out[run] = {"one_process": x, "two_processes": y, "max_abs_diff": max(abs(u - v) for u, v in zip(x, y))}
+    return out
 
 
 def resume() -> dict:
@@ -84,8 +91,8 @@ def main() -> None:
         params = load_params(str(ROOT / "params.yaml"), ["data.name=digits"])
         prepare_stage(params)
         split_stage(params)
-        out["curves"] = {n: curves(n) for n in ("supervised", "simclr", "paws")}
-        out["curves"]["paws_local_slot_ablation"] = curves("paws", "local-slot")
+        out["curves"] = curves(["supervised", "simclr", "paws", "paws:local-slot"])
+        out["curves"]["paws_local_slot_ablation"] = out["curves"].pop("paws:local-slot")
         out["resume"] = resume()
     out["team_backends"] = None if args.no_team else team()
     io.write_json(Path(args.out + ".json"), out)

@@ -6,14 +6,27 @@ import atexit
 import importlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-from hypothesis import settings
+# pytest-xdist (`make test-all` runs `-n 2`): each worker gets its share of the cores for torch and for the
+# subprocesses it starts (they inherit the variables); two workers at 2 threads each on 2 cores spin-wait and ran
+# several times slower. Set before torch is imported; an explicit OMP_NUM_THREADS / MKL_NUM_THREADS is kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _share)
 
-from ssl_ops.params import load_params
-from ssl_ops.stages import prepare_stage, split_stage
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from ssl_ops.params import load_params  # noqa: E402
+from ssl_ops.stages import prepare_stage, split_stage  # noqa: E402
 
 # hypothesis: 25 examples per property in `make test` and CI; HYPOTHESIS_PROFILE=thorough runs the former 80
 settings.register_profile("fast", max_examples=25)
@@ -90,12 +103,48 @@ def migrated_mlflow_db(dest: Path) -> str:
     return f"sqlite:///{dest}"
 
 
+_SESSION_STORE: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     """One SQLite store per test session: creating one runs MLflow's migrations (seconds)."""
     uri = migrated_mlflow_db(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    _SESSION_STORE.append(uri)
     return uri
+
+
+@pytest.fixture(autouse=True)
+def _on_the_session_store(monkeypatch):
+    """Every test starts on the session's MLflow store: a test that tracked to another one (tracking.uri=http://...
+    of a server it then stopped) left that URI in mlflow's global and in $MLFLOW_TRACKING_URI (set_tracking_uri
+    sets both), and the next test in the same process hung retrying the dead server (seen under pytest-xdist,
+    where test_engine.py ran after test_reliability.py). Likewise set_experiment leaves $MLFLOW_EXPERIMENT_ID, which
+    the CLI subprocesses of a later test inherited: test_team_backends' workers asked their server for experiment 12
+    of the session store."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].tracking.fluent._active_experiment_id = None
+    if _SESSION_STORE:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", _SESSION_STORE[0])
+        if "mlflow" in sys.modules:
+            sys.modules["mlflow"].set_tracking_uri(_SESSION_STORE[0])
+
+
+# Whole test files, heaviest first (their order in the slow tier's --durations under `-n 2`, load ~5; the fast tier
+# keeps the same order): `make test`/`make test-all` hand files to workers in collection order
+# (--dist loadfile --no-loadscope-reorder), so no long file starts last while the other worker idles.
+# A file not listed keeps its place after these.
+HEAVY_FIRST = ["test_distributed.py", "test_campaign.py", "test_reliability.py", "test_paper_pipelines.py",
+               "test_unlabeled_helps.py", "test_own_images.py", "test_team_backends.py", "test_registry.py",
+               "test_tuning.py", "test_pipeline.py", "test_invariants.py", "test_bench_suite.py", "test_pretexts.py",
+               "test_backbones.py", "test_notebooks.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 @pytest.fixture(scope="session")

@@ -27,11 +27,11 @@ def _free_port() -> int:
 
 
 def _torchrun(script: Path, nproc: int = 2, args: list[str] = (), env: dict[str, str] | None = None,
-              timeout: float = 120) -> subprocess.CompletedProcess:
+              timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_single_process_helpers_are_identities():
@@ -65,28 +65,39 @@ def test_a_failing_rank_brings_the_job_down(tmp_path):
 REL_TOL = 5e-6
 
 
-def _curves(name: str, *extra: str) -> tuple[list[float], list[float], float]:
-    """(1-process, 2-rank) per-step loss curves of tests/ddp_fit_worker.py at global batch 16, and the size of the
-    loss's largest term (the scale float32 rounds on)."""
-    worker = ROOT / "tests" / "ddp_fit_worker.py"
+RUNS = ["supervised", "simclr", "paws"]
+
+
+@pytest.fixture(scope="module")
+def curves(digits_dir, tmp_path_factory) -> dict[str, tuple[list[float], list[float], float]]:
+    """Per run: (1-process, 2-rank) per-step loss curves of tests/ddp_fit_worker.py at global batch 16, and the size
+    of the loss's largest term (the scale float32 rounds on). One process and one torchrun launch run every curve
+    (the 2-rank one also PAWS with the local-slot gather, "paws:local-slot", against the 1-process PAWS curve):
+    a launch per curve cost 8 process start-ups more."""
+    worker, cwd = ROOT / "tests" / "ddp_fit_worker.py", tmp_path_factory.mktemp("ddp-curves")
+    (cwd / "data").symlink_to(digits_dir / "data")  # the session's prepared digits
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(worker), name, "16", "one.json"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    one = subprocess.run([sys.executable, str(worker), ",".join(RUNS), "16", "one.json"], env=env, cwd=cwd,
+                         capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = _torchrun(worker, args=[name, "16", "two.json", *extra])
+    two = _torchrun(worker, args=[",".join([*RUNS, "paws:local-slot"]), "16", "two.json"], cwd=cwd, timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
-    a, b = json.loads(Path("one.json").read_text()), json.loads(Path("two.json").read_text())
-    assert len(a["loss"]) == len(b["loss"]) == 6
-    return a["loss"], b["loss"], max(a["scale"])
+    a, b = json.loads((cwd / "one.json").read_text()), json.loads((cwd / "two.json").read_text())
+    out = {}
+    for run, curve in b.items():
+        ref = a[run.partition(":")[0]]
+        assert len(ref["loss"]) == len(curve["loss"]) == 6
+        out[run] = ref["loss"], curve["loss"], max(ref["scale"])
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["supervised", "simclr", "paws"])
-def test_two_ranks_follow_the_one_process_loss_curve(workdir, name):
+@pytest.mark.parametrize("name", RUNS)
+def test_two_ranks_follow_the_one_process_loss_curve(curves, name):
     """Same global batch (16) and deterministic data: 2 ranks x 8 under torchrun (gradient mean all-reduce,
     SimCLR negatives and PAWS support gathered with autograd, PAWS's ME-MAX over the global batch, lr rule on
     the global batch) give the 1-process loss curve."""
-    a, b, scale = _curves(name)
+    a, b, scale = curves[name]
     diff = max(abs(x - y) for x, y in zip(a, b))
     print(f"{name}: max loss difference per step {diff:.2e} = {diff / scale:.1e} of the terms' size {scale:.3g}")
     assert diff < REL_TOL * scale, (a, b)
@@ -95,10 +106,10 @@ def test_two_ranks_follow_the_one_process_loss_curve(workdir, name):
 
 
 @pytest.mark.slow
-def test_paws_needs_the_support_gradient_from_other_ranks(workdir):
+def test_paws_needs_the_support_gradient_from_other_ranks(curves):
     """The check above can fail: with a gather whose gradient reaches only the local slice (the other ranks'
     anchors then do not train this rank's support), PAWS leaves the 1-process curve."""
-    a, b, scale = _curves("paws", "local-slot")
+    a, b, scale = curves["paws:local-slot"]
     diff = max(abs(x - y) for x, y in zip(a, b))
     print(f"paws with a local-slot gather: max loss difference per step {diff:.2e} = {diff / scale:.1e} of {scale:.3g}")
     # measured 2.2e-4 of the terms' size (5e-4 absolute with PAWS appendix A's hidden-only BN): 10x the tolerance
