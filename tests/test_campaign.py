@@ -82,6 +82,17 @@ def test_campaign_runs_per_split_and_reports(campaign):
     assert "| supervised | 0,1 |" in md and "| paws_nn | 0 |" in md
     status = _run(["dvc", "status", *targets[:-1]], campaign).stdout
     assert "up to date" in status, status
+    # issue 17: `dvc exp run -S` of one recipe value re-runs that method's stages and no other (`++` adds a key the
+    # recipe does not set yet, as README's example does)
+    repo = campaign.parents[1]
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "campaign"], repo)
+    exp = _run(["dvc", "exp", "run", "-S", "../../presets/fmnist_10pc/supervised.yaml:++train.nesterov=false",
+                *targets[:-1]], campaign).stdout
+    ran = {line.split("'")[1] for line in exp.splitlines() if line.startswith("Running stage '")}
+    assert ran == {"method@0-supervised", "method@1-supervised"}, exp
+    recipe = yaml.safe_load((repo / "presets" / "fmnist_10pc" / "supervised.yaml").read_text())
+    assert recipe["train"]["nesterov"] is False
 
 
 @pytest.mark.slow  # demo.sh end to end: dvc and ssl-ops subprocesses, a minute
