@@ -132,11 +132,10 @@ def _on_the_session_store(monkeypatch):
             sys.modules["mlflow"].set_tracking_uri(_SESSION_STORE[0])
 
 
-# Whole test files, heaviest first (their order in the slow tier's --durations under `-n 2`, load ~5, and
-# test_unlabeled_helps.py first since it grew to ~3 min; the fast tier
-# keeps the same order): `make test`/`make test-all` hand files to workers in collection order
-# (--dist loadfile --no-loadscope-reorder), so no long file starts last while the other worker idles.
-# A file not listed keeps its place after these.
+# Whole test files, heaviest first (their order in the slow tier's --durations under `-n 2`, load ~5, with
+# test_unlabeled_helps.py, ~3 min since it covers all five papers, at the head; the fast tier keeps the same order):
+# `make test`/`make test-all` hand files to workers in collection order (--dist loadfile --no-loadscope-reorder), so
+# no long file starts last while the other worker idles. A file not listed keeps its place after these.
 HEAVY_FIRST = ["test_unlabeled_helps.py", "test_distributed.py", "test_campaign.py", "test_reliability.py",
                "test_paper_pipelines.py", "test_own_images.py", "test_team_backends.py", "test_registry.py",
                "test_tuning.py", "test_pipeline.py", "test_invariants.py", "test_bench_suite.py", "test_pretexts.py",
