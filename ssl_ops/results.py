@@ -26,6 +26,7 @@ from ssl_ops.report import save_png
 BASELINE = "supervised"
 PAWS_NN = "paws_nn"  # the row made from PAWS pre-training runs
 COLLAPSE = 0.5  # a run whose commonest predicted class takes more than this share of the test set collapsed
+PRETEXT_CURVE = "knn_val_top1"  # a label-free pre-training's per-epoch val monitor (k-NN on the val split)
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,15 @@ class Pretraining:
     cpu_minutes: float | None
     knn_top1: float | None
     linear_top1: float | None
+    knn_val_top1: float | None = None  # the pretext's val monitor at its last epoch (what a recipe is chosen on)
+    load: float | None = None
+    budget: str = "—"  # "steps x batch" of the pre-training
+    commits: list[str] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
 
 
-def pretrainings_of(runs: list[dict[str, Any]]) -> list[Pretraining]:
-    """The label-free pre-trainings' costs and probes (latest run per pretext and split)."""
+def latest_pretrainings(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The finished pre-training runs, the latest per pretext and split, grouped by pretext."""
     latest_runs: dict[tuple[str, str], dict] = {}
     for run in runs:
         pretext = run["tags"].get("pretext")
@@ -158,10 +164,21 @@ def pretrainings_of(runs: list[dict[str, Any]]) -> list[Pretraining]:
     out: dict[str, list[dict]] = {}
     for (pretext, _), run in sorted(latest_runs.items()):
         out.setdefault(pretext, []).append(run)
+    return out
+
+
+def pretrainings_of(runs: list[dict[str, Any]]) -> list[Pretraining]:
+    """The pre-trainings' costs and probes (latest run per pretext and split)."""
     return [Pretraining(p, [int(r["params"].get("split.seed", -1)) for r in rs],
                         statistics.fmean(r["metrics"]["cpu_seconds"] for r in rs) / 60,
                         _mean([r["metrics"].get("knn_top1") for r in rs]),
-                        _mean([r["metrics"].get("linear_top1") for r in rs])) for p, rs in out.items()]
+                        _mean([r["metrics"].get("linear_top1") for r in rs]),
+                        knn_val_top1=_mean([r["metrics"].get(PRETEXT_CURVE) for r in rs]),
+                        load=_mean([r["metrics"].get("loadavg_mean") for r in rs]),
+                        budget=", ".join(sorted({_budget(r["params"], p) for r in rs})),
+                        commits=sorted({r["tags"].get("git_commit", "unknown")[:10] for r in rs}),
+                        run_ids=[r["run_id"] for r in rs])
+            for p, rs in latest_pretrainings(runs).items()]
 
 
 def _short(path: str) -> str:
@@ -223,12 +240,16 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
         lines += ["", f"Not measured yet (no evaluated run in this experiment): {', '.join(missing)}."]
     if pretrainings:
         lines += ["", "Pre-trainings (label-free ones run once and serve every split; PAWS reads the labels and runs "
-                  "per split):", "", "| pretext | splits | CPU-min | k-NN test top-1 | linear probe |",
-                  "|---|---|---:|---:|---:|"]
+                  "per split). Probes on the frozen backbone, fit on the split's labeled images: k-NN and "
+                  "logistic regression (test top-1); k-NN val top-1 is the last epoch's val monitor, whose curve is "
+                  "in the curves figure:", "",
+                  "| pretext | splits | CPU-min | k-NN test top-1 | linear probe | k-NN val top-1 | commit | load "
+                  "| steps x batch |", "|---|---|---:|---:|---:|---:|---|---:|---|"]
         for p in pretrainings:
             lines.append(f"| {p.pretext} | {','.join(map(str, p.seeds))} | "
                          f"{'—' if p.cpu_minutes is None else f'{p.cpu_minutes:.2f}'} | {_pct(p.knn_top1)} | "
-                         f"{_pct(p.linear_top1)} |")
+                         f"{_pct(p.linear_top1)} | {_pct(p.knn_val_top1)} | {' '.join(p.commits)} "
+                         f"| {'—' if p.load is None else f'{p.load:.1f}'} | {p.budget} |")
     lines += ["", f"![test top-1 per method and against CPU-minutes]({png})", "",
               f"![val top-1 per epoch: has each curve flattened?]({curves})", ""]
     return "\n".join(lines)
@@ -304,6 +325,11 @@ def write(runs: list[dict[str, Any]], history, out: Path, source: str, expected:
     for r in latest(parsed):
         # training logs one point per epoch (step = epoch >= 1); `ssl-ops evaluate` may add its final value at step 0
         curves.setdefault(r.row, {})[r.seed] = [(step, v) for step, v in history(r.run_id, r.curve_key) if step > 0]
+    for pretext, rs in latest_pretrainings(runs).items():
+        if pretext != "paws":  # PAWS's curve is its PAWS-NN row's
+            for run in rs:
+                points = [(step, v) for step, v in history(run["run_id"], PRETEXT_CURVE) if step > 0]
+                curves.setdefault(f"pretrain {pretext} (k-NN)", {})[int(run["params"].get("split.seed", -1))] = points
     pretrainings, missing = pretrainings_of(runs), missing_rows(rows, expected or [])
     plot(rows, png)
     plot_curves(curves, curves_png)

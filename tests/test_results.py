@@ -32,7 +32,8 @@ RUNS = [
     _run("bad", 2, 9, method="vat", status="FAILED", test_top1=0.99),  # not finished: never counted
     _run("untested", 2, 9, method="pi_model", val_top1=0.5),  # never evaluated: not a row
     _run("p0", 0, 8, pretext="paws", paws_nn_top1=0.80, knn_top1=0.7, cpu_seconds=300.0),
-    _run("r", 0, 2, pretext="rotation", knn_top1=0.5, linear_top1=0.6, cpu_seconds=120.0),
+    _run("r", 0, 2, pretext="rotation", knn_top1=0.5, linear_top1=0.6, cpu_seconds=120.0, knn_val_top1=0.52,
+         loadavg_mean=1.5),
 ]
 
 
@@ -60,9 +61,13 @@ def test_write_outputs_and_names_the_best_uncollapsed(tmp_path):
     assert "Best method: **paws_nn**, 80.00 % (+10.00 points over supervised)" in md
     assert "| supervised | 0,1,2 | 72.00 ± 2.00 | — | 62.00 | 2.00 | 0.30 | presets/fmnist_10pc/supervised.yaml |" in md
     assert "| moam | 0 | 10.00 | -60.00 |" in md and "0.90 collapsed" in md
-    assert "| rotation | 0 | 2.00 | 50.00 | 60.00 |" in md  # the pre-trainings table
+    # the pre-trainings table: CPU-min, k-NN and linear test probes, last val k-NN, commit, load, budget
+    assert "| rotation | 0 | 2.00 | 50.00 | 60.00 | 52.00 | abcdef1234 | 1.5 | — |" in md
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["curves"]["supervised"]["0"] == [[1, 0.5], [2, 0.6]]
+    # a label-free pre-training's val monitor is plotted too (has it flattened?); PAWS's is its PAWS-NN row's
+    assert data["curves"]["pretrain rotation (k-NN)"]["0"] == [[1, 0.5], [2, 0.6]]
+    assert not any(k.startswith("pretrain paws") for k in data["curves"])
     for png in (out.with_suffix(".png"), tmp_path / "reports" / "results_x_curves.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
