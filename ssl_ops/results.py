@@ -87,6 +87,11 @@ def latest(runs: list[Run]) -> list[Run]:
     return sorted(best.values(), key=lambda r: (r.row, r.seed))
 
 
+def _short_commit(sha: str) -> str:
+    """10 hex digits, keeping the "-dirty" mark of a run started from a tree with uncommitted changes."""
+    return sha[:10] + ("-dirty" if sha.endswith("-dirty") else "")
+
+
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.fmean(vals) if vals else None
@@ -132,7 +137,8 @@ def rows_of(runs: list[Run]) -> list[Row]:
             delta=statistics.fmean(paired) if paired and name != BASELINE else None,
             val=_mean([r.val_top1 for r in rs]), cpu_minutes=None if cpu is None else cpu / 60,
             max_class_fraction=max(fractions) if fractions else None,
-            presets=sorted({r.presets for r in rs if r.presets}), commits=sorted({r.git_commit[:10] for r in rs}),
+            presets=sorted({r.presets for r in rs if r.presets}),
+            commits=sorted({_short_commit(r.git_commit) for r in rs}),
             load=_mean([r.load for r in rs]), run_ids=[r.run_id for r in rs], budgets=sorted({r.budget for r in rs})))
     return sorted(out, key=lambda row: (row.name != BASELINE, -row.mean))
 
@@ -176,7 +182,7 @@ def pretrainings_of(runs: list[dict[str, Any]]) -> list[Pretraining]:
                         knn_val_top1=_mean([r["metrics"].get(PRETEXT_CURVE) for r in rs]),
                         load=_mean([r["metrics"].get("loadavg_mean") for r in rs]),
                         budget=", ".join(sorted({_budget(r["params"], p) for r in rs})),
-                        commits=sorted({r["tags"].get("git_commit", "unknown")[:10] for r in rs}),
+                        commits=sorted({_short_commit(r["tags"].get("git_commit", "unknown")) for r in rs}),
                         run_ids=[r["run_id"] for r in rs])
             for p, rs in latest_pretrainings(runs).items()]
 

@@ -63,6 +63,9 @@ def test_write_outputs_and_names_the_best_uncollapsed(tmp_path):
     assert "| moam | 0 | 10.00 | -60.00 |" in md and "0.90 collapsed" in md
     # the pre-trainings table: CPU-min, k-NN and linear test probes, last val k-NN, commit, load, budget
     assert "| rotation | 0 | 2.00 | 50.00 | 60.00 | 52.00 | abcdef1234 | 1.5 | — |" in md
+    # a run started from a dirty tree keeps the mark after the short commit
+    dirty = [dict(RUNS[1], tags=dict(RUNS[1]["tags"], git_commit="0123456789abcdef-dirty"))]
+    assert results.rows_of([results.parse(r) for r in dirty])[0].commits == ["0123456789-dirty"]
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["curves"]["supervised"]["0"] == [[1, 0.5], [2, 0.6]]
     # a label-free pre-training's val monitor is plotted too (has it flattened?); PAWS's is its PAWS-NN row's
