@@ -104,3 +104,20 @@ def test_budget_is_the_method_section_over_train():
     paws = {**run, "metrics": {"paws_nn_top1": 0.7}, "tags": {"pretext": "paws"}}
     assert results.parse(paws).budget == "1000 x 32"
     assert results.parse({**run, "params": {"split.seed": "0"}}).budget == "—"
+
+
+def test_a_chain_is_costed_by_its_last_step(tmp_path):
+    """Issue 17 counts MOAM by its last step (S4L §5's chain moam -> moam_retrain -> moam_finetune), so that row
+    also carries the whole chain's CPU-minutes: 5 + 2 + 1 here; a chain with a missing step has no total."""
+    runs = [_run("m", 0, 1, method="moam", test_top1=0.7, cpu_seconds=300.0),
+            _run("r", 0, 2, method="moam_retrain", test_top1=0.71, cpu_seconds=120.0),
+            _run("f", 0, 3, method="moam_finetune", test_top1=0.72, cpu_seconds=60.0)]
+    rows = {r.name: r for r in results.rows_of([results.parse(r) for r in runs])}
+    assert rows["moam"].chain_cpu_minutes is None  # the first step is no chain's end
+    assert rows["moam_retrain"].chain_cpu_minutes == pytest.approx(7.0)
+    assert rows["moam_finetune"].cpu_minutes == pytest.approx(1.0)
+    assert rows["moam_finetune"].chain_cpu_minutes == pytest.approx(8.0)
+    results.write(runs, lambda run_id, key: [], tmp_path / "r.md", source="x")
+    assert "| moam_finetune | 0 | 72.00 | — | — | 1.00 (chain 8.00) |" in (tmp_path / "r.md").read_text()
+    broken = {r.name: r for r in results.rows_of([results.parse(r) for r in runs if r["run_id"] != "r"])}
+    assert broken["moam_finetune"].chain_cpu_minutes is None
