@@ -26,9 +26,6 @@ from ssl_ops.report import save_png
 BASELINE = "supervised"
 PAWS_NN = "paws_nn"  # the row made from PAWS pre-training runs
 COLLAPSE = 0.5  # a run whose commonest predicted class takes more than this share of the test set collapsed
-# chained methods (S4L §5's MOAM: each step starts from the previous step's model of the same split): a chain is
-# counted by its last step, so that row's cost is the whole chain's
-CHAINED = {"moam_retrain": "moam", "moam_finetune": "moam_retrain"}
 PRETEXT_CURVE = "knn_val_top1"  # a label-free pre-training's per-epoch val monitor (k-NN on the val split)
 
 
@@ -49,6 +46,8 @@ class Run:
     start_time: int
     curve_key: str  # the per-epoch val metric of this run (val_top1; PAWS-NN's val monitor)
     budget: str = "—"  # "steps x batch" of its training (the method's section overriding train), from its params
+    # a chained step's ``<method>.previous`` model (S4L §5's MOAM: models/moam.pt -> "moam"); None: not chained
+    previous: str | None = None
 
 
 def _budget(p: dict[str, Any], section: str) -> str:
@@ -62,6 +61,12 @@ def _budget(p: dict[str, Any], section: str) -> str:
     return f"{int(epochs) * int(steps)} x {batch}"
 
 
+def _previous(p: dict[str, Any], method: str) -> str | None:
+    """The method whose model this chained step started from, from its ``<method>.previous`` path (models/<m>.pt)."""
+    path = p.get(f"{method}.previous")
+    return None if path in (None, "None") else Path(path).stem
+
+
 def parse(run: dict[str, Any]) -> Run | None:
     """An evaluated training run or a PAWS pre-training as a :class:`Run`; None for anything else."""
     p, m, tags = run["params"], run["metrics"], run["tags"]
@@ -73,7 +78,7 @@ def parse(run: dict[str, Any]) -> Run | None:
     if tags.get("method") and "test_top1" in m:
         return Run(row=tags["method"], test_top1=m["test_top1"], val_top1=m.get("val_top1"),
                    max_class_fraction=m.get("test_max_class_fraction"), curve_key="val_top1",
-                   budget=_budget(p, tags["method"]), **common)
+                   budget=_budget(p, tags["method"]), previous=_previous(p, tags["method"]), **common)
     if tags.get("pretext") == "paws" and "paws_nn_top1" in m:
         return Run(row=PAWS_NN, test_top1=m["paws_nn_top1"], val_top1=m.get("paws_nn_val_top1"),
                    max_class_fraction=m.get("paws_nn_max_class_fraction"), curve_key="paws_nn_val_top1",
@@ -116,7 +121,9 @@ class Row:
     load: float | None
     run_ids: list[str] = field(default_factory=list)
     budgets: list[str] = field(default_factory=list)  # "steps x batch" of its runs
-    chain_cpu_minutes: float | None = None  # a chained step (CHAINED): its CPU-min plus every earlier step's
+    previous: str | None = None  # a chained step's previous step (its runs' ``<method>.previous``)
+    chain_cpu_minutes: float | None = None  # a chained step: its CPU-min plus every earlier step's (a chain is
+    # counted by its last step, as MOAM's)
 
     @property
     def collapsed(self) -> bool:
@@ -143,15 +150,15 @@ def rows_of(runs: list[Run]) -> list[Row]:
             max_class_fraction=max(fractions) if fractions else None,
             presets=sorted({r.presets for r in rs if r.presets}),
             commits=sorted({_short_commit(r.git_commit) for r in rs}),
-            load=_mean([r.load for r in rs]), run_ids=[r.run_id for r in rs], budgets=sorted({r.budget for r in rs})))
+            load=_mean([r.load for r in rs]), run_ids=[r.run_id for r in rs], budgets=sorted({r.budget for r in rs}),
+            previous=next((r.previous for r in rs if r.previous), None)))
     by_name = {row.name: row for row in out}
     for row in out:
-        total, name = row.cpu_minutes, row.name
-        while total is not None and name in CHAINED:
-            name = CHAINED[name]
-            prev = by_name.get(name)
-            total = None if prev is None or prev.cpu_minutes is None else total + prev.cpu_minutes
-        if row.name in CHAINED:
+        total, step = row.cpu_minutes, row
+        while total is not None and step.previous is not None:
+            step = by_name.get(step.previous)
+            total = None if step is None or step.cpu_minutes is None else total + step.cpu_minutes
+        if row.previous is not None:
             row.chain_cpu_minutes = total
     return sorted(out, key=lambda row: (row.name != BASELINE, -row.mean))
 
@@ -186,8 +193,8 @@ def latest_pretrainings(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, 
     return out
 
 
-def pretrainings_of(runs: list[dict[str, Any]]) -> list[Pretraining]:
-    """The pre-trainings' costs and probes (latest run per pretext and split)."""
+def pretrainings_of(latest: dict[str, list[dict[str, Any]]]) -> list[Pretraining]:
+    """The pre-trainings' costs and probes, from :func:`latest_pretrainings`."""
     return [Pretraining(p, [int(r["params"].get("split.seed", -1)) for r in rs],
                         statistics.fmean(r["metrics"]["cpu_seconds"] for r in rs) / 60,
                         _mean([r["metrics"].get("knn_top1") for r in rs]),
@@ -197,7 +204,7 @@ def pretrainings_of(runs: list[dict[str, Any]]) -> list[Pretraining]:
                         budget=", ".join(sorted({_budget(r["params"], p) for r in rs})),
                         commits=sorted({_short_commit(r["tags"].get("git_commit", "unknown")) for r in rs}),
                         run_ids=[r["run_id"] for r in rs])
-            for p, rs in latest_pretrainings(runs).items()]
+            for p, rs in latest.items()]
 
 
 def _short(path: str) -> str:
@@ -346,12 +353,13 @@ def write(runs: list[dict[str, Any]], history, out: Path, source: str, expected:
     for r in latest(parsed):
         # training logs one point per epoch (step = epoch >= 1); `ssl-ops evaluate` may add its final value at step 0
         curves.setdefault(r.row, {})[r.seed] = [(step, v) for step, v in history(r.run_id, r.curve_key) if step > 0]
-    for pretext, rs in latest_pretrainings(runs).items():
+    latest_pre = latest_pretrainings(runs)
+    for pretext, rs in latest_pre.items():
         if pretext != "paws":  # PAWS's curve is its PAWS-NN row's
             for run in rs:
                 points = [(step, v) for step, v in history(run["run_id"], PRETEXT_CURVE) if step > 0]
                 curves.setdefault(f"pretrain {pretext} (k-NN)", {})[int(run["params"].get("split.seed", -1))] = points
-    pretrainings, missing = pretrainings_of(runs), missing_rows(rows, expected or [])
+    pretrainings, missing = pretrainings_of(latest_pre), missing_rows(rows, expected or [])
     plot(rows, png)
     plot_curves(curves, curves_png)
     io.write_json(out.with_suffix(".json"), {

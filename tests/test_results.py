@@ -112,6 +112,9 @@ def test_a_chain_is_costed_by_its_last_step(tmp_path):
     runs = [_run("m", 0, 1, method="moam", test_top1=0.7, cpu_seconds=300.0),
             _run("r", 0, 2, method="moam_retrain", test_top1=0.71, cpu_seconds=120.0),
             _run("f", 0, 3, method="moam_finetune", test_top1=0.72, cpu_seconds=60.0)]
+    # each step names the model it started from, as the runs log it
+    runs[1]["params"]["moam_retrain.previous"] = "models/moam.pt"
+    runs[2]["params"]["moam_finetune.previous"] = "models/moam_retrain.pt"
     rows = {r.name: r for r in results.rows_of([results.parse(r) for r in runs])}
     assert rows["moam"].chain_cpu_minutes is None  # the first step is no chain's end
     assert rows["moam_retrain"].chain_cpu_minutes == pytest.approx(7.0)
