@@ -161,10 +161,20 @@ def cmd_results(args) -> None:
     experiment = args.experiment or params.tracking.experiment
     out_path = Path(args.out or f"reports/results_{experiment}.md")
     runs = tracking.search_runs(params.tracking, experiment)
+
+    def history(run_id: str, key: str) -> list[tuple[int, float]]:
+        return tracking.metric_history(params.tracking, run_id, key)
+
+    source = f"experiment `{experiment}`"
+    if args.ledger:  # the committed record of the campaign's runs: the store's runs join it, the report reads it
+        ledger = Path(args.ledger)
+        written = results.update_ledger(ledger, runs, history)
+        runs = results.read_ledger(ledger)
+        history = results.ledger_history(runs)  # noqa: F811 (from here on the ledger's curves)
+        source += f" and the ledger `{ledger.name}/` ({len(runs)} runs, {written} added now)"
     # a campaign's table keeps a line for every registered method not measured yet (issue 17)
     expected = [*sorted(METHODS), results.PAWS_NN] if args.all_methods else []
-    rows = results.write(runs, lambda run_id, key: tracking.metric_history(params.tracking, run_id, key), out_path,
-                         source=f"experiment `{experiment}`", expected=expected)
+    rows = results.write(runs, history, out_path, source=source, expected=expected)
     if not rows:
         raise SslOpsError(f"no evaluated runs in MLflow experiment {experiment!r} at "
                           f"{tracking.mask_uri(tracking.tracking_uri(params.tracking))}: run the campaign first "
@@ -313,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
             "curves, from MLflow -> reports/results_<experiment>.md + .json + PNGs")
     p.add_argument("--experiment", default=None, help="MLflow experiment to read (default: tracking.experiment)")
     p.add_argument("--out", default=None, help="the markdown file (default: reports/results_<experiment>.md)")
+    p.add_argument("--ledger", default=None, metavar="DIR",
+                   help="a folder of run records kept in git (pipelines/fmnist_10pc/runs): the experiment's runs are "
+                        "added to it and the report is made from it, so a clone without the MLflow store rebuilds it")
     p.add_argument("--all-methods", action="store_true",
                    help="name every registered method (and PAWS-NN) that has no evaluated run yet")
     p = add("promote", cmd_promote, "register a run's model (alias challenger); make it champion if it wins on val")

@@ -11,11 +11,20 @@ top-1 (what recipes were chosen on), CPU-minutes (process CPU time of the traini
 included), the commonest predicted class's share of the test set (a collapsed model predicts one class), the
 recipe (``--preset`` files), git commits and the mean 1-minute load average during training. Label-free
 pre-trainings are a table of their own: a transfer method costs its row plus the pre-training it starts from.
+
+The campaign's ledger (``--ledger DIR``, ``pipelines/fmnist_10pc/runs/``, committed to git): one small JSON file per
+(row, split) and per pre-training, holding what the report reads of that run (its params of the report's sections,
+its metrics and tags, its val curve). Every report adds the runs it reads from MLflow to the ledger and reads from it
+the runs the store no longer has, so a fresh clone, whose MLflow store is empty (``mlflow.db`` is not in git), rebuilds
+the same report, and a campaign spread over several machines or sessions keeps every row it measured. The latest run
+of a (row, split) replaces an older one, as in :func:`latest`.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,6 +214,60 @@ def pretrainings_of(latest: dict[str, list[dict[str, Any]]]) -> list[Pretraining
                         commits=sorted({_short_commit(r["tags"].get("git_commit", "unknown")) for r in rs}),
                         run_ids=[r["run_id"] for r in rs])
             for p, rs in latest.items()]
+
+
+def _ledger_name(run: dict[str, Any]) -> str | None:
+    """The ledger file of a run the report reads: ``<method>-seed<S>`` or ``pretrain-<pretext>-seed<S>``; None for
+    any other run (unfinished, never evaluated, a tuning trial's parent...)."""
+    parsed = parse(run)
+    if parsed is not None and parsed.row != PAWS_NN:
+        return f"{parsed.row}-seed{parsed.seed}"
+    pretext = run["tags"].get("pretext")
+    if run["status"] == "FINISHED" and pretext and "cpu_seconds" in run["metrics"]:
+        return f"pretrain-{pretext}-seed{run['params'].get('split.seed', '?')}"
+    return None
+
+
+def ledger_record(run: dict[str, Any], history: Callable[[str, str], list]) -> dict[str, Any]:
+    """What the report reads of ``run``: the params of the sections it looks at (``split``, ``train``, ``model`` and
+    the method's or pretext's own: budget, chain), every metric and tag, and the per-epoch curves it plots."""
+    section = run["tags"].get("method") or run["tags"].get("pretext")
+    keep = ("split.", "train.", "model.", f"{section}.")
+    curves = {key: [list(point) for point in history(run["run_id"], key)]
+              for key in ("val_top1", "paws_nn_val_top1", PRETEXT_CURVE) if key in run["metrics"]}
+    return {"run_id": run["run_id"], "name": run.get("name"), "status": run["status"],
+            "start_time": run["start_time"], "params": {k: v for k, v in run["params"].items() if k.startswith(keep)},
+            "metrics": run["metrics"], "tags": run["tags"], "history": curves}
+
+
+def read_ledger(folder: Path) -> list[dict[str, Any]]:
+    """Every record of the ledger ``folder`` (none if it does not exist yet)."""
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+
+
+def update_ledger(folder: Path, runs: list[dict[str, Any]], history: Callable[[str, str], list]) -> int:
+    """Add each of ``runs`` the report reads to the ledger ``folder``, unless the ledger already holds that run or a
+    later one of its (row, split); returns how many files were written."""
+    held = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
+    written = 0
+    for run in sorted(runs, key=lambda r: r["start_time"] or 0):
+        name = _ledger_name(run)
+        if name is None:
+            continue
+        old = held.get(name)
+        if old is not None and (old["run_id"] == run["run_id"] and old["metrics"] == run["metrics"]
+                                or (old["start_time"] or 0) > (run["start_time"] or 0)):
+            continue
+        held[name] = ledger_record(run, history)
+        io.write_json(folder / f"{name}.json", held[name])  # atomic: a killed report leaves no half-written record
+        written += 1
+    return written
+
+
+def ledger_history(records: list[dict[str, Any]]) -> Callable[[str, str], list[tuple[int, float]]]:
+    """``history(run_id, key)`` over ledger records, as :func:`ssl_ops.tracking.metric_history` over a store."""
+    by_id = {r["run_id"]: r.get("history", {}) for r in records}
+    return lambda run_id, key: [(int(step), float(v)) for step, v in by_id.get(run_id, {}).get(key, [])]
 
 
 def _short(path: str) -> str:
