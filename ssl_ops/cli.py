@@ -171,7 +171,8 @@ def cmd_results(args) -> None:
         written = results.update_ledger(ledger, runs, history)
         runs = results.read_ledger(ledger)
         history = results.ledger_history(runs)  # noqa: F811 (from here on the ledger's curves)
-        source += f" and the ledger `{ledger.name}/` ({len(runs)} runs, {written} added now)"
+        source += f" and its ledger `{ledger.name}/` ({len(runs)} runs)"
+        out.print(f"ledger {ledger}: {written} run records added or replaced, {len(runs)} in all")
     # a campaign's table keeps a line for every registered method not measured yet (issue 17)
     expected = [*sorted(METHODS), results.PAWS_NN] if args.all_methods else []
     rows = results.write(runs, history, out_path, source=source, expected=expected)

@@ -233,8 +233,11 @@ def ledger_record(run: dict[str, Any], history: Callable[[str, str], list]) -> d
     the method's or pretext's own: budget, chain), every metric and tag, and the per-epoch curves it plots."""
     section = run["tags"].get("method") or run["tags"].get("pretext")
     keep = ("split.", "train.", "model.", f"{section}.")
-    curves = {key: [list(point) for point in history(run["run_id"], key)]
-              for key in ("val_top1", "paws_nn_val_top1", PRETEXT_CURVE) if key in run["metrics"]}
+    parsed = parse(run)
+    keys = {parsed.curve_key} if parsed is not None else set()  # the row's curve (PAWS: PAWS-NN's)
+    if run["tags"].get("pretext"):
+        keys.add(PRETEXT_CURVE)  # a pre-training's own k-NN monitor
+    curves = {key: [list(point) for point in history(run["run_id"], key)] for key in sorted(keys)}
     return {"run_id": run["run_id"], "name": run.get("name"), "status": run["status"],
             "start_time": run["start_time"], "params": {k: v for k, v in run["params"].items() if k.startswith(keep)},
             "metrics": run["metrics"], "tags": run["tags"], "history": curves}
@@ -249,11 +252,13 @@ def update_ledger(folder: Path, runs: list[dict[str, Any]], history: Callable[[s
     """Add each of ``runs`` the report reads to the ledger ``folder``, unless the ledger already holds that run or a
     later one of its (row, split); returns how many files were written."""
     held = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
-    written = 0
-    for run in sorted(runs, key=lambda r: r["start_time"] or 0):
+    newest: dict[str, dict[str, Any]] = {}
+    for run in runs:
         name = _ledger_name(run)
-        if name is None:
-            continue
+        if name is not None and (name not in newest or (run["start_time"] or 0) > (newest[name]["start_time"] or 0)):
+            newest[name] = run
+    written = 0
+    for name, run in sorted(newest.items()):
         old = held.get(name)
         if old is not None and (old["run_id"] == run["run_id"] and old["metrics"] == run["metrics"]
                                 or (old["start_time"] or 0) > (run["start_time"] or 0)):

@@ -36,7 +36,8 @@ def campaign(tmp_path) -> Path:
     (linked); the campaign's params switched to digits, 2 splits, 2 methods, 1 pretext, a few steps each."""
     (tmp_path / "pipelines").mkdir()
     shutil.copytree(CAMPAIGN, tmp_path / "pipelines" / "fmnist_10pc",
-                    ignore=shutil.ignore_patterns("seed*", "data", "models", "metrics", "mlflow.db", "dvc.lock"))
+                    ignore=shutil.ignore_patterns("seed*", "data", "models", "metrics", "mlflow.db", "dvc.lock",
+                                                  "runs"))
     shutil.copytree(ROOT / "presets", tmp_path / "presets")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "ssl_ops").symlink_to(ROOT / "ssl_ops")
@@ -77,9 +78,18 @@ def test_campaign_runs_per_split_and_reports(campaign):
     for seed in (0, 1):
         assert (campaign / f"seed{seed}" / "models" / "supervised.pt").is_file()
     # the report stage needs every split's metrics (dvc repro runs it last); mid-campaign, run.sh runs it alone
-    _run(["./run.sh", "shared", "results", "--out", "../../reports/results_fmnist_10pc.md"], campaign)
+    report = ["./run.sh", "shared", "results", "--ledger", "runs", "--out", "../../reports/results_fmnist_10pc.md"]
+    _run(report, campaign)
     md = (campaign.parents[1] / "reports" / "results_fmnist_10pc.md").read_text()
     assert "| supervised | 0,1 |" in md and "| paws_nn | 0 |" in md
+    assert sorted(p.name for p in (campaign / "runs").iterdir()) == [
+        "pretrain-paws-seed0.json", "supervised-seed0.json", "supervised-seed1.json"]
+    # a clone has the ledger (in git) but not the MLflow store: the same table from the ledger alone
+    (campaign / "mlflow.db").rename(campaign / "moved.db")
+    _run(report, campaign)
+    again = (campaign.parents[1] / "reports" / "results_fmnist_10pc.md").read_text()
+    assert again == md
+    (campaign / "moved.db").rename(campaign / "mlflow.db")
     status = _run(["dvc", "status", *targets[:-1]], campaign).stdout
     assert "up to date" in status, status
     # issue 17: `dvc exp run -S` of one recipe value re-runs that method's stages and no other (`++` adds a key the

@@ -124,3 +124,44 @@ def test_a_chain_is_costed_by_its_last_step(tmp_path):
     assert "| moam_finetune | 0 | 72.00 | — | — | 1.00 (chain 8.00) |" in (tmp_path / "r.md").read_text()
     broken = {r.name: r for r in results.rows_of([results.parse(r) for r in runs if r["run_id"] != "r"])}
     assert broken["moam_finetune"].chain_cpu_minutes is None
+
+
+def test_the_ledger_rebuilds_the_report_without_the_store(tmp_path):
+    """`ssl-ops results --ledger runs`: the runs the report reads go into committed records; a clone whose MLflow
+    store is empty (mlflow.db is not in git) then writes the same report from the ledger alone."""
+    def history(run_id, key):
+        return [(1, 0.5), (2, 0.6)] if key in ("val_top1", "knn_val_top1", "paws_nn_val_top1") else []
+
+    with_store, ledger = tmp_path / "a" / "r.md", tmp_path / "runs"
+    results.write(RUNS, history, with_store, source="x")
+    # one file per (row, split) and per pre-training; the replaced, failed and never-evaluated runs are not kept
+    assert results.update_ledger(ledger, RUNS, history) == 8
+    assert sorted(p.stem for p in ledger.glob("*.json")) == [
+        "moam-seed0", "pretrain-paws-seed0", "pretrain-rotation-seed0", "supervised-seed0", "supervised-seed1",
+        "supervised-seed2", "vat-seed0", "vat-seed1"]
+    assert json.loads((ledger / "supervised-seed0.json").read_text())["run_id"] == "s0"
+    assert results.update_ledger(ledger, RUNS, history) == 0  # nothing new: no file rewritten
+    records = results.read_ledger(ledger)
+    without_store = tmp_path / "b" / "r.md"
+    results.write(records, results.ledger_history(records), without_store, source="x")
+    assert without_store.read_text() == with_store.read_text()
+    assert (json.loads(without_store.with_suffix(".json").read_text())
+            == json.loads(with_store.with_suffix(".json").read_text()))
+
+
+def test_the_ledger_keeps_the_latest_run_of_a_split(tmp_path):
+    """A re-run replaces its record; an older run (e.g. from a store that lags the ledger) never does; a record
+    keeps only the params of the sections the report reads."""
+    ledger = tmp_path / "runs"
+    old = _run("v0-old", 0, 1, method="vat", test_top1=0.70, cpu_seconds=60.0)
+    new = _run("v0-new", 0, 9, method="vat", test_top1=0.76, cpu_seconds=60.0)
+    new["params"].update({"vat.eps": "1.5", "train.lr": "0.03", "tracking.uri": "sqlite:///secret.db"})
+    assert results.update_ledger(ledger, [new], lambda *a: []) == 1
+    assert results.update_ledger(ledger, [old], lambda *a: []) == 0
+    record = json.loads((ledger / "vat-seed0.json").read_text())
+    assert record["run_id"] == "v0-new" and record["metrics"]["test_top1"] == 0.76
+    assert record["params"] == {"split.seed": "0", "vat.eps": "1.5", "train.lr": "0.03"}
+    newer = _run("v0-newer", 0, 10, method="vat", test_top1=0.74, cpu_seconds=60.0)
+    assert results.update_ledger(ledger, [old, newer], lambda *a: []) == 1
+    assert json.loads((ledger / "vat-seed0.json").read_text())["run_id"] == "v0-newer"
+    assert results.read_ledger(tmp_path / "none") == []
