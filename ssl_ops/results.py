@@ -333,7 +333,7 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
             f"| {'<br>'.join(_short(p) for ps in r.presets for p in ps.split(',')) or 'params.yaml'} "
             f"| {' '.join(r.commits)} | {'—' if r.load is None else f'{r.load:.1f}'} | {', '.join(r.budgets)} |")
     if missing:
-        lines += ["", f"Not measured yet (no evaluated run in this experiment): {', '.join(missing)}."]
+        lines += ["", f"Not measured yet (no evaluated run in the sources above): {', '.join(missing)}."]
     if pretrainings:
         lines += ["", "Pre-trainings (label-free ones run once and serve every split; PAWS reads the labels and runs "
                   "per split). Probes on the frozen backbone, fit on the split's labeled images: k-NN and "

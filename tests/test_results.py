@@ -83,7 +83,7 @@ def test_rows_not_measured_yet_are_named(tmp_path):
     rows = results.write(RUNS, lambda run_id, key: keys.append((run_id, key)) or [], out, source="x",
                          expected=["supervised", "pi_model", "vat", "alternating", "paws_nn"])
     assert results.missing_rows(rows, ["pi_model", "supervised", "alternating"]) == ["pi_model", "alternating"]
-    assert "Not measured yet (no evaluated run in this experiment): pi_model, alternating." in out.read_text()
+    assert "Not measured yet (no evaluated run in the sources above): pi_model, alternating." in out.read_text()
     assert json.loads(out.with_suffix(".json").read_text())["missing"] == ["pi_model", "alternating"]
     assert ("p0", "paws_nn_val_top1") in keys and ("s0", "val_top1") in keys
 
