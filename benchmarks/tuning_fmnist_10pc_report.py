@@ -1,6 +1,6 @@
 """reports/tuning_fmnist_10pc.md (+ .json, trials CSV, PNG) from the issue-17 studies and the frozen recipes.
 
-    python -m benchmarks.tuning_fmnist_10pc_report [--storage sqlite:///tuning/optuna.db] [--study sup-fmnist10pc]
+    python -m benchmarks.tuning_fmnist_10pc_report [--storage sqlite:///tuning/optuna.db | journal:PATH] [--study sup-fmnist10pc]
         [--out reports/tuning_fmnist_10pc]
 
 Reads every trial of each ``--study`` (values, val top-1 = the objective, per-epoch val curve = Optuna's
@@ -21,6 +21,7 @@ import optuna
 
 from benchmarks.common import environment
 from ssl_ops import io
+from ssl_ops.tuning import make_storage
 
 OUT = Path("reports/tuning_fmnist_10pc")
 
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(OUT), help="output path without suffix (default: %(default)s)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    studies = {s: trials(optuna.load_study(study_name=s, storage=args.storage)) for s in args.study}
+    storage, _ = make_storage(args.storage)  # an RDB URL or journal:PATH, as `ssl-ops tune --storage`
+    studies = {s: trials(optuna.load_study(study_name=s, storage=storage)) for s in args.study}
     paths = [Path(p) for p in args.recipes] if args.recipes is not None else sorted(Path("reports/recipes").glob("*.json"))
     recipes = {p.stem: json.loads(p.read_text()) for p in paths}
     env = environment()
