@@ -162,15 +162,15 @@ def cmd_results(args) -> None:
     out_path = Path(args.out or f"reports/results_{experiment}.md")
     runs = tracking.search_runs(params.tracking, experiment)
 
-    def history(run_id: str, key: str) -> list[tuple[int, float]]:
+    def store_history(run_id: str, key: str) -> list[tuple[int, float]]:
         return tracking.metric_history(params.tracking, run_id, key)
 
-    source = f"experiment `{experiment}`"
+    history, source = store_history, f"experiment `{experiment}`"
     if args.ledger:  # the committed record of the campaign's runs: the store's runs join it, the report reads it
         ledger = Path(args.ledger)
-        written = results.update_ledger(ledger, runs, history)
+        written = results.update_ledger(ledger, runs, store_history)
         runs = results.read_ledger(ledger)
-        history = results.ledger_history(runs)  # noqa: F811 (from here on the ledger's curves)
+        history = results.ledger_history(runs)
         source += f" and its ledger `{ledger.name}/` ({len(runs)} runs)"
         out.print(f"ledger {ledger}: {written} run records added or replaced, {len(runs)} in all")
     # a campaign's table keeps a line for every registered method not measured yet (issue 17)
