@@ -95,12 +95,20 @@ def parse(run: dict[str, Any]) -> Run | None:
     return None
 
 
+def newest(items: list, key: Callable[[Any], Any], start: Callable[[Any], int]) -> dict[Any, Any]:
+    """The item with the latest ``start`` per ``key`` (items whose key is None are left out): a re-run replaces the
+    run it repeats."""
+    out: dict[Any, Any] = {}
+    for item in items:
+        k = key(item)
+        if k is not None and (k not in out or start(item) > start(out[k])):
+            out[k] = item
+    return out
+
+
 def latest(runs: list[Run]) -> list[Run]:
-    """The latest run of each (row, split): a re-run replaces the run it repeats."""
-    best: dict[tuple[str, int], Run] = {}
-    for r in runs:
-        if (r.row, r.seed) not in best or r.start_time > best[(r.row, r.seed)].start_time:
-            best[(r.row, r.seed)] = r
+    """The latest run of each (row, split)."""
+    best = newest(runs, lambda r: (r.row, r.seed), lambda r: r.start_time)
     return sorted(best.values(), key=lambda r: (r.row, r.seed))
 
 
@@ -186,18 +194,22 @@ class Pretraining:
     run_ids: list[str] = field(default_factory=list)
 
 
+def _start(run: dict[str, Any]) -> int:
+    return run["start_time"] or 0
+
+
+def _pretraining(run: dict[str, Any]) -> tuple[str, str] | None:
+    """(pretext, split seed) of a finished pre-training run; None for any other run."""
+    pretext = run["tags"].get("pretext")
+    if run["status"] != "FINISHED" or not pretext or "cpu_seconds" not in run["metrics"]:
+        return None
+    return pretext, run["params"].get("split.seed", "?")
+
+
 def latest_pretrainings(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """The finished pre-training runs, the latest per pretext and split, grouped by pretext."""
-    latest_runs: dict[tuple[str, str], dict] = {}
-    for run in runs:
-        pretext = run["tags"].get("pretext")
-        if run["status"] != "FINISHED" or not pretext or "cpu_seconds" not in run["metrics"]:
-            continue
-        key = (pretext, run["params"].get("split.seed", "?"))
-        if key not in latest_runs or (run["start_time"] or 0) > (latest_runs[key]["start_time"] or 0):
-            latest_runs[key] = run
     out: dict[str, list[dict]] = {}
-    for (pretext, _), run in sorted(latest_runs.items()):
+    for (pretext, _), run in sorted(newest(runs, _pretraining, _start).items()):
         out.setdefault(pretext, []).append(run)
     return out
 
@@ -222,10 +234,8 @@ def _ledger_name(run: dict[str, Any]) -> str | None:
     parsed = parse(run)
     if parsed is not None and parsed.row != PAWS_NN:
         return f"{parsed.row}-seed{parsed.seed}"
-    pretext = run["tags"].get("pretext")
-    if run["status"] == "FINISHED" and pretext and "cpu_seconds" in run["metrics"]:
-        return f"pretrain-{pretext}-seed{run['params'].get('split.seed', '?')}"
-    return None
+    pre = _pretraining(run)  # PAWS's runs too: its pre-training row and its PAWS-NN row come from one record
+    return None if pre is None else f"pretrain-{pre[0]}-seed{pre[1]}"
 
 
 def ledger_record(run: dict[str, Any], history: Callable[[str, str], list]) -> dict[str, Any]:
@@ -252,16 +262,11 @@ def update_ledger(folder: Path, runs: list[dict[str, Any]], history: Callable[[s
     """Add each of ``runs`` the report reads to the ledger ``folder``, unless the ledger already holds that run or a
     later one of its (row, split); returns how many files were written."""
     held = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
-    newest: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        name = _ledger_name(run)
-        if name is not None and (name not in newest or (run["start_time"] or 0) > (newest[name]["start_time"] or 0)):
-            newest[name] = run
     written = 0
-    for name, run in sorted(newest.items()):
+    for name, run in sorted(newest(runs, _ledger_name, _start).items()):
         old = held.get(name)
         if old is not None and (old["run_id"] == run["run_id"] and old["metrics"] == run["metrics"]
-                                or (old["start_time"] or 0) > (run["start_time"] or 0)):
+                                or _start(old) > _start(run)):
             continue
         held[name] = ledger_record(run, history)
         io.write_json(folder / f"{name}.json", held[name])  # atomic: a killed report leaves no half-written record
