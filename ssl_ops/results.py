@@ -57,6 +57,8 @@ class Run:
     budget: str = "—"  # "steps x batch" of its training (the method's section overriding train), from its params
     # a chained step's ``<method>.previous`` model (S4L §5's MOAM: models/moam.pt -> "moam"); None: not chained
     previous: str | None = None
+    # the checkpoint it started from (``<method>.init`` / ``.pretrained``: "rotation.pt"); None: from scratch
+    starts_from: str | None = None
 
 
 def _budget(p: dict[str, Any], section: str) -> str:
@@ -76,6 +78,15 @@ def _previous(p: dict[str, Any], method: str) -> str | None:
     return None if path in (None, "None") else Path(path).stem
 
 
+def _starts_from(p: dict[str, Any], method: str) -> str | None:
+    """The file name of the checkpoint a run started from (a pre-training: Rebuffi et al.'s "with T.L."), if any."""
+    for key in ("init", "pretrained"):
+        path = p.get(f"{method}.{key}")
+        if path not in (None, "None"):
+            return Path(path).name
+    return None
+
+
 def parse(run: dict[str, Any]) -> Run | None:
     """An evaluated training run or a PAWS pre-training as a :class:`Run`; None for anything else."""
     p, m, tags = run["params"], run["metrics"], run["tags"]
@@ -87,7 +98,8 @@ def parse(run: dict[str, Any]) -> Run | None:
     if tags.get("method") and "test_top1" in m:
         return Run(row=tags["method"], test_top1=m["test_top1"], val_top1=m.get("val_top1"),
                    max_class_fraction=m.get("test_max_class_fraction"), curve_key="val_top1",
-                   budget=_budget(p, tags["method"]), previous=_previous(p, tags["method"]), **common)
+                   budget=_budget(p, tags["method"]), previous=_previous(p, tags["method"]),
+                   starts_from=_starts_from(p, tags["method"]), **common)
     if tags.get("pretext") == "paws" and "paws_nn_top1" in m:
         return Run(row=PAWS_NN, test_top1=m["paws_nn_top1"], val_top1=m.get("paws_nn_val_top1"),
                    max_class_fraction=m.get("paws_nn_max_class_fraction"), curve_key="paws_nn_val_top1",
@@ -139,6 +151,7 @@ class Row:
     run_ids: list[str] = field(default_factory=list)
     budgets: list[str] = field(default_factory=list)  # "steps x batch" of its runs
     previous: str | None = None  # a chained step's previous step (its runs' ``<method>.previous``)
+    starts_from: list[str] = field(default_factory=list)  # its runs' start checkpoints (``Run.starts_from``)
     chain_cpu_minutes: float | None = None  # a chained step: its CPU-min plus every earlier step's (a chain is
     # counted by its last step, as MOAM's)
 
@@ -168,7 +181,8 @@ def rows_of(runs: list[Run]) -> list[Row]:
             presets=sorted({r.presets for r in rs if r.presets}),
             commits=sorted({_short_commit(r.git_commit) for r in rs}),
             load=_mean([r.load for r in rs]), run_ids=[r.run_id for r in rs], budgets=sorted({r.budget for r in rs}),
-            previous=next((r.previous for r in rs if r.previous), None)))
+            previous=next((r.previous for r in rs if r.previous), None),
+            starts_from=sorted({r.starts_from for r in rs if r.starts_from})))
     by_name = {row.name: row for row in out}
     for row in out:
         total, step = row.cpu_minutes, row
@@ -335,7 +349,8 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
             f"| {'—' if r.cpu_minutes is None else f'{r.cpu_minutes:.2f}'}"
             f"{'' if r.chain_cpu_minutes is None else f' (chain {r.chain_cpu_minutes:.2f})'} "
             f"| {'—' if r.max_class_fraction is None else f'{r.max_class_fraction:.2f}'}{flag} "
-            f"| {'<br>'.join(_short(p) for ps in r.presets for p in ps.split(',')) or 'params.yaml'} "
+            f"| {'<br>'.join([_short(p) for ps in r.presets for p in ps.split(',')] or ['params.yaml'])}"
+            f"{''.join(f'<br>from {c}' for c in r.starts_from)} "
             f"| {' '.join(r.commits)} | {'—' if r.load is None else f'{r.load:.1f}'} | {', '.join(r.budgets)} |")
     if missing:
         lines += ["", f"Not measured yet (no evaluated run in the sources above): {', '.join(missing)}."]

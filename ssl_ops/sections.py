@@ -217,7 +217,9 @@ class PrunerParams(Section):
 class TuneParams(Section):
     """``tune.spaces.<method>`` maps params key paths (``train.lr``) to the range a trial samples from."""
 
-    sampler: Literal["tpe", "random"] = "tpe"
+    # grid: every combination of the method's categorical choices once (Optuna's GridSampler); workers on one
+    # storage share the grid, and a study stops when it is visited. For a few values that must each be tried.
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
     # The sampler is seeded with seed + the number of trials already in the study, so a resumed study does
     # not replay its first suggestions. Workers started together on one storage need different seeds.
     seed: int | None = Field(0, ge=0)

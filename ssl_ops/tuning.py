@@ -126,9 +126,17 @@ def _rdb_storage(url: str, beat: dict[str, Any], attempts: int = 6) -> optuna.st
     raise AssertionError("unreachable")
 
 
-def make_sampler(tune: TuneParams, n_existing: int) -> optuna.samplers.BaseSampler:
+def make_sampler(tune: TuneParams, n_existing: int,
+                 space: dict[str, FloatSpace | IntSpace | CategoricalSpace]) -> optuna.samplers.BaseSampler:
     # + n_existing: a resumed study must not replay the suggestions of its first call
     seed = None if tune.seed is None else tune.seed + n_existing
+    if tune.sampler == "grid":
+        ranges = [k for k, s in space.items() if not isinstance(s, CategoricalSpace)]
+        if ranges:
+            raise TuningError(f"tune.sampler grid tries every combination of listed values, but {', '.join(ranges)} "
+                              "is a range; give it {type: categorical, choices: [...]} or use sampler random or tpe")
+        # the grid points are what suggest() hands Optuna (a list choice as its JSON text), or they never match
+        return optuna.samplers.GridSampler({k: _optuna_choices(s) for k, s in space.items()}, seed=seed)
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -196,10 +204,15 @@ def suggest(trial: optuna.Trial, key: str, space: FloatSpace | IntSpace | Catego
         return trial.suggest_float(key, space.low, space.high, log=space.log, step=space.step)
     if isinstance(space, IntSpace):
         return trial.suggest_int(key, space.low, space.high, step=space.step, log=space.log)
-    if any(isinstance(c, list) for c in space.choices):  # Optuna's choices are scalars: a list goes as JSON text
-        return _decode(trial.suggest_categorical(key, [json.dumps(c) if isinstance(c, list) else c
-                                                       for c in space.choices]))
-    return trial.suggest_categorical(key, space.choices)
+    value = trial.suggest_categorical(key, _optuna_choices(space))
+    return _decode(value) if any(isinstance(c, list) for c in space.choices) else value
+
+
+def _optuna_choices(space: CategoricalSpace) -> list[Any]:
+    """The choices as Optuna takes them: scalars, so a list choice goes as its JSON text (``_decode`` reads it)."""
+    if any(isinstance(c, list) for c in space.choices):
+        return [json.dumps(c) if isinstance(c, list) else c for c in space.choices]
+    return list(space.choices)
 
 
 def _decode(value: Any) -> Any:
@@ -343,7 +356,7 @@ def run_study(method: str, params: BaseParams, *, trials: int | None = 20, timeo
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise TuningError(f"study {name!r} in {url} does not maximise; it is not an ssl-ops study")
     _check_comparable(study, fixed_params(params, method), url)
-    study.sampler = make_sampler(params.tune, len(study.trials))
+    study.sampler = make_sampler(params.tune, len(study.trials), search_space(params, method))
     study.pruner = make_pruner(params.tune.pruner, getattr(params, method).train_params(params.train).epochs)
     if not quiet:
         counts = _counts(study)

@@ -126,6 +126,23 @@ def test_a_chain_is_costed_by_its_last_step(tmp_path):
     assert broken["moam_finetune"].chain_cpu_minutes is None
 
 
+def test_a_transfer_row_names_the_checkpoint_it_started_from(tmp_path):
+    """Rebuffi et al.'s "with T.L." rows start from a pre-training (``<method>.init``, or ``.pretrained`` for
+    SimCLRv2 / cluster transfer): the recipe cell says which, so it is not read as from scratch."""
+    runs = [_run("s", 0, 1, method="supervised", test_top1=0.70),
+            _run("t", 0, 2, method="mean_teacher", test_top1=0.71),
+            _run("c", 0, 3, method="simclrv2", test_top1=0.72)]
+    runs[0]["params"]["supervised.init"] = "None"  # as logged when unset
+    runs[1]["params"]["mean_teacher.init"] = "../models/pretrain/rotation.pt"
+    runs[2]["params"]["simclrv2.pretrained"] = "../models/pretrain/simclr.pt"
+    rows = {r.name: r for r in results.rows_of([results.parse(r) for r in runs])}
+    assert rows["supervised"].starts_from == [] and rows["mean_teacher"].starts_from == ["rotation.pt"]
+    results.write(runs, lambda run_id, key: [], tmp_path / "r.md", source="x")
+    md = (tmp_path / "r.md").read_text()
+    assert "| params.yaml<br>from rotation.pt |" in md and "| params.yaml<br>from simclr.pt |" in md
+    assert "| presets/fmnist_10pc/supervised.yaml |" in md
+
+
 def test_the_ledger_rebuilds_the_report_without_the_store(tmp_path):
     """`ssl-ops results --ledger runs`: the runs the report reads go into committed records; a clone whose MLflow
     store is empty (mlflow.db is not in git) then writes the same report from the ledger alone."""

@@ -188,6 +188,27 @@ def test_list_choice_round_trips_through_optuna():
     assert apply_overrides({}, [f"{key}={raw}"]) == {"paws": {"large_scale": [0.75, 1.0]}}
 
 
+def test_grid_sampler_runs_each_listed_point_once(workdir, mlflow_uri):
+    """sampler grid: the 2 x 2 listed values run once each over two calls, and the study stops when the grid is
+    visited (the second call asks for 5 and runs 1); a list choice is a grid point too; a range is refused."""
+    space = {"train.lr": {"type": "categorical", "choices": [0.05, 0.1]},
+             "supervised.label_smoothing": {"type": "categorical", "choices": [0.0, 0.1]}}
+    params = _params(workdir, space=space, sampler="grid")
+    run_study("supervised", params, trials=3, study_name="grid")
+    trials = run_study("supervised", params, trials=5, study_name="grid").study.trials
+    assert sorted((t.params["train.lr"], t.params["supervised.label_smoothing"]) for t in trials) == [
+        (0.05, 0.0), (0.05, 0.1), (0.1, 0.0), (0.1, 0.1)]
+
+    listed = tuning.CategoricalSpace(type="categorical", choices=[[0.5, 1.0], [0.75, 1.0], 3])
+    study = optuna.create_study(sampler=tuning.make_sampler(tuning.TuneParams(sampler="grid"), 0, {"k": listed}))
+    got = []
+    study.optimize(lambda t: got.append(tuning.suggest(t, "k", listed)) or 0.0, n_trials=5)
+    assert sorted(got, key=str) == sorted(listed.choices, key=str)
+
+    with pytest.raises(TuningError, match="train.lr is a range; give it {type: categorical"):
+        run_study("supervised", _params(workdir, sampler="grid"), trials=1, study_name="grid-range")
+
+
 def test_pruner_prunes(workdir, mlflow_uri):
     # a threshold no accuracy can reach: every trial must stop after its warm-up epoch
     params = _params(workdir, pruner={"kind": "threshold", "lower": 1.01, "n_warmup_steps": 1})
