@@ -135,8 +135,10 @@ def make_sampler(tune: TuneParams, n_existing: int,
         if ranges:
             raise TuningError(f"tune.sampler grid tries every combination of listed values, but {', '.join(ranges)} "
                               "is a range; give it {type: categorical, choices: [...]} or use sampler random or tpe")
-        # the grid points are what suggest() hands Optuna (a list choice as its JSON text), or they never match
-        return optuna.samplers.GridSampler({k: _optuna_choices(s) for k, s in space.items()}, seed=seed)
+        # the grid points are what suggest() hands Optuna (a list choice as its JSON text), or they never match.
+        # One fixed seed: a trial's grid id indexes the sampler's shuffled grid, so every call and every worker on
+        # the study must shuffle it alike (a seed per call or per worker re-ran points and skipped others)
+        return optuna.samplers.GridSampler({k: _optuna_choices(s) for k, s in space.items()}, seed=0)
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
