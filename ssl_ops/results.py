@@ -61,11 +61,17 @@ class Run:
     starts_from: str | None = None
 
 
+def _logged(p: dict[str, Any], key: str) -> str | None:
+    """A param as MLflow logged it, None when unset (logged as the text "None") or absent."""
+    v = p.get(key)
+    return None if v in (None, "None") else v
+
+
 def _budget(p: dict[str, Any], section: str) -> str:
     """"epochs*steps_per_epoch x batch_size" as the run resolved them (``<section>.<key>``, else ``train.<key>``)."""
     def value(key: str) -> str | None:
-        v = p.get(f"{section}.{key}")
-        return v if v not in (None, "None") else p.get(f"train.{key}")
+        v = _logged(p, f"{section}.{key}")
+        return v if v is not None else p.get(f"train.{key}")
     epochs, steps, batch = value("epochs"), value("steps_per_epoch"), value("batch_size")
     if None in (epochs, steps, batch):
         return "—"
@@ -74,17 +80,14 @@ def _budget(p: dict[str, Any], section: str) -> str:
 
 def _previous(p: dict[str, Any], method: str) -> str | None:
     """The method whose model this chained step started from, from its ``<method>.previous`` path (models/<m>.pt)."""
-    path = p.get(f"{method}.previous")
-    return None if path in (None, "None") else Path(path).stem
+    path = _logged(p, f"{method}.previous")
+    return None if path is None else Path(path).stem
 
 
 def _starts_from(p: dict[str, Any], method: str) -> str | None:
     """The file name of the checkpoint a run started from (a pre-training: Rebuffi et al.'s "with T.L."), if any."""
-    for key in ("init", "pretrained"):
-        path = p.get(f"{method}.{key}")
-        if path not in (None, "None"):
-            return Path(path).name
-    return None
+    path = _logged(p, f"{method}.init") or _logged(p, f"{method}.pretrained")
+    return None if path is None else Path(path).name
 
 
 def parse(run: dict[str, Any]) -> Run | None:
