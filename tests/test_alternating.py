@@ -3,11 +3,14 @@ ablation switches (no re-initialisation, no split, no temporal term) and refinem
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ssl_ops import io
+from ssl_ops.errors import ParamsError
 from ssl_ops.losses import soft_cross_entropy
 from ssl_ops.stages.pretrain import pretrain_briefly_for
 from ssl_ops.stages import build_method, load_data, train_stage
@@ -217,6 +220,41 @@ def test_refine_starts_from_the_mean_teacher(workdir, tiny):
     for key, v in m.model["net"].state_dict().items():
         torch.testing.assert_close(v, teacher[key], rtol=0, atol=0)
     assert m.soft
+
+
+def test_mean_teacher_refine_is_refine_mode_from_its_previous_step(workdir, tiny):
+    """mean_teacher_refine = alternating with refine on (Rebuffi et al. §4.3: soft labels, no split), its network
+    loaded whole from ``previous``, which the chain's report reads (models/<previous step>.pt)."""
+    train_stage("mean_teacher", tiny("train.epochs=1", "train.steps_per_epoch=1"))
+    Path("models/mean_teacher.pt").rename("models/mt_split0.pt")
+    params = tiny("mean_teacher_refine.previous=models/mt_split0.pt")
+    data, split, _ = load_data(params)
+    m = build_method("mean_teacher_refine", params, data, split)
+    teacher = {k.removeprefix("teacher.module."): v for k, v in io.torch_load("models/mt_split0.pt")["state_dict"].items()
+               if k.startswith("teacher.module.")}
+    for key, v in m.model["net"].state_dict().items():
+        torch.testing.assert_close(v, teacher[key], rtol=0, atol=0)
+    assert m.soft and not any(m.uses_split(c) for c in range(m.params.cycles))
+    assert all(not p.requires_grad for p in m.model["net"].backbone.blocks[:2].parameters())
+
+
+@pytest.mark.parametrize("override, match", [
+    ("mean_teacher_refine.refine=false", "train `alternating`"),
+    ("mean_teacher_refine.teacher=models/other.pt", "mean_teacher_refine.previous"),
+    ("mean_teacher_refine.init=models/pretrain/rotation.pt", "set init to null"),
+])
+def test_mean_teacher_refine_refuses_alternatings_own_start_keys(workdir, tiny, override, match):
+    with pytest.raises(ParamsError, match=match):
+        tiny(override)
+
+
+def test_mean_teacher_refine_without_its_mean_teacher_names_previous(workdir, tiny):
+    from ssl_ops.errors import CheckpointError
+
+    params = tiny()
+    data, split, _ = load_data(params)
+    with pytest.raises(CheckpointError, match="mean_teacher_refine.previous models/mean_teacher.pt does not exist"):
+        build_method("mean_teacher_refine", params, data, split)
 
 
 def test_refine_without_a_teacher_is_a_clear_error(workdir, tiny):

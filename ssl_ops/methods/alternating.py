@@ -107,21 +107,22 @@ class CycleState(nn.Module):
         self.register_buffer("cycle", torch.full((), -1, dtype=torch.long))
 
 
-def load_mean_teacher(net: nn.Module, path: Path) -> None:
-    """The EMA network of an ``ssl-ops train mean_teacher`` checkpoint into ``net`` (a Classifier)."""
+def load_mean_teacher(net: nn.Module, path: Path, key: str = "alternating.teacher") -> None:
+    """The EMA network of an ``ssl-ops train mean_teacher`` checkpoint into ``net`` (a Classifier); ``key`` is the
+    param that named ``path`` (for the errors)."""
     if not Path(path).exists():
-        raise CheckpointError(f"alternating.teacher {path} does not exist; refinement mode starts from a trained "
-                              "Mean Teacher: run `ssl-ops train mean_teacher` first or set alternating.teacher")
+        raise CheckpointError(f"{key} {path} does not exist; refinement mode starts from a trained "
+                              f"Mean Teacher: run `ssl-ops train mean_teacher` first or set {key}")
     state = io.torch_load(path).get("state_dict", {})
     prefix = "teacher.module."
     teacher = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if not teacher:
-        raise CheckpointError(f"alternating.teacher {path} holds no Mean Teacher network (no '{prefix}*' keys); "
+        raise CheckpointError(f"{key} {path} holds no Mean Teacher network (no '{prefix}*' keys); "
                               "point it at models/mean_teacher.pt")
     try:
         net.load_state_dict(teacher)
     except RuntimeError as exc:
-        raise CheckpointError(f"alternating.teacher {path} does not fit this model (same model.backbone and width?): "
+        raise CheckpointError(f"{key} {path} does not fit this model (same model.backbone and width?): "
                               f"{str(exc).splitlines()[0][:300]}") from None
 
 
@@ -129,6 +130,7 @@ def load_mean_teacher(net: nn.Module, path: Path) -> None:
 class Alternating(Method):
     Params = AlternatingParams
     pretext = "rotation"  # the pre-training it starts from (tests pre-train it first)
+    teacher_key = "teacher"  # the param naming refine mode's Mean Teacher (mean_teacher_refine: "previous")
     params: AlternatingParams
 
     def __init__(self, ctx, params: AlternatingParams):
@@ -139,7 +141,7 @@ class Alternating(Method):
             raise SslOpsError("alternating needs unlabeled images; this split has none (lower split.labels_per_class)")
         net = ctx.build_classifier()
         if params.refine:
-            load_mean_teacher(net, params.teacher)
+            load_mean_teacher(net, self.teacher_path, f"{self.name}.{self.teacher_key}")
         elif params.init is not None:
             load_backbone(net.backbone, params.init)
         try:
@@ -163,6 +165,11 @@ class Alternating(Method):
         self._stats: dict[str, Tensor] = {}
 
     # -- what the issue's switches mean --------------------------------------------------------------------
+
+    @property
+    def teacher_path(self) -> Path:
+        """The Mean Teacher that refine mode starts from (``mean_teacher_refine`` names it ``previous``)."""
+        return self.params.teacher
 
     @property
     def soft(self) -> bool:
