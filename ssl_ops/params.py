@@ -190,11 +190,20 @@ def _read_tree(path: Path, what: str) -> dict:
     return tree
 
 
-def merge_tree(base: dict, overlay: dict) -> dict:
-    """``overlay`` deep-merged into ``base`` (in place): sections merge key by key, any other value replaces."""
+def _whole(path: tuple[str, ...]) -> bool:
+    """Mappings an overlay replaces whole: a method's search space, ``tune.spaces.<method>``. A preset that names
+    a space means that space; merged key by key, a preset searching the EntMin weight alone would also search the
+    eps of params.yaml's VAT space (S4L §4.2 tunes them one after the other)."""
+    return len(path) == 3 and path[:2] == ("tune", "spaces")
+
+
+def merge_tree(base: dict, overlay: dict, _path: tuple[str, ...] = ()) -> dict:
+    """``overlay`` deep-merged into ``base`` (in place): sections merge key by key, any other value replaces, and
+    so does a method's search space (``tune.spaces.<method>``, see :func:`_whole`)."""
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge_tree(base[key], value)
+        path = (*_path, key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and not _whole(path):
+            merge_tree(base[key], value, path)
         else:
             base[key] = value
     return base

@@ -97,3 +97,21 @@ def test_presets_merge_in_order_then_set_overrides(tmp_path):
         load_params(base, [], [bad])
     with pytest.raises(ParamsError, match="preset .*missing.yaml does not exist"):
         load_params(base, [], [tmp_path / "missing.yaml"])
+
+
+def test_a_presets_search_space_replaces_the_methods_space_whole(tmp_path):
+    """A search preset naming tune.spaces.vat means that space: the EntMin-only step of S4L §4.2 must not also
+    search params.yaml's eps (merged key by key it did: a 4 x 5 grid instead of 4 points). Other methods' spaces
+    and the rest of the tune section still merge."""
+    eps = {"type": "categorical", "choices": [1.8, 1.43]}
+    lr = {"type": "float", "low": 0.01, "high": 0.1}
+    base = _write(tmp_path, {"tune": {"seed": 3, "spaces": {"vat": {"vat.eps": eps, "vat.entmin_weight": eps},
+                                                            "supervised": {"train.lr": lr}}}})
+    preset = tmp_path / "search.yaml"
+    entmin = {"type": "categorical", "choices": [0.03, 0.1]}
+    preset.write_text(yaml.safe_dump({"vat": {"eps": 1.43}, "tune": {"sampler": "grid",
+                                                                     "spaces": {"vat": {"vat.entmin_weight": entmin}}}}))
+    p = load_params(base, [], [preset])
+    assert list(p.tune.spaces["vat"]) == ["vat.entmin_weight"]
+    assert list(p.tune.spaces["supervised"]) == ["train.lr"]
+    assert (p.tune.seed, p.tune.sampler, p.vat.eps) == (3, "grid", 1.43)
