@@ -210,13 +210,19 @@ def test_schedule_and_momentum_restart_each_cycle(workdir, tiny):
         assert {"phase1_labeled_top1", "phase1_val_top1", "pseudo_changed", "val_top1_before"} <= set(c)
 
 
+def _refine_method(tiny, name: str, *overrides: str):
+    """``name`` built in refine mode, and the EMA network of the Mean Teacher checkpoint it should start from."""
+    params = tiny(*overrides)
+    data, split, _ = load_data(params)
+    m = build_method(name, params, data, split)
+    state = io.torch_load(m.teacher_path)["state_dict"]
+    return m, {k.removeprefix("teacher.module."): v for k, v in state.items() if k.startswith("teacher.module.")}
+
+
 def test_refine_starts_from_the_mean_teacher(workdir, tiny):
     train_stage("mean_teacher", tiny("train.epochs=1", "train.steps_per_epoch=1"))
-    params = tiny("alternating.refine=true")
-    data, split, _ = load_data(params)
-    m = build_method("alternating", params, data, split)
-    teacher = {k.removeprefix("teacher.module."): v for k, v in io.torch_load("models/mean_teacher.pt")["state_dict"].items()
-               if k.startswith("teacher.module.")}
+    m, teacher = _refine_method(tiny, "alternating", "alternating.refine=true")
+    assert str(m.teacher_path) == "models/mean_teacher.pt" and teacher
     for key, v in m.model["net"].state_dict().items():
         torch.testing.assert_close(v, teacher[key], rtol=0, atol=0)
     assert m.soft
@@ -227,11 +233,8 @@ def test_mean_teacher_refine_is_refine_mode_from_its_previous_step(workdir, tiny
     loaded whole from ``previous``, which the chain's report reads (models/<previous step>.pt)."""
     train_stage("mean_teacher", tiny("train.epochs=1", "train.steps_per_epoch=1"))
     Path("models/mean_teacher.pt").rename("models/mt_split0.pt")
-    params = tiny("mean_teacher_refine.previous=models/mt_split0.pt")
-    data, split, _ = load_data(params)
-    m = build_method("mean_teacher_refine", params, data, split)
-    teacher = {k.removeprefix("teacher.module."): v for k, v in io.torch_load("models/mt_split0.pt")["state_dict"].items()
-               if k.startswith("teacher.module.")}
+    m, teacher = _refine_method(tiny, "mean_teacher_refine", "mean_teacher_refine.previous=models/mt_split0.pt")
+    assert str(m.teacher_path) == "models/mt_split0.pt" and teacher
     for key, v in m.model["net"].state_dict().items():
         torch.testing.assert_close(v, teacher[key], rtol=0, atol=0)
     assert m.soft and not any(m.uses_split(c) for c in range(m.params.cycles))
