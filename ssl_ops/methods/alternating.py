@@ -168,8 +168,8 @@ class Alternating(Method):
 
     @property
     def teacher_path(self) -> Path:
-        """The Mean Teacher that refine mode starts from (``mean_teacher_refine`` names it ``previous``)."""
-        return self.params.teacher
+        """The Mean Teacher that refine mode starts from: the param ``teacher_key`` names."""
+        return getattr(self.params, self.teacher_key)
 
     @property
     def soft(self) -> bool:

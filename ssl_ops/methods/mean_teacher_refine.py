@@ -51,10 +51,5 @@ class MeanTeacherRefineParams(AlternatingParams):
 class MeanTeacherRefine(Alternating):
     Params = MeanTeacherRefineParams
     pretext = None
-    teacher_key = "previous"
+    teacher_key = "previous"  # refine mode loads params.previous
     previous = "mean_teacher"  # the chain's step before this one (tests and benchmarks train it briefly first)
-    params: MeanTeacherRefineParams
-
-    @property
-    def teacher_path(self) -> Path:
-        return self.params.previous
