@@ -131,25 +131,96 @@ def test_demo_trains_both_rows_and_states_the_gain(campaign):
     assert not (campaign.parents[1] / "reports").exists()
 
 
-def test_training_stages_ignore_code_that_only_reports(tmp_path):
-    """The campaign's stages depend on training_code.sha256, not on the package: an edit to the report code
-    leaves the listing (and so hours of trainings) unchanged; an edit to the training loop changes its line."""
+def _training_code():
     sys.path.insert(0, str(CAMPAIGN))
     try:
         import training_code
     finally:
         sys.path.remove(str(CAMPAIGN))
-    pkg = tmp_path / "ssl_ops"
-    (pkg / "serving").mkdir(parents=True)
-    for rel in ("engine.py", "results.py", "serving/model_registry.py", "methods.py"):
-        (pkg / rel).write_text("x = 1\n")
-    before = training_code.listing(pkg)
-    assert [line.split()[1] for line in before.splitlines()] == ["ssl_ops/engine.py", "ssl_ops/methods.py"]
+    return training_code
+
+
+def _package(root: Path) -> Path:
+    """A toy ssl_ops: core files, report-only files, three methods (b imports a's module, c chains from b's
+    checkpoint through the registry) and a pretext."""
+    pkg = root / "ssl_ops"
+    for sub in ("serving", "methods", "pretexts"):
+        (pkg / sub).mkdir(parents=True)
+    files = {
+        "engine.py": "x = 1\n", "results.py": "x = 1\n", "serving/model_registry.py": "x = 1\n",
+        "methods/__init__.py": "", "methods/base.py": '# @register_method("a") registers a method\n',
+        "methods/_shared.py": "x = 1\n",
+        "methods/a.py": 'from ssl_ops.methods._shared import x\n@register_method("a")\nclass A: ...\n',
+        "methods/b.py": 'from ssl_ops.methods import a\n@register_method("b")\nclass B: ...\n',
+        "methods/c.py": ('@register_method("c")\nclass C:\n    class Params:\n'
+                         '        previous: Path = Path("models/b.pt")  # chained\n'),
+        "pretexts/__init__.py": "", "pretexts/base.py": "x = 1\n",
+        "pretexts/p.py": 'from .base import x\n@register_pretext("p")\nclass P: ...\n',
+    }
+    for rel, text in files.items():
+        (pkg / rel).write_text(text)
+    return pkg
+
+
+def _files(listing: str) -> list[str]:
+    return [line.split()[1] for line in listing.splitlines()]
+
+
+def test_each_stage_fingerprints_the_core_and_its_own_modules(tmp_path):
+    """One listing per method / pretext: the core (never the report-only code) plus the module that registers it
+    and the method modules it imports or chains from (``previous: models/<name>.pt``), transitively."""
+    tc, pkg = _training_code(), _package(tmp_path)
+    out = tc.listings(pkg)
+    core = ["ssl_ops/engine.py", "ssl_ops/methods/__init__.py", "ssl_ops/methods/base.py",
+            "ssl_ops/pretexts/__init__.py", "ssl_ops/pretexts/base.py"]
+    assert _files(out["core"]) == core
+    assert set(out) == {"core", "a", "b", "c", "p"}
+    assert _files(out["a"]) == core + ["ssl_ops/methods/_shared.py", "ssl_ops/methods/a.py"]
+    assert _files(out["b"]) == core + ["ssl_ops/methods/_shared.py", "ssl_ops/methods/a.py", "ssl_ops/methods/b.py"]
+    assert _files(out["c"]) == _files(out["b"]) + ["ssl_ops/methods/c.py"]
+    assert _files(out["p"]) == core + ["ssl_ops/pretexts/p.py"]
+
+
+def test_an_edit_stales_only_the_stages_that_run_the_edited_file(tmp_path):
+    """Report-only code changes no listing; one method's module changes its listing and those of the methods that
+    import or chain from it; a core file changes every listing. main() writes each listing whole."""
+    tc, pkg = _training_code(), _package(tmp_path)
+    before = tc.listings(pkg)
     (pkg / "results.py").write_text("x = 2\n")
     (pkg / "serving" / "model_registry.py").write_text("x = 2\n")
-    assert training_code.listing(pkg) == before
+    assert tc.listings(pkg) == before
+    (pkg / "methods" / "b.py").write_text((pkg / "methods" / "b.py").read_text() + "y = 2\n")
+    after = tc.listings(pkg)
+    assert {k for k in before if after[k] != before[k]} == {"b", "c"}
     (pkg / "engine.py").write_text("x = 2\n")
-    after = training_code.listing(pkg)
-    assert after != before and after.splitlines()[1] == before.splitlines()[1]
-    training_code.main(str(pkg), str(tmp_path / "listing"))
-    assert (tmp_path / "listing").read_text() == after and not (tmp_path / "listing.tmp").exists()
+    assert all(v != after[k] for k, v in tc.listings(pkg).items())
+    folder = tmp_path / "fingerprints"
+    (folder).mkdir()
+    (folder / "gone.sha256").write_text("a method that no longer exists\n")
+    tc.main(str(pkg), str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == ["a.sha256", "b.sha256", "c.sha256", "core.sha256",
+                                                        "p.sha256"]
+    assert (folder / "c.sha256").read_text() == tc.listings(pkg)["c"]
+
+
+def test_every_training_stage_depends_on_its_own_fingerprint():
+    """dvc.yaml: a stage that trains or pre-trains <name> depends on fingerprints/<name>.sha256, the data stages on
+    the core listing, and no training stage on the whole package (only `code` and the seconds-long report do)."""
+    stages = yaml.safe_load((CAMPAIGN / "dvc.yaml").read_text())["stages"]
+    names = set(_training_code().registered(ROOT / "ssl_ops"))
+    for stage, body in stages.items():
+        body = body.get("do", body)
+        deps = [d for d in body.get("deps", []) if isinstance(d, str)]
+        prints = [d for d in deps if d.startswith("fingerprints/")]
+        if stage in ("code", "report"):
+            assert "../../ssl_ops" in deps and not prints, stage
+            continue
+        assert "../../ssl_ops" not in deps, stage
+        if stage in ("prepare", "split"):
+            assert prints == ["fingerprints/core.sha256"], stage
+        elif stage == "pretrain":
+            assert prints == ["fingerprints/${item}.sha256"]
+        elif stage == "method":
+            assert prints == ["fingerprints/${item.method}.sha256"]
+        else:
+            assert stage in names and prints == [f"fingerprints/{stage}.sha256"], stage
