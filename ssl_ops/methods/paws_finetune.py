@@ -29,22 +29,45 @@ class PawsFinetuneParams(MethodParams):
     weight_decay: float | None = Field(0.0, ge=0)
 
 
-def load_paws(path: Path, ctx) -> dict[str, Any]:
+def load_paws(path: Path, ctx, owner: str = "paws_finetune") -> dict[str, Any]:
+    """The PAWS checkpoint ``path`` (``<owner>.pretrained``), checked: a PAWS pre-training of this split and
+    dataset, with its projection head, for this run's backbone and width."""
     if not Path(path).exists():
-        raise CheckpointError(f"paws_finetune.pretrained {path} does not exist; run `ssl-ops pretrain paws` on this "
+        raise CheckpointError(f"{owner}.pretrained {path} does not exist; run `ssl-ops pretrain paws` on this "
                               "split first (it writes models/pretrain/paws.pt)")
     ck = io.torch_load(path)
     if not isinstance(ck, dict) or ck.get("pretext") != "paws" or "head" not in ck:
-        raise CheckpointError(f"paws_finetune.pretrained {path} is not a PAWS pre-training checkpoint; run `ssl-ops pretrain "
+        raise CheckpointError(f"{owner}.pretrained {path} is not a PAWS pre-training checkpoint; run `ssl-ops pretrain "
                               "paws` to write models/pretrain/paws.pt")
     if ck.get("split_sha256") != ctx.split.sha256 or ck.get("dataset_sha256") != ctx.data.sha256:
-        raise DataIntegrityError(f"paws_finetune.pretrained {path} was pre-trained on another split or dataset (its support "
+        raise DataIntegrityError(f"{owner}.pretrained {path} was pre-trained on another split or dataset (its support "
                                  "came from that split's labels); pre-train PAWS on this split")
     m = ctx.params.model
     if (ck.get("backbone_name"), ck.get("width")) != (m.backbone, m.width):
-        raise CheckpointError(f"paws_finetune.pretrained {path} holds a {ck.get('backbone_name')} of width {ck.get('width')}, "
+        raise CheckpointError(f"{owner}.pretrained {path} holds a {ck.get('backbone_name')} of width {ck.get('width')}, "
                               f"this run builds {m.backbone} of width {m.width}")
     return ck
+
+
+def paws_classifier(ck: dict[str, Any], ctx, keep: int, owner: str = "paws_finetune") -> Classifier:
+    """PAWS §5's fine-tuning network from a PAWS checkpoint: the pre-trained backbone, the first ``keep``
+    projection-head layers and a zero-initialised linear classifier, on ``ctx``'s device."""
+    pp = ck["params"]["paws"]
+    if keep > pp["head_layers"]:
+        raise ParamsError(f"{owner}.finetune_from={keep} but the head has {pp['head_layers']} layers")
+    neck = {"layers": pp["head_layers"], "out_dim": pp["proj_dim"], "keep": keep}
+    last = f"projection.layers.{pp['head_layers'] - 1}.1.weight"  # BN after the output layer: made before
+    if keep == pp["head_layers"] and last not in ck["head"]:  # appendix A's hidden-only BN
+        neck["out_bn"] = False
+    net = Classifier(Normalize(ctx.data.mean, ctx.data.std), ctx.build_backbone(), ctx.num_classes, neck_spec=neck)
+    net.backbone.load_state_dict(ck["backbone"])
+    if net.neck is not None:  # head keys "projection.layers.<i>.<j>.*" -> neck keys "<i>.<j>.*"
+        prefix = "projection.layers."
+        net.neck.load_state_dict({k.removeprefix(prefix): v for k, v in ck["head"].items()
+                                  if k.startswith(prefix) and int(k.split(".")[2]) < keep})
+    nn.init.zeros_(net.fc.weight)  # PAWS §5: zero-initialised linear classifier
+    nn.init.zeros_(net.fc.bias)
+    return net.to(ctx.device)
 
 
 @register_method("paws_finetune")
@@ -54,23 +77,7 @@ class PawsFinetune(Method):
 
     def __init__(self, ctx, params: PawsFinetuneParams):
         super().__init__(ctx, params)
-        ck = load_paws(params.pretrained, ctx)
-        pp = ck["params"]["paws"]
-        if params.finetune_from > pp["head_layers"]:
-            raise ParamsError(f"paws_finetune.finetune_from={params.finetune_from} but the head has {pp['head_layers']} layers")
-        neck = {"layers": pp["head_layers"], "out_dim": pp["proj_dim"], "keep": params.finetune_from}
-        last = f"projection.layers.{pp['head_layers'] - 1}.1.weight"  # BN after the output layer: made before
-        if params.finetune_from == pp["head_layers"] and last not in ck["head"]:  # appendix A's hidden-only BN
-            neck["out_bn"] = False
-        net = Classifier(Normalize(ctx.data.mean, ctx.data.std), ctx.build_backbone(), ctx.num_classes, neck_spec=neck)
-        net.backbone.load_state_dict(ck["backbone"])
-        if net.neck is not None:  # head keys "projection.layers.<i>.<j>.*" -> neck keys "<i>.<j>.*"
-            prefix = "projection.layers."
-            net.neck.load_state_dict({k.removeprefix(prefix): v for k, v in ck["head"].items()
-                                      if k.startswith(prefix) and int(k.split(".")[2]) < params.finetune_from})
-        nn.init.zeros_(net.fc.weight)  # PAWS §5: zero-initialised linear classifier
-        nn.init.zeros_(net.fc.bias)
-        self.model = net.to(ctx.device)
+        self.model = paws_classifier(load_paws(params.pretrained, ctx), ctx, params.finetune_from)
 
     def training_step(self, step: int) -> dict[str, Tensor]:
         x, y = self.ctx.labeled_batch(self.ctx.train.batch_size)  # crop + flip
