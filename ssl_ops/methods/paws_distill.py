@@ -39,7 +39,6 @@ from ssl_ops.losses import sharpen, smooth_labels, snn, soft_cross_entropy
 from ssl_ops.methods._joint import JointMethod, JointParams
 from ssl_ops.methods.base import register_method
 from ssl_ops.methods.paws_finetune import load_paws, paws_classifier
-from ssl_ops.pretexts.paws import PawsEmbedding
 
 
 class PawsDistillParams(JointParams):
@@ -61,6 +60,9 @@ class TeacherTargets(nn.Module):
 def paws_embedding(ck: dict, ctx) -> tuple[PawsEmbedding, float]:
     """The PAWS-NN representation of a PAWS checkpoint (encoder, then its projection head up to
     ``paws.nn_layer``) in eval mode on ``ctx``'s device, and the checkpoint's SNN temperature tau."""
+    # imported here: ssl_ops.pretexts imports ssl_ops.methods (its base), which imports every method module
+    from ssl_ops.pretexts.paws import PawsEmbedding
+
     pp = ck["params"]["paws"]
     encoder = Encoder(Normalize(ctx.data.mean, ctx.data.std), ctx.build_backbone())
     encoder.backbone.load_state_dict(ck["backbone"])
