@@ -88,6 +88,19 @@ class Encoder(nn.Module):
         return self.backbone(self.normalize(x))
 
 
+class PawsEmbedding(nn.Module):
+    """Images in [0, 1] -> the PAWS-NN representation (PAWS §5): encoder, then the first ``layer`` projection
+    layers (None: the whole head, the space the PAWS loss compares in). Here, below ``pretexts`` and ``methods``,
+    because the PAWS pretext and ``paws_distill`` both read it."""
+
+    def __init__(self, encoder: nn.Module, projection: ProjectionHead, layer: int | None = None):
+        super().__init__()
+        self.encoder, self.projection, self.layer = encoder, projection, layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projection(self.encoder(x), upto=self.layer)
+
+
 def projection_neck(in_dim: int, layers: int, out_dim: int, keep: int, out_bn: bool = True) -> nn.Sequential:
     """The first ``keep`` layers of a ``ProjectionHead(in_dim, out_dim, layers, out_bn)`` (same structure and
     state keys ``<i>.<j>.*``): what SimCLRv2 §2 fine-tunes from ("from the middle layer of the projection head")."""

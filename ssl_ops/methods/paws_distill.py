@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ssl_ops import probes
 from ssl_ops.errors import SslOpsError
-from ssl_ops.heads import Encoder, Normalize, ProjectionHead
+from ssl_ops.heads import Encoder, Normalize, PawsEmbedding, ProjectionHead
 from ssl_ops.losses import sharpen, smooth_labels, snn, soft_cross_entropy
 from ssl_ops.methods._joint import JointMethod, JointParams
 from ssl_ops.methods.base import register_method
@@ -60,9 +60,6 @@ class TeacherTargets(nn.Module):
 def paws_embedding(ck: dict, ctx) -> tuple[PawsEmbedding, float]:
     """The PAWS-NN representation of a PAWS checkpoint (encoder, then its projection head up to
     ``paws.nn_layer``) in eval mode on ``ctx``'s device, and the checkpoint's SNN temperature tau."""
-    # imported here: ssl_ops.pretexts imports ssl_ops.methods (its base), which imports every method module
-    from ssl_ops.pretexts.paws import PawsEmbedding
-
     pp = ck["params"]["paws"]
     encoder = Encoder(Normalize(ctx.data.mean, ctx.data.std), ctx.build_backbone())
     encoder.backbone.load_state_dict(ck["backbone"])

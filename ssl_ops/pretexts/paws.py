@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ssl_ops import augment, distributed, probes
 from ssl_ops.errors import SslOpsError
-from ssl_ops.heads import ProjectionHead
+from ssl_ops.heads import PawsEmbedding, ProjectionHead
 from ssl_ops.losses import paws_loss, smooth_labels, snn
 from ssl_ops.pretexts.base import Pretext, PretextParams, register_pretext
 
@@ -281,18 +281,6 @@ def supcon_finetune(embed: nn.Module, trunk: nn.Module, images: Tensor, sampler:
         q.requires_grad_(g)
     embed.train(was_training)
     return float(loss.detach())
-
-
-class PawsEmbedding(nn.Module):
-    """Images in [0, 1] -> the PAWS-NN representation: encoder, then the first ``layer`` projection layers
-    (None: the whole head, the space the PAWS loss compares in)."""
-
-    def __init__(self, encoder: nn.Module, projection: ProjectionHead, layer: int | None = None):
-        super().__init__()
-        self.encoder, self.projection, self.layer = encoder, projection, layer
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.projection(self.encoder(x), upto=self.layer)
 
 
 @torch.no_grad()
