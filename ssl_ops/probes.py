@@ -1,4 +1,5 @@
-"""Probes of frozen features: weighted k-NN (cosine) and a linear probe (logistic regression).
+"""Probes of frozen features: weighted k-NN (cosine), a linear probe (logistic regression) and PAWS-NN (the
+soft nearest-neighbour classifier of PAWS §5, read by the PAWS pretext and by ``paws_distill``).
 
 They measure representations, they do not select models: the pre-training monitor compares val against
 the labeled split; the final probes fit on the labeled split and report test accuracy.
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from ssl_ops import augment
 from ssl_ops.data.store import ImageStore
+from ssl_ops.losses import smooth_labels, snn
 
 
 @torch.no_grad()
@@ -58,3 +60,23 @@ def max_class_fraction(scores: Tensor) -> float:
     collapsed one); ``scores`` are (N, K) logits or probabilities."""
     counts = torch.bincount(scores.argmax(dim=1), minlength=scores.shape[1])
     return (counts.max() / counts.sum()).item()
+
+
+@torch.no_grad()
+def paws_nn_probs(embed: nn.Module, ref_store, ref_idx, query_store, query_idx, temperature: float,
+                  batch_size: int, num_classes: int | None = None) -> tuple[Tensor, Tensor]:
+    """PAWS-NN (§5): the soft nearest-neighbour classifier (eq. (1), one-hot labels, no smoothing) of every
+    query image against **all** labeled images, on the representation ``embed``; no training. Returns the class
+    probabilities of the queries and their labels (-1 for images without one). ``num_classes``: None reads it
+    from the labels, which then must include the highest class."""
+    ref_f, ref_y = extract_features(embed, ref_store, ref_idx, batch_size)
+    q_f, q_y = extract_features(embed, query_store, query_idx, batch_size)
+    k = num_classes or int(max(ref_y.max().item(), q_y.max().item())) + 1
+    return snn(q_f, ref_f, smooth_labels(ref_y.long(), k, 0.0), temperature), q_y
+
+
+def paws_nn_accuracy(embed: nn.Module, ref_store, ref_idx, query_store, query_idx, temperature: float,
+                     batch_size: int) -> float:
+    """Top-1 of :func:`paws_nn_probs` on the queries."""
+    probs, q_y = paws_nn_probs(embed, ref_store, ref_idx, query_store, query_idx, temperature, batch_size)
+    return (probs.argmax(1) == q_y).float().mean().item()

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ssl_ops import probes
 from ssl_ops.errors import SslOpsError
 from ssl_ops.heads import Encoder, Normalize, PawsEmbedding, ProjectionHead
-from ssl_ops.losses import sharpen, smooth_labels, snn, soft_cross_entropy
+from ssl_ops.losses import sharpen, soft_cross_entropy
 from ssl_ops.methods._joint import JointMethod, JointParams
 from ssl_ops.methods.base import register_method
 from ssl_ops.methods.paws_finetune import load_paws, paws_classifier
@@ -94,9 +94,8 @@ class PawsDistill(JointMethod):
         """PAWS-NN probabilities (eq. (1)) of the unlabeled pool against every labeled image, un-augmented."""
         ctx = self.ctx
         embed, tau = paws_embedding(self._ck, ctx)
-        ref_f, ref_y = probes.extract_features(embed, ctx.store, ctx.split.labeled, ctx.train.eval_batch_size)
-        q_f, _ = probes.extract_features(embed, ctx.store, ctx.split.unlabeled, ctx.train.eval_batch_size)
-        return snn(q_f, ref_f, smooth_labels(ref_y.long(), ctx.num_classes, 0.0), tau)
+        return probes.paws_nn_probs(embed, ctx.store, ctx.split.labeled, ctx.store, ctx.split.unlabeled, tau,
+                                    ctx.train.eval_batch_size, num_classes=ctx.num_classes)[0]
 
     def teacher_stats(self) -> dict[str, float]:
         """Mean confidence of the targets and (for analysis only) how often their argmax is the true class."""

@@ -1,7 +1,7 @@
 """PAWS fine-tuning (Assran et al. 2021, §5): after ``ssl-ops pretrain paws``, the pre-trained backbone plus the
 first layer of the PAWS projection head (``finetune_from``, 1 by default) and a **zero-initialised** linear
 classifier are fine-tuned with cross-entropy on the labeled split (crop + flip). PAWS-NN, the evaluation that
-needs no training, is :func:`ssl_ops.pretexts.paws.paws_nn_accuracy` (reported by ``ssl-ops pretrain paws``
+needs no training, is :func:`ssl_ops.probes.paws_nn_accuracy` (reported by ``ssl-ops pretrain paws``
 as ``paws_nn_top1``).
 
 The PAWS checkpoint must come from the same split: its support batches were drawn from that split's labeled

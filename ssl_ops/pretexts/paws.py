@@ -46,6 +46,7 @@ from ssl_ops import augment, distributed, probes
 from ssl_ops.errors import SslOpsError
 from ssl_ops.heads import PawsEmbedding, ProjectionHead
 from ssl_ops.losses import paws_loss, smooth_labels, snn
+from ssl_ops.probes import paws_nn_accuracy, paws_nn_probs  # PAWS-NN (§5), shared with methods.paws_distill
 from ssl_ops.pretexts.base import Pretext, PretextParams, register_pretext
 
 
@@ -281,22 +282,3 @@ def supcon_finetune(embed: nn.Module, trunk: nn.Module, images: Tensor, sampler:
         q.requires_grad_(g)
     embed.train(was_training)
     return float(loss.detach())
-
-
-@torch.no_grad()
-def paws_nn_probs(embed: nn.Module, ref_store, ref_idx, query_store, query_idx, temperature: float,
-                  batch_size: int) -> tuple[Tensor, Tensor]:
-    """PAWS-NN (§5): the soft nearest-neighbour classifier (eq. (1), one-hot labels, no smoothing) of every
-    query image against **all** labeled images, on the representation ``embed``; no training. Returns the class
-    probabilities of the queries and their labels."""
-    ref_f, ref_y = probes.extract_features(embed, ref_store, ref_idx, batch_size)
-    q_f, q_y = probes.extract_features(embed, query_store, query_idx, batch_size)
-    k = int(max(ref_y.max().item(), q_y.max().item())) + 1
-    return snn(q_f, ref_f, smooth_labels(ref_y, k, 0.0), temperature), q_y
-
-
-def paws_nn_accuracy(embed: nn.Module, ref_store, ref_idx, query_store, query_idx, temperature: float,
-                     batch_size: int) -> float:
-    """Top-1 of :func:`paws_nn_probs` on the queries."""
-    probs, q_y = paws_nn_probs(embed, ref_store, ref_idx, query_store, query_idx, temperature, batch_size)
-    return (probs.argmax(1) == q_y).float().mean().item()
