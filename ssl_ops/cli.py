@@ -195,7 +195,7 @@ def cmd_results(args) -> None:
         out.print(line.replace("**", ""), highlight=False)
     if missing := results.missing_rows(rows, expected):
         out.print(f"not measured yet: {', '.join(missing)}", highlight=False)
-    out.print(f"written {out_path} (+ .json, .png, _curves.png)")
+    out.print(f"written {out_path} (+ .json, .png, _curves.png, _losses.png)")
 
 
 def cmd_pretrain(args) -> None:

@@ -2,7 +2,8 @@
 
 Reads one MLflow experiment (e.g. the runs ``dvc repro`` made in ``pipelines/fmnist_10pc/``) and writes
 ``<out>.md``, ``<out>.json``, ``<out>.png`` (test top-1 per method with every split's point, and test top-1 against
-CPU-minutes) and ``<out>_curves.png`` (val top-1 per epoch: has the curve flattened?).
+CPU-minutes), ``<out>_curves.png`` (val top-1 per epoch: has the curve flattened?) and ``<out>_losses.png`` (the
+training loss and each of its terms per epoch: what the network fitted while val stood still).
 
 Rows: each method's evaluated training runs (the latest run per labeled split), and PAWS-NN from the PAWS
 pre-trainings (PAWS §5: the pretext's own soft nearest-neighbour classifier). Per row: test top-1 (mean ± sample
@@ -14,7 +15,7 @@ pre-trainings are a table of their own: a transfer method costs its row plus the
 
 The campaign's ledger (``--ledger DIR``, ``pipelines/fmnist_10pc/runs/``, committed to git): one small JSON file per
 (row, split) and per pre-training, holding what the report reads of that run (its params of the report's sections,
-its metrics and tags, its val curve). Every report adds the runs it reads from MLflow to the ledger and reads from it
+its metrics and tags, its val curve and training-loss curves). Every report adds the runs it reads from MLflow to the ledger and reads from it
 the runs the store no longer has, so a fresh clone, whose MLflow store is empty (``mlflow.db`` is not in git), rebuilds
 the same report, and a campaign spread over several machines or sessions keeps every row it measured. The latest run
 of a (row, split) replaces an older one, as in :func:`latest`.
@@ -36,6 +37,12 @@ BASELINE = "supervised"
 PAWS_NN = "paws_nn"  # the row made from PAWS pre-training runs
 COLLAPSE = 0.5  # a run whose commonest predicted class takes more than this share of the test set collapsed
 PRETEXT_CURVE = "knn_val_top1"  # a label-free pre-training's per-epoch val monitor (k-NN on the val split)
+
+
+def loss_keys(run: dict[str, Any]) -> list[str]:
+    """The training-loss metrics a run logged per epoch: its objective ``loss`` and each term ``loss_<name>``
+    (e.g. VAT's ``loss_sup`` and ``loss_vat``), as the engine logs them."""
+    return sorted(k for k in run["metrics"] if k == "loss" or k.startswith("loss_"))
 
 
 @dataclass(frozen=True)
@@ -255,16 +262,21 @@ def _ledger_name(run: dict[str, Any]) -> str | None:
     return None if pre is None else f"pretrain-{pre[0]}-seed{pre[1]}"
 
 
+def _curve_keys(run: dict[str, Any]) -> set[str]:
+    """The per-epoch metrics of ``run`` that the report plots: its val curve and its training losses."""
+    parsed = parse(run)
+    keys = {parsed.curve_key} if parsed is not None else set()  # the row's curve (PAWS: PAWS-NN's)
+    if run["tags"].get("pretext"):
+        keys.add(PRETEXT_CURVE)  # a pre-training's own k-NN monitor
+    return keys | set(loss_keys(run))
+
+
 def ledger_record(run: dict[str, Any], history: Callable[[str, str], list]) -> dict[str, Any]:
     """What the report reads of ``run``: the params of the sections it looks at (``split``, ``train``, ``model`` and
     the method's or pretext's own: budget, chain), every metric and tag, and the per-epoch curves it plots."""
     section = run["tags"].get("method") or run["tags"].get("pretext")
     keep = ("split.", "train.", "model.", f"{section}.")
-    parsed = parse(run)
-    keys = {parsed.curve_key} if parsed is not None else set()  # the row's curve (PAWS: PAWS-NN's)
-    if run["tags"].get("pretext"):
-        keys.add(PRETEXT_CURVE)  # a pre-training's own k-NN monitor
-    curves = {key: [list(point) for point in history(run["run_id"], key)] for key in sorted(keys)}
+    curves = {key: [list(point) for point in history(run["run_id"], key)] for key in sorted(_curve_keys(run))}
     return {"run_id": run["run_id"], "name": run.get("name"), "status": run["status"],
             "start_time": run["start_time"], "params": {k: v for k, v in run["params"].items() if k.startswith(keep)},
             "metrics": run["metrics"], "tags": run["tags"], "history": curves}
@@ -276,13 +288,14 @@ def read_ledger(folder: Path) -> list[dict[str, Any]]:
 
 
 def update_ledger(folder: Path, runs: list[dict[str, Any]], history: Callable[[str, str], list]) -> int:
-    """Add each of ``runs`` the report reads to the ledger ``folder``, unless the ledger already holds that run or a
-    later one of its (row, split); returns how many files were written."""
+    """Add each of ``runs`` the report reads to the ledger ``folder``, unless the ledger already holds that run (with
+    every curve the report now plots) or a later one of its (row, split); returns how many files were written."""
     held = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
     written = 0
     for name, run in sorted(newest(runs, _ledger_name, _start).items()):
         old = held.get(name)
         if old is not None and (old["run_id"] == run["run_id"] and old["metrics"] == run["metrics"]
+                                and _curve_keys(run) <= set(old.get("history", {}))
                                 or _start(old) > _start(run)):
             continue
         held[name] = ledger_record(run, history)
@@ -327,7 +340,7 @@ def missing_rows(rows: list[Row], expected: list[str]) -> list[str]:
 
 
 def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: str, curves: str,
-           missing: list[str] | None = None) -> str:
+           missing: list[str] | None = None, losses: str | None = None) -> str:
     seeds = sorted({s for r in rows for s in r.seeds})
     lines = [
         "# Results: test top-1 per method over labeled splits", "",
@@ -371,6 +384,11 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
                          f"| {'—' if p.load is None else f'{p.load:.1f}'} | {p.budget} |")
     lines += ["", f"![test top-1 per method and against CPU-minutes]({png})", "",
               f"![val top-1 per epoch: has each curve flattened?]({curves})", ""]
+    if losses is not None:
+        lines += ["Training losses per epoch (the objective and each of its terms, unweighted as logged; line: mean "
+                  "over the splits, band: their range). A term near zero while val top-1 stands still is what the "
+                  "network fitted instead of generalising, e.g. the cross-entropy `loss_sup` on the labeled images:",
+                  "", f"![training losses per epoch]({losses})", ""]
     return "\n".join(lines)
 
 
@@ -432,30 +450,87 @@ def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Pat
     save_png(fig, path, dpi=100)
 
 
+def plot_losses(losses: dict[str, dict[str, dict[int, list[tuple[int, float]]]]], path: Path) -> None:
+    """One panel per row: each training-loss term per epoch, the mean over splits with their range as a band;
+    a log scale where every value is positive (the terms differ by orders of magnitude)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    names = sorted(losses) or ["(no runs)"]
+    cols = min(4, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        positive = True
+        for key, by_seed in sorted(losses.get(name, {}).items()):
+            per_epoch: dict[int, list[float]] = {}
+            for points in by_seed.values():
+                for step, v in points:
+                    per_epoch.setdefault(step, []).append(v)
+            if not per_epoch:
+                continue
+            epochs = sorted(per_epoch)
+            values = [per_epoch[e] for e in epochs]
+            positive &= all(v > 0 for vs in values for v in vs)
+            line, = ax.plot(epochs, [statistics.fmean(vs) for vs in values], marker=".", label=key)
+            ax.fill_between(epochs, [min(vs) for vs in values], [max(vs) for vs in values], color=line.get_color(),
+                            alpha=0.2, lw=0)
+        if positive and ax.lines:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("training loss")
+    fig.supxlabel("epoch")
+    save_png(fig, path, dpi=100)
+
+
 def write(runs: list[dict[str, Any]], history, out: Path, source: str, expected: list[str] | None = None) -> list[Row]:
-    """Write ``out`` (.md) and its .json / .png / _curves.png from ``runs`` (``tracking.search_runs``);
+    """Write ``out`` (.md) and its .json / .png / _curves.png / _losses.png from ``runs`` (``tracking.search_runs``);
     ``history(run_id, key)`` gives a run's per-epoch metric. Returns the rows (empty: nothing written)."""
     parsed = [r for r in map(parse, runs) if r is not None]
     rows = rows_of(parsed)
     if not rows:
         return rows
     png, curves_png = out.with_suffix(".png"), out.with_name(out.stem + "_curves.png")
+    losses_png = out.with_name(out.stem + "_losses.png")
+    by_id = {run["run_id"]: run for run in runs}
     curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    losses: dict[str, dict[str, dict[int, list[tuple[int, float]]]]] = {}
+
+    def add_losses(row: str, run: dict[str, Any], seed: int) -> None:
+        for key in loss_keys(run):
+            if points := [(step, v) for step, v in history(run["run_id"], key) if step > 0]:
+                losses.setdefault(row, {}).setdefault(key, {})[seed] = points
+
     for r in latest(parsed):
         # training logs one point per epoch (step = epoch >= 1); `ssl-ops evaluate` may add its final value at step 0
         curves.setdefault(r.row, {})[r.seed] = [(step, v) for step, v in history(r.run_id, r.curve_key) if step > 0]
+        add_losses(r.row, by_id[r.run_id], r.seed)
     latest_pre = latest_pretrainings(runs)
     for pretext, rs in latest_pre.items():
-        if pretext != "paws":  # PAWS's curve is its PAWS-NN row's
+        if pretext != "paws":  # PAWS's curves are its PAWS-NN row's
             for run in rs:
+                seed = int(run["params"].get("split.seed", -1))
                 points = [(step, v) for step, v in history(run["run_id"], PRETEXT_CURVE) if step > 0]
-                curves.setdefault(f"pretrain {pretext} (k-NN)", {})[int(run["params"].get("split.seed", -1))] = points
+                curves.setdefault(f"pretrain {pretext} (k-NN)", {})[seed] = points
+                add_losses(f"pretrain {pretext}", run, seed)
     pretrainings, missing = pretrainings_of(latest_pre), missing_rows(rows, expected or [])
     plot(rows, png)
     plot_curves(curves, curves_png)
+    plot_losses(losses, losses_png)
     io.write_json(out.with_suffix(".json"), {
         "source": source, "rows": [asdict(r) | {"collapsed": r.collapsed} for r in rows],
         "missing": missing,
-        "pretrainings": [asdict(p) for p in pretrainings], "curves": curves})
-    io.write_text(out, render(rows, pretrainings, source, png.name, curves_png.name, missing))
+        "pretrainings": [asdict(p) for p in pretrainings], "curves": curves, "losses": losses})
+    io.write_text(out, render(rows, pretrainings, source, png.name, curves_png.name, missing, losses_png.name))
     return rows

@@ -182,3 +182,46 @@ def test_the_ledger_keeps_the_latest_run_of_a_split(tmp_path):
     assert results.update_ledger(ledger, [old, newer], lambda *a: []) == 1
     assert json.loads((ledger / "vat-seed0.json").read_text())["run_id"] == "v0-newer"
     assert results.read_ledger(tmp_path / "none") == []
+
+
+def test_training_losses_are_plotted_and_kept_in_the_ledger(tmp_path):
+    """Issue 17: a row below its bar keeps its val *and* training curves. Every logged loss term of a row's runs
+    (``loss``, ``loss_<term>``) goes into the report's JSON per split (epochs only: evaluate's step 0 is not one),
+    a label-free pre-training's under ``pretrain <name>``, into ``_losses.png``, and into the ledger, so a clone
+    without the store draws the same curves. A ledger record written before it held the losses is refreshed."""
+    runs = [_run("s0", 0, 5, method="supervised", test_top1=0.70, loss=0.1),
+            _run("v0", 0, 6, method="vat", test_top1=0.75, loss=0.4, loss_sup=0.01, loss_vat=0.3, lr=0.1),
+            _run("v1", 1, 6, method="vat", test_top1=0.73, loss=0.5, loss_sup=0.02, loss_vat=0.2),
+            _run("r", 0, 2, pretext="rotation", knn_top1=0.5, cpu_seconds=60.0, loss=1.2)]
+
+    def history(run_id, key):  # a distinct curve per (run, key), with evaluate's final value at step 0
+        base = {"s0": 1.0, "v0": 2.0, "v1": 3.0, "r": 4.0}[run_id] + len(key) / 100
+        return [(0, 99.0), (1, base), (2, base / 2)]
+
+    assert results.loss_keys(runs[1]) == ["loss", "loss_sup", "loss_vat"]  # lr is not a loss
+    out = tmp_path / "a" / "r.md"
+    results.write(runs, history, out, source="x")
+    losses = json.loads(out.with_suffix(".json").read_text())["losses"]
+    assert sorted(losses) == ["pretrain rotation", "supervised", "vat"]
+    assert sorted(losses["vat"]) == ["loss", "loss_sup", "loss_vat"]
+    assert losses["vat"]["loss_vat"] == {"0": [[1, 2.08], [2, 1.04]], "1": [[1, 3.08], [2, 1.54]]}
+    assert losses["pretrain rotation"]["loss"] == {"0": [[1, 4.04], [2, 2.02]]}
+    assert (tmp_path / "a" / "r_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![training losses per epoch](r_losses.png)" in out.read_text()
+
+    ledger = tmp_path / "runs"
+    assert results.update_ledger(ledger, runs, history) == 4  # 3 (row, split) records + the pre-training
+    assert set(json.loads((ledger / "vat-seed1.json").read_text())["history"]) == {
+        "val_top1", "loss", "loss_sup", "loss_vat"}
+    records = results.read_ledger(ledger)
+    rebuilt = tmp_path / "b" / "r.md"
+    results.write(records, results.ledger_history(records), rebuilt, source="x")
+    assert json.loads(rebuilt.with_suffix(".json").read_text())["losses"] == losses
+
+    # a record from before the losses were kept: the same run, the same metrics, no loss curves -> rewritten once
+    old = json.loads((ledger / "vat-seed0.json").read_text())
+    old["history"] = {"val_top1": old["history"]["val_top1"]}
+    (ledger / "vat-seed0.json").write_text(json.dumps(old))
+    assert results.update_ledger(ledger, runs, history) == 1
+    assert "loss_vat" in json.loads((ledger / "vat-seed0.json").read_text())["history"]
+    assert results.update_ledger(ledger, runs, history) == 0
