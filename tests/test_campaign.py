@@ -37,7 +37,7 @@ def campaign(tmp_path) -> Path:
     (tmp_path / "pipelines").mkdir()
     shutil.copytree(CAMPAIGN, tmp_path / "pipelines" / "fmnist_10pc",
                     ignore=shutil.ignore_patterns("seed*", "data", "models", "metrics", "mlflow.db", "dvc.lock",
-                                                  "runs"))
+                                                  "runs", "demo"))  # demo/: `make demo`'s outputs, gitignored
     shutil.copytree(ROOT / "presets", tmp_path / "presets")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "ssl_ops").symlink_to(ROOT / "ssl_ops")
