@@ -15,10 +15,10 @@ pre-trainings are a table of their own: a transfer method costs its row plus the
 
 The campaign's ledger (``--ledger DIR``, ``pipelines/fmnist_10pc/runs/``, committed to git): one small JSON file per
 (row, split) and per pre-training, holding what the report reads of that run (its params of the report's sections,
-its metrics and tags, its val curve and training-loss curves). Every report adds the runs it reads from MLflow to the ledger and reads from it
-the runs the store no longer has, so a fresh clone, whose MLflow store is empty (``mlflow.db`` is not in git), rebuilds
-the same report, and a campaign spread over several machines or sessions keeps every row it measured. The latest run
-of a (row, split) replaces an older one, as in :func:`latest`.
+its metrics and tags, its val curve and training-loss curves). Every report adds the runs it reads from MLflow to the
+ledger and reads from it the runs the store no longer has, so a fresh clone, whose MLflow store is empty
+(``mlflow.db`` is not in git), rebuilds the same report, and a campaign spread over several machines or sessions keeps
+every row it measured. The latest run of a (row, split) replaces an older one, as in :func:`latest`.
 """
 
 from __future__ import annotations
