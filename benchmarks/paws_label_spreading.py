@@ -43,13 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 CAMPAIGN = REPO / "pipelines" / "fmnist_10pc"
 
 
-def campaign_paws(seed: int, data, nn_layer: int | None = None):
-    """Split ``seed``'s labeled split, the PAWS-NN representation of its campaign checkpoint (read at projection
-    layer ``nn_layer``; None: the checkpoint's own ``paws.nn_layer``) and its tau, on the CPU."""
+def campaign_paws(seed: int, data):
+    """Split ``seed``'s labeled split, the PAWS-NN representation of its campaign checkpoint (at the checkpoint's
+    ``paws.nn_layer``) and its tau, on the CPU."""
     split = load_split(CAMPAIGN / f"data/splits/{data.name}-10pc-seed{seed}.json", data.sha256, len(data.train_x))
     ck = io.torch_load(CAMPAIGN / f"seed{seed}/models/pretrain/paws.pt")
-    if nn_layer is not None:
-        ck["params"]["paws"]["nn_layer"] = nn_layer
     ctx = SimpleNamespace(data=data, device=torch.device("cpu"),  # what paws_embedding reads of a run context
                           build_backbone=lambda: build_backbone(ck["backbone_name"], data.image_shape[0], ck["width"]))
     embed, tau = paws_embedding(ck, ctx)

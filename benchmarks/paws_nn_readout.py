@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from benchmarks.common import environment
 from benchmarks.paws_label_spreading import CAMPAIGN, REPO, campaign_paws
 from ssl_ops import io, probes
 from ssl_ops.data.prepare import load_prepared
 from ssl_ops.data.store import ImageStore
+from ssl_ops.heads import PawsEmbedding
+from ssl_ops.losses import snn
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,11 +40,17 @@ def main(argv: list[str] | None = None) -> dict:
     store = ImageStore(data.train_x, data.train_y, torch.device("cpu"), workers=0)
     rows = []
     for seed in args.splits:
+        split, embed, trained_tau = campaign_paws(seed, data)
+        nl = len(split.labeled)
         for layer in args.layers:
-            split, embed, trained_tau = campaign_paws(seed, data, layer)
+            # one forward pass per layer; tau only reweights the same similarities (PAWS eq. (1), as probes does)
+            at_layer = PawsEmbedding(embed.encoder, embed.projection, layer).eval()
+            feats, y = probes.extract_features(at_layer, store, np.concatenate([split.labeled, split.val]), 512)
+            support = F.one_hot(y[:nl].long(), int(y.max()) + 1).float()
             for tau in args.taus:
-                acc = probes.paws_nn_accuracy(embed, store, split.labeled, store, split.val, tau, 512)
-                rows.append({"split": seed, "layer": layer, "tau": tau, "val_top1": acc,
+                probs = snn(feats[nl:], feats[:nl], support, tau)
+                rows.append({"split": seed, "layer": layer, "tau": tau,
+                             "val_top1": (probs.argmax(1) == y[nl:]).float().mean().item(),
                              "recipe": tau == trained_tau and layer == len(embed.projection.layers)})
                 print(rows[-1], flush=True)
     out = {"environment": environment(), "rows": rows}

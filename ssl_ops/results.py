@@ -422,8 +422,10 @@ def plot(rows: list[Row], path: Path) -> None:
     save_png(fig, path, dpi=100)
 
 
-def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Path) -> None:
-    """One panel per row: its per-epoch val metric, one line per split."""
+def _panels(rows: dict[str, Any], path: Path, ylabel: str, draw: Callable[[Any, Any], None], sharey: bool,
+            legend_each: bool) -> None:
+    """One panel per row of ``rows`` (sorted by name, 4 to a line, x = epoch): ``draw(ax, rows[name])`` fills each;
+    a legend in every panel that has lines (``legend_each``) or in the first only; written to ``path``."""
     import math
 
     import matplotlib
@@ -432,42 +434,41 @@ def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Pat
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    names = sorted(curves) or ["(no runs)"]
+    names = sorted(rows) or ["(no runs)"]
     cols = min(4, len(names))
     nrows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False, sharey=sharey)
     for ax, name in zip(axes.flat, names):
-        for seed, points in sorted(curves.get(name, {}).items()):
-            ax.plot([s for s, _ in points], [100 * v for _, v in points], marker=".", label=f"split {seed}")
+        draw(ax, rows.get(name, {}))
+        if legend_each and ax.lines:
+            ax.legend(fontsize=6)
         ax.set_title(name, fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    axes[0][0].set_ylabel("val top-1 (%)")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].set_ylabel(ylabel)
+    if not legend_each:
+        axes[0][0].legend(fontsize=7)
     fig.supxlabel("epoch")
     save_png(fig, path, dpi=100)
+
+
+def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Path) -> None:
+    """One panel per row: its per-epoch val metric, one line per split."""
+    def draw(ax, by_seed: dict[int, list[tuple[int, float]]]) -> None:
+        for seed, points in sorted(by_seed.items()):
+            ax.plot([s for s, _ in points], [100 * v for _, v in points], marker=".", label=f"split {seed}")
+
+    _panels(curves, path, "val top-1 (%)", draw, sharey=True, legend_each=False)
 
 
 def plot_losses(losses: dict[str, dict[str, dict[int, list[tuple[int, float]]]]], path: Path) -> None:
     """One panel per row: each training-loss term per epoch, the mean over splits with their range as a band;
     a log scale where every value is positive (the terms differ by orders of magnitude)."""
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    names = sorted(losses) or ["(no runs)"]
-    cols = min(4, len(names))
-    nrows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    def draw(ax, terms: dict[str, dict[int, list[tuple[int, float]]]]) -> None:
         positive = True
-        for key, by_seed in sorted(losses.get(name, {}).items()):
+        for key, by_seed in sorted(terms.items()):
             per_epoch: dict[int, list[float]] = {}
             for points in by_seed.values():
                 for step, v in points:
@@ -482,16 +483,8 @@ def plot_losses(losses: dict[str, dict[str, dict[int, list[tuple[int, float]]]]]
                             alpha=0.2, lw=0)
         if positive and ax.lines:
             ax.set_yscale("log")
-        ax.set_title(name, fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes[0][0].set_ylabel("training loss")
-    fig.supxlabel("epoch")
-    save_png(fig, path, dpi=100)
+
+    _panels(losses, path, "training loss", draw, sharey=False, legend_each=True)
 
 
 def write(runs: list[dict[str, Any]], history, out: Path, source: str, expected: list[str] | None = None) -> list[Row]:
