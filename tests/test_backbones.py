@@ -7,9 +7,9 @@ from torch import nn
 from ssl_ops.backbones import BACKBONES, Backbone, build_backbone, register_backbone
 
 # Input sides to test per backbone; unlisted backbones get CIFAR-size inputs. resnet50 gets 64 (not 224) for speed.
-SIDES = {"convnet": (28, 8), "resnet50": (64,)}
+SIDES = {"convnet": (28, 8), "convnet_deep": (28, 8), "resnet50": (64,)}
 # feature_dim at width 0.5 (None: the backbone rejects widths other than 1.0).
-HALF_WIDTH_DIM = {"convnet": 64, "resnet18_cifar": 256, "wrn28_2": 64, "resnet50": None}
+HALF_WIDTH_DIM = {"convnet": 64, "convnet_deep": 64, "resnet18_cifar": 256, "wrn28_2": 64, "resnet50": None}
 
 names = pytest.mark.parametrize("name", sorted(BACKBONES))
 
