@@ -30,7 +30,7 @@ from ssl_ops.backbones import BACKBONES, build_backbone, set_memory_format
 from ssl_ops.heads import Classifier, Normalize
 
 SHAPES = {"28x28x1": (1, 28), "32x32x3": (3, 32)}
-CONFIGS = [("convnet", 1.0), ("convnet", 2.0), ("resnet18_cifar", 1.0), ("wrn28_2", 1.0), ("resnet50", 1.0)]
+CONFIGS = [("convnet", 1.0), ("convnet", 2.0), ("convnet_deep", 1.0), ("resnet18_cifar", 1.0), ("wrn28_2", 1.0), ("resnet50", 1.0)]
 
 
 def _step(model, opt, x, y) -> None:
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, width in CONFIGS:
         if name in args.skip:
             continue
-        small = name == "convnet"
+        small = name.startswith("convnet")  # the 28x28 networks: every shape and batch
         for shape in (SHAPES if small else args.large_shapes):
             for batch in (args.batches if small else args.large_batches):
                 for threads in args.threads:
