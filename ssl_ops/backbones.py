@@ -195,7 +195,9 @@ class ConvNetDeep(Backbone):
     was tried), at a cost the CPU budgets still allow.
     """
 
-    channels_last_cpu = False  # not measured yet: auto keeps the default layout until benchmarks/channels_last.py says
+    # measured (reports/benchmarks_channels_last.md, 2026-12-03): 1.13x over its rows, from 32x32x3 inputs (1.21-1.38x);
+    # on 28x28x1 0.96-1.02x, a wash
+    channels_last_cpu = True
 
     def __init__(self, in_channels: int, width: float = 1.0, image_size: int | None = None) -> None:
         blocks, c_in = [], in_channels
@@ -239,7 +241,8 @@ class ResNet18Cifar(Backbone):
     blocks = [stem + stage 1, stage 2, stage 3, stage 4]; feature_dim = 512 x width.
     """
 
-    channels_last_cpu = False  # measured idle: 1.06x at 1 thread, 1.00x at 2, under the 5% margin
+    # measured: 1.03x on 2026-12-02 (default then), 1.10x on 2026-12-03 (1.05x at 1 thread, 1.15x at 2)
+    channels_last_cpu = True
 
     def __init__(self, in_channels: int, width: float = 1.0, image_size: int | None = None) -> None:
         c_stem = _scaled(64, width)
