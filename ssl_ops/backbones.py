@@ -167,26 +167,23 @@ class ConvNet(Backbone):
     """
 
     channels_last_cpu = True  # measured, reports/benchmarks_channels_last.md
+    convs_per_block = 1
 
     def __init__(self, in_channels: int, width: float = 1.0, image_size: int | None = None) -> None:
         blocks, c_in = [], in_channels
         for c in (32, 64, 128):
             c_out = _scaled(c, width)
-            blocks.append(
-                nn.Sequential(
-                    _conv3x3(c_in, c_out),
-                    nn.BatchNorm2d(c_out),
-                    nn.ReLU(inplace=True),
-                    nn.MaxPool2d(2, ceil_mode=True),
-                )
-            )
+            layers: list[nn.Module] = []
+            for i in range(self.convs_per_block):  # [conv-BN-ReLU] x n, then the pool
+                layers += [_conv3x3(c_in if i == 0 else c_out, c_out), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            blocks.append(nn.Sequential(*layers, nn.MaxPool2d(2, ceil_mode=True)))
             c_in = c_out
         super().__init__(blocks, feature_dim=c_in)
         _init_weights(self)
 
 
 @register_backbone("convnet_deep")
-class ConvNetDeep(Backbone):
+class ConvNetDeep(ConvNet):
     """VGG-style CNN with two convs per block: 3 blocks of [(conv3x3-BN-ReLU) x 2, max-pool 2], 32-64-128 ch.
 
     Not from a paper: ``convnet`` with each block's conv doubled (Simonyan & Zisserman's stacked 3x3 convs), ~3x
@@ -198,21 +195,7 @@ class ConvNetDeep(Backbone):
     # measured (reports/benchmarks_channels_last.md, 2026-12-03): 1.13x over its rows, from 32x32x3 inputs (1.21-1.38x);
     # on 28x28x1 0.96-1.02x, a wash
     channels_last_cpu = True
-
-    def __init__(self, in_channels: int, width: float = 1.0, image_size: int | None = None) -> None:
-        blocks, c_in = [], in_channels
-        for c in (32, 64, 128):
-            c_out = _scaled(c, width)
-            blocks.append(
-                nn.Sequential(
-                    _conv3x3(c_in, c_out), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                    _conv3x3(c_out, c_out), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                    nn.MaxPool2d(2, ceil_mode=True),
-                )
-            )
-            c_in = c_out
-        super().__init__(blocks, feature_dim=c_in)
-        _init_weights(self)
+    convs_per_block = 2
 
 
 class _BasicBlock(nn.Module):
