@@ -3,7 +3,7 @@
 # split (Fashion-MNIST, 10 labels per class, split seed 0) it trains the tuned supervised baseline, then the
 # semi-supervised recipe with the best gain per CPU-minute measured in the campaign (PAWS-NN on the default convnet)
 # and paws_distill from that PAWS network, and ends with the table of the three rows and the gains in test top-1.
-# The campaign's PAWS recipe runs on convnet_deep since 2026-12-03 (1.6 points more PAWS-NN for 4.5x the
+# The campaign's PAWS recipe runs on convnet_deep since 2026-12-03 (2.1 points more PAWS-NN for 3.4x the
 # CPU-minutes, reports/results_fmnist_10pc.md): too slow for 10 minutes, so the demo sets model.backbone=convnet,
 # the recipe's network before (its split-0 rows: reports/results_fmnist_10pc_notes.md). Runs go to demo/mlflow.db
 # (experiment fmnist-10pc-demo), the table to demo/results.md; the campaign's outputs and reports/ are left alone.
@@ -18,7 +18,7 @@ echo "== 1/4 supervised baseline (presets/fmnist_10pc/supervised.yaml)"
 ./run.sh demo evaluate supervised "${exp[@]}"
 # PAWS (Assran et al. 2021) evaluated as PAWS-NN (§5: soft nearest neighbours against the 100 labeled images, no
 # fine-tuning): the best gain per CPU-minute measured so far, with the campaign's recipe on the default convnet
-# (~3 CPU-minutes of training; on convnet_deep ~14).
+# (~3 CPU-minutes of training; on convnet_deep ~11).
 small=(--set model.backbone=convnet)
 echo "== 2/4 PAWS pre-training + PAWS-NN (presets/fmnist_10pc/paws.yaml on the default convnet)"
 ./run.sh demo pretrain paws "${exp[@]}" "${small[@]}"
