@@ -30,7 +30,8 @@ from ssl_ops.backbones import BACKBONES, build_backbone, set_memory_format
 from ssl_ops.heads import Classifier, Normalize
 
 SHAPES = {"28x28x1": (1, 28), "32x32x3": (3, 32)}
-CONFIGS = [("convnet", 1.0), ("convnet", 2.0), ("convnet_deep", 1.0), ("resnet18_cifar", 1.0), ("wrn28_2", 1.0), ("resnet50", 1.0)]
+CONFIGS = [("convnet", 1.0), ("convnet", 2.0), ("convnet_deep", 1.0), ("resnet18_cifar", 1.0), ("wrn28_2", 1.0),
+           ("resnet50", 1.0)]
 
 
 def _step(model, opt, x, y) -> None:

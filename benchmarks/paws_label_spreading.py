@@ -36,7 +36,6 @@ from ssl_ops.backbones import build_backbone
 from ssl_ops.data.prepare import load_prepared
 from ssl_ops.data.splits import load_split
 from ssl_ops.data.store import ImageStore
-from ssl_ops.losses import snn
 from ssl_ops.methods.paws_distill import paws_embedding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +65,7 @@ def split_rows(seed: int, data, neighbors: list[int], alphas: list[float]) -> li
     def top1(probs: torch.Tensor, part: slice) -> float:
         return (probs[part].argmax(1) == y[part]).float().mean().item()
 
-    onehot = F.one_hot(y[:nl], int(y.max()) + 1).float()
-    nn_probs = snn(feats, feats[:nl], onehot, tau)  # PAWS-NN, as probes.paws_nn_probs computes it
+    nn_probs = probes.paws_nn_from_features(feats[:nl], y[:nl], feats, tau, int(y.max()) + 1)  # PAWS-NN
     rows = [{"split": seed, "rule": "PAWS-NN", "val_top1": top1(nn_probs, val), "pool_top1": top1(nn_probs, pool)}]
     known = np.full(len(order), -1)
     known[:nl] = y[:nl].numpy()

@@ -18,7 +18,6 @@ import json
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import environment
 from benchmarks.paws_label_spreading import CAMPAIGN, REPO, campaign_paws
@@ -27,7 +26,6 @@ from ssl_ops.backbones import BACKBONES
 from ssl_ops.data.prepare import load_prepared
 from ssl_ops.data.store import ImageStore
 from ssl_ops.heads import PawsEmbedding
-from ssl_ops.losses import snn
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,9 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
             # one forward pass per layer; tau only reweights the same similarities (PAWS eq. (1), as probes does)
             at_layer = PawsEmbedding(embed.encoder, embed.projection, layer).eval()
             feats, y = probes.extract_features(at_layer, store, np.concatenate([split.labeled, split.val]), 512)
-            support = F.one_hot(y[:nl].long(), int(y.max()) + 1).float()
             for tau in args.taus:
-                probs = snn(feats[nl:], feats[:nl], support, tau)
+                probs = probes.paws_nn_from_features(feats[:nl], y[:nl], feats[nl:], tau, int(y.max()) + 1)
                 rows.append({"split": seed, "layer": layer, "tau": tau,
                              "val_top1": (probs.argmax(1) == y[nl:]).float().mean().item(),
                              "recipe": tau == trained_tau and layer == len(embed.projection.layers)})

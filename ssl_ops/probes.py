@@ -72,7 +72,14 @@ def paws_nn_probs(embed: nn.Module, ref_store, ref_idx, query_store, query_idx, 
     ref_f, ref_y = extract_features(embed, ref_store, ref_idx, batch_size)
     q_f, q_y = extract_features(embed, query_store, query_idx, batch_size)
     k = num_classes or int(max(ref_y.max().item(), q_y.max().item())) + 1
-    return snn(q_f, ref_f, smooth_labels(ref_y.long(), k, 0.0), temperature), q_y
+    return paws_nn_from_features(ref_f, ref_y, q_f, temperature, k), q_y
+
+
+def paws_nn_from_features(ref_f: Tensor, ref_y: Tensor, q_f: Tensor, temperature: float, num_classes: int) -> Tensor:
+    """PAWS-NN's class probabilities (eq. (1), one-hot labels, no smoothing) of query features ``q_f`` against
+    labeled features ``ref_f`` / ``ref_y``: :func:`paws_nn_probs` once the features are extracted, for callers
+    that read several temperatures or layers from one extraction."""
+    return snn(q_f, ref_f, smooth_labels(ref_y.long(), num_classes, 0.0), temperature)
 
 
 def paws_nn_accuracy(embed: nn.Module, ref_store, ref_idx, query_store, query_idx, temperature: float,
