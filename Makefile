@@ -50,7 +50,8 @@ test-all: $(STAMP)
 
 # issue 9: every registered method's throughput vs a bare loop, augmentation, cost vs N, peak memory
 # -> reports/benchmarks.md + .json; then the train-step speed of every backbone in the default vs channels_last
-# memory layout (issue 17) -> reports/benchmarks_channels_last.md + .json (minutes; resnet50 skipped). With 14 methods this is well over 30 min on the 2-core CPU. Warm-ups run
+# memory layout (issue 17) -> reports/benchmarks_channels_last.md + .json (minutes; resnet50 skipped), and in fp32 vs
+# bf16 autocast (train.amp_cpu) -> reports/benchmarks_amp_cpu.md + .json (1 min). With 14 methods this is well over 30 min on the 2-core CPU. Warm-ups run
 # outside the timed windows and are shortened: pseudo_label's teacher to one epoch; moam_retrain's pseudo-labels
 # of the unlabeled pool (10 crops x 4 rotations per image: over 6 min of one core on the 60k pool, measured,
 # unfinished) to a 2,000-image subset without flips, 60x less work.
@@ -58,6 +59,7 @@ bench: $(STAMP) dataset
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m benchmarks.suite --set pseudo_label.teacher_epochs=1 \
 	  moam_retrain.max_images=2000 moam_retrain.flip_crops=false
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m benchmarks.channels_last
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m benchmarks.amp_cpu
 
 # issue 17: every method on 3 labeled splits of Fashion-MNIST (10 labels/class) with its tuned recipe
 # (presets/fmnist_10pc/), rebuilt by DVC -> reports/results_fmnist_10pc.md + PNGs. Hours on 2 CPU cores (each method

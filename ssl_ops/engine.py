@@ -150,12 +150,28 @@ def make_optimizer(model: nn.Module, train: TrainParams, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, total_steps))
 
 
+def use_amp(train: TrainParams, device: torch.device) -> bool:
+    """Whether ``device`` runs in mixed precision: ``train.amp`` on CUDA, ``train.amp_cpu`` on the CPU."""
+    return train.amp if device.type == "cuda" else device.type == "cpu" and train.amp_cpu
+
+
 def autocast(device: torch.device, enabled: bool):
-    """Mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); a no-op elsewhere."""
-    if device.type != "cuda" or not enabled:
+    """Mixed precision: on CUDA bf16 where supported, else fp16 with a GradScaler; on the CPU bf16 (oneDNN runs
+    convolutions and matmuls in bf16 where the CPU has native bf16, e.g. AVX512-BF16 or AMX, and emulates it,
+    slower, where it has not: ``check_amp_cpu``); a no-op elsewhere or when not ``enabled``."""
+    if not enabled or device.type not in ("cuda", "cpu"):
         return contextlib.nullcontext()
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def check_amp_cpu(train: TrainParams, device: torch.device) -> None:
+    """``train.amp_cpu`` on a CPU without native bf16 is emulated and slower than fp32: say so, once per run."""
+    if device.type == "cpu" and train.amp_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warnings.warn("train.amp_cpu: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 is emulated and "
+                      "slower than fp32; set train.amp_cpu=false", stacklevel=2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,7 +197,7 @@ def predict_logits(model: nn.Module, store: ImageStore, indices: np.ndarray, bat
 def test_accuracy(model: nn.Module, ctx: RunContext) -> tuple[float, float]:
     """(top-1, top-5) of ``model`` on the whole test set."""
     logits, labels = predict_logits(model, ctx.test_store(), np.arange(len(ctx.data.test_y)),
-                                    ctx.train.eval_batch_size, ctx.train.amp)
+                                    ctx.train.eval_batch_size, use_amp(ctx.train, ctx.device))
     return topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5)
 
 
@@ -261,6 +277,8 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
     optimizer, scheduler = make_optimizer(model, train, total)
     use_scaler = ctx.device.type == "cuda" and train.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    amp = use_amp(train, ctx.device)
+    check_amp_cpu(train, ctx.device)
     start_epoch, seconds, cpu_seconds, history, run_state = 0, 0.0, 0.0, [], dict(run_state or {})
 
     if resume and checkpoint.exists():
@@ -292,7 +310,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
             for i in range(train.steps_per_epoch):
                 step = epoch * train.steps_per_epoch + i
                 faults.point("step")  # reliability tests only (SSL_OPS_FAULT); a no-op otherwise
-                with autocast(ctx.device, train.amp):
+                with autocast(ctx.device, amp):
                     out = method.training_step(step)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out["loss"]).backward()
@@ -323,7 +341,7 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
                 metrics.update(method.epoch_metrics())
             elif len(ctx.split.val):
                 logits, labels = predict_logits(method.classifier(), ctx.store, ctx.split.val, train.eval_batch_size,
-                                                train.amp)
+                                                amp)
                 metrics["val_top1"] = topk_accuracy(logits, labels, 1)
             history.append({"epoch": epoch + 1, **metrics})
             if log and main:

@@ -76,7 +76,10 @@ class TrainParams(Section):
     """Shared optimisation settings; a method's own section may override epochs and lr."""
 
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    amp: bool = True  # mixed precision on CUDA only; ignored elsewhere
+    amp: bool = True  # mixed precision on CUDA (bf16, else fp16); ignored elsewhere
+    # bf16 autocast on the CPU: 1.5-1.7x the images/s of fp32 on a CPU with AVX512-BF16 (convnet_deep, 1 thread:
+    # reports/benchmarks_amp_cpu.md); off by default because it changes the numbers of every committed result
+    amp_cpu: bool = False
     seed: int = Field(0, ge=0)
     epochs: int = Field(20, gt=0)
     steps_per_epoch: int = Field(100, gt=0)  # an "epoch" is this many optimiser steps (checkpoint + log period)

@@ -127,8 +127,8 @@ def test_topk_accuracy_and_test_accuracy_by_hand():
     with torch.no_grad():
         net[1].weight.copy_(torch.eye(6))
     store = ImageStore(x, y, torch.device("cpu"))
-    ctx = SimpleNamespace(test_store=lambda: store, data=SimpleNamespace(test_y=y),
-                          train=SimpleNamespace(eval_batch_size=3, amp=False))
+    ctx = SimpleNamespace(test_store=lambda: store, data=SimpleNamespace(test_y=y), device=torch.device("cpu"),
+                          train=SimpleNamespace(eval_batch_size=3, amp=False, amp_cpu=False))
     assert test_accuracy(net, ctx) == (0.5, 0.75)
 
 
@@ -200,3 +200,39 @@ def test_streamed_store_gives_the_in_memory_stores_images_and_labels():
         assert set(seen) <= set(pool.tolist())
         if store is disk:
             assert sorted(seen) == pool.tolist()
+
+
+def test_use_amp_reads_amp_on_cuda_and_amp_cpu_on_the_cpu():
+    from ssl_ops.engine import use_amp
+
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert use_amp(TrainParams(amp=True, amp_cpu=False), cuda) and not use_amp(TrainParams(amp=False, amp_cpu=True), cuda)
+    assert use_amp(TrainParams(amp=False, amp_cpu=True), cpu) and not use_amp(TrainParams(amp=True, amp_cpu=False), cpu)
+    assert not use_amp(TrainParams(amp=True, amp_cpu=True), mps)
+    assert TrainParams().amp_cpu is False  # the committed results are fp32 on the CPU
+
+
+def test_cpu_autocast_runs_convolutions_in_bf16_only_when_enabled():
+    from ssl_ops.engine import autocast
+
+    conv, x = torch.nn.Conv2d(1, 2, 3), torch.randn(2, 1, 5, 5)
+    with autocast(torch.device("cpu"), True):
+        assert conv(x).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), False):
+        assert conv(x).dtype == torch.float32
+
+
+def test_amp_cpu_trains_in_bf16_and_ends_near_the_fp32_run(workdir, tiny):
+    """A bf16 run is not bit-identical to fp32, but on the same seed it must train (finite, falling loss) and its
+    weights must stay fp32 (autocast casts per op; the optimiser steps fp32 master weights)."""
+    fp32 = train_stage("supervised", tiny("train.epochs=3"))
+    loss32 = [h["loss"] for h in io.torch_load(CHECKPOINTS / "supervised" / "last.pt")["history"]]
+    (MODELS / "supervised.pt").unlink()
+    bf16 = train_stage("supervised", tiny("train.epochs=3", "train.amp_cpu=true"))
+    ck = io.torch_load(CHECKPOINTS / "supervised" / "last.pt")
+    loss16 = [h["loss"] for h in ck["history"]]
+    assert all(v.dtype == torch.float32 for v in ck["model"].values() if v.is_floating_point())
+    assert loss16 != loss32  # it did run in bf16
+    assert loss16[-1] < loss16[0] and all(math.isfinite(v) for v in loss16)
+    assert abs(loss16[-1] - loss32[-1]) < 0.25 * loss32[0]
+    assert abs(bf16.metrics["val_top1"] - fp32.metrics["val_top1"]) <= 0.2

@@ -24,7 +24,7 @@ from ssl_ops import distributed, io, recovery, report, tracking
 from ssl_ops.probes import max_class_fraction
 from ssl_ops.data.prepare import PreparedDataset, check_prepared_with, link_sources, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
-from ssl_ops.engine import RunContext, fit, make_context, predict_logits, topk_accuracy
+from ssl_ops.engine import RunContext, fit, make_context, predict_logits, topk_accuracy, use_amp
 from ssl_ops.errors import CheckpointError, DataIntegrityError, SslOpsError
 from ssl_ops.methods import METHODS, Method
 from ssl_ops.params import BaseParams, params_model
@@ -151,8 +151,8 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
     method, ck = load_trained(name, params)
     ctx, model = method.ctx, method.classifier()
     bs = ctx.train.eval_batch_size
-    logits, labels = predict_logits(model, ctx.test_store(), np.arange(len(ctx.data.test_y)), bs, ctx.train.amp)
-    val_logits, val_labels = predict_logits(model, ctx.store, ctx.split.val, bs, ctx.train.amp)
+    logits, labels = predict_logits(model, ctx.test_store(), np.arange(len(ctx.data.test_y)), bs, use_amp(ctx.train, ctx.device))
+    val_logits, val_labels = predict_logits(model, ctx.store, ctx.split.val, bs, use_amp(ctx.train, ctx.device))
     metrics = {
         "test_top1": topk_accuracy(logits, labels, 1),
         "test_top5": topk_accuracy(logits, labels, 5),
