@@ -77,7 +77,7 @@ class TrainParams(Section):
 
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = True  # mixed precision on CUDA (bf16, else fp16); ignored elsewhere
-    # bf16 autocast on the CPU: 1.5-1.7x the images/s of fp32 on a CPU with AVX512-BF16 (convnet_deep, 1 thread:
+    # bf16 autocast on the CPU: 1.45-1.9x the images per CPU-second of fp32 on a CPU with AVX512-BF16 (1 thread:
     # reports/benchmarks_amp_cpu.md); off by default because it changes the numbers of every committed result
     amp_cpu: bool = False
     seed: int = Field(0, ge=0)

@@ -150,9 +150,9 @@ def evaluate_stage(name: str, params: BaseParams) -> dict[str, float]:
     """Test and val accuracy of a trained method -> metrics/<name>.json, also logged to its MLflow run."""
     method, ck = load_trained(name, params)
     ctx, model = method.ctx, method.classifier()
-    bs = ctx.train.eval_batch_size
-    logits, labels = predict_logits(model, ctx.test_store(), np.arange(len(ctx.data.test_y)), bs, use_amp(ctx.train, ctx.device))
-    val_logits, val_labels = predict_logits(model, ctx.store, ctx.split.val, bs, use_amp(ctx.train, ctx.device))
+    bs, amp = ctx.train.eval_batch_size, use_amp(ctx.train, ctx.device)
+    logits, labels = predict_logits(model, ctx.test_store(), np.arange(len(ctx.data.test_y)), bs, amp)
+    val_logits, val_labels = predict_logits(model, ctx.store, ctx.split.val, bs, amp)
     metrics = {
         "test_top1": topk_accuracy(logits, labels, 1),
         "test_top5": topk_accuracy(logits, labels, 5),
