@@ -275,10 +275,11 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
     set_memory_format(model, train.channels_last, ctx.device)  # likewise before the optimiser (same parameters)
     total = train.epochs * train.steps_per_epoch
     optimizer, scheduler = make_optimizer(model, train, total)
-    use_scaler = ctx.device.type == "cuda" and train.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     amp = use_amp(train, ctx.device)
     check_amp_cpu(train, ctx.device)
+    # fp16 needs loss scaling; bf16 (the CPU's, and CUDA's where supported) has fp32's range and does not
+    fp16 = amp and ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     start_epoch, seconds, cpu_seconds, history, run_state = 0, 0.0, 0.0, [], dict(run_state or {})
 
     if resume and checkpoint.exists():

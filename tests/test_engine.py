@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ssl_ops import io
-from ssl_ops.engine import lr_lambda
+from ssl_ops.engine import autocast, lr_lambda, use_amp
 from ssl_ops.methods.supervised import Supervised
 from ssl_ops.errors import CheckpointError, DataIntegrityError, TrainingDivergedError
 from ssl_ops.params import TrainParams
@@ -203,18 +203,15 @@ def test_streamed_store_gives_the_in_memory_stores_images_and_labels():
 
 
 def test_use_amp_reads_amp_on_cuda_and_amp_cpu_on_the_cpu():
-    from ssl_ops.engine import use_amp
-
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    assert use_amp(TrainParams(amp=True, amp_cpu=False), cuda) and not use_amp(TrainParams(amp=False, amp_cpu=True), cuda)
-    assert use_amp(TrainParams(amp=False, amp_cpu=True), cpu) and not use_amp(TrainParams(amp=True, amp_cpu=False), cpu)
+    cuda_only, cpu_only = TrainParams(amp=True, amp_cpu=False), TrainParams(amp=False, amp_cpu=True)
+    assert use_amp(cuda_only, cuda) and not use_amp(cpu_only, cuda)
+    assert use_amp(cpu_only, cpu) and not use_amp(cuda_only, cpu)
     assert not use_amp(TrainParams(amp=True, amp_cpu=True), mps)
     assert TrainParams().amp_cpu is False  # the committed results are fp32 on the CPU
 
 
 def test_cpu_autocast_runs_convolutions_in_bf16_only_when_enabled():
-    from ssl_ops.engine import autocast
-
     conv, x = torch.nn.Conv2d(1, 2, 3), torch.randn(2, 1, 5, 5)
     with autocast(torch.device("cpu"), True):
         assert conv(x).dtype == torch.bfloat16
