@@ -346,7 +346,8 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
         "# Results: test top-1 per method over labeled splits", "",
         f"From MLflow ({source}); labeled splits (split seed = train seed): {', '.join(map(str, seeds)) or '—'}. "
         "Test top-1 is mean ± sample std over the splits (%); the test set is only reported, recipes were chosen "
-        f"on val splits (each recipe's header says which). **Δ** is the mean paired difference to `{BASELINE}` on the same splits. "
+        f"on val splits (each recipe's header says which). **Δ** is the mean paired difference to `{BASELINE}` on "
+        "the same splits. "
         "**CPU-min** is the mean process CPU time of the training steps (user + sys, teacher phases included; "
         "not evaluation; a step of a chain also gives the whole chain's, as MOAM's last step counts for MOAM); "
         "a transfer method also needs its pre-training (table below). **max class** is the "
