@@ -150,9 +150,19 @@ def make_optimizer(model: nn.Module, train: TrainParams, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, total_steps))
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX); elsewhere it emulates it, slowly."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def use_amp(train: TrainParams, device: torch.device) -> bool:
-    """Whether ``device`` runs in mixed precision: ``train.amp`` on CUDA, ``train.amp_cpu`` on the CPU."""
-    return train.amp if device.type == "cuda" else device.type == "cpu" and train.amp_cpu
+    """Whether ``device`` runs in mixed precision: ``train.amp`` on CUDA, ``train.amp_cpu`` on the CPU (``"auto"``:
+    only where the CPU has native bf16)."""
+    if device.type == "cuda":
+        return train.amp
+    if device.type != "cpu":
+        return False
+    return cpu_has_native_bf16() if train.amp_cpu == "auto" else train.amp_cpu
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -168,10 +178,17 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def check_amp_cpu(train: TrainParams, device: torch.device) -> None:
-    """``train.amp_cpu`` on a CPU without native bf16 is emulated and slower than fp32: say so, once per run."""
-    if device.type == "cpu" and train.amp_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    """``train.amp_cpu=true`` on a CPU without native bf16 is emulated and many times slower than fp32 (over 10x
+    on convnet_deep: reports/benchmarks_amp_cpu_avx2.md): say so, once per run. ``"auto"`` says it runs fp32."""
+    if device.type != "cpu" or train.amp_cpu is False or cpu_has_native_bf16():
+        return
+    if train.amp_cpu == "auto":
+        warnings.warn("train.amp_cpu=auto: this CPU has no native bf16 (AVX512-BF16 / AMX), so training runs in "
+                      "fp32; its numbers differ by rounding from a bf16 run of the same recipe", stacklevel=2)
+    else:
         warnings.warn("train.amp_cpu: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 is emulated and "
-                      "slower than fp32; set train.amp_cpu=false", stacklevel=2)
+                      "many times slower than fp32; set train.amp_cpu=auto (bf16 only where native) or false",
+                      stacklevel=2)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -78,8 +78,10 @@ class TrainParams(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = True  # mixed precision on CUDA (bf16, else fp16); ignored elsewhere
     # bf16 autocast on the CPU: 1.45-1.9x the images per CPU-second of fp32 on a CPU with AVX512-BF16 (1 thread:
-    # reports/benchmarks_amp_cpu.md); off by default because it changes the numbers of every committed result
-    amp_cpu: bool = False
+    # reports/benchmarks_amp_cpu.md); off by default because it changes the numbers of every committed result.
+    # "auto": bf16 only where the CPU has it natively, else fp32, since emulated bf16 is many times slower than fp32
+    # (reports/benchmarks_amp_cpu_avx2.md): what a recipe that chose bf16 for speed wants on any machine
+    amp_cpu: bool | Literal["auto"] = False
     seed: int = Field(0, ge=0)
     epochs: int = Field(20, gt=0)
     steps_per_epoch: int = Field(100, gt=0)  # an "epoch" is this many optimiser steps (checkpoint + log period)

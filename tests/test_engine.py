@@ -4,12 +4,13 @@ learning-rate schedule values, and the sha256 check of prepared data."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from ssl_ops import io
+from ssl_ops import engine, io
 from ssl_ops.engine import autocast, lr_lambda, use_amp
 from ssl_ops.methods.supervised import Supervised
 from ssl_ops.errors import CheckpointError, DataIntegrityError, TrainingDivergedError
@@ -209,6 +210,33 @@ def test_use_amp_reads_amp_on_cuda_and_amp_cpu_on_the_cpu():
     assert use_amp(cpu_only, cpu) and not use_amp(cuda_only, cpu)
     assert not use_amp(TrainParams(amp=True, amp_cpu=True), mps)
     assert TrainParams().amp_cpu is False  # the committed results are fp32 on the CPU
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_cpu_auto_uses_bf16_only_where_the_cpu_has_it_natively(monkeypatch, native):
+    """"auto" is for recipes that chose bf16 for its speed: emulated bf16 is many times slower than fp32."""
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    cpu, auto = torch.device("cpu"), TrainParams(amp_cpu="auto")
+    assert use_amp(auto, cpu) is native
+    assert use_amp(TrainParams(amp_cpu=True), cpu) and not use_amp(TrainParams(amp_cpu=False), cpu)
+    assert not use_amp(TrainParams(amp=False, amp_cpu="auto"), torch.device("cuda"))  # CUDA reads train.amp
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        engine.check_amp_cpu(auto, cpu)
+        engine.check_amp_cpu(TrainParams(amp_cpu=True), cpu)
+        engine.check_amp_cpu(TrainParams(amp_cpu=False), cpu)
+    messages = [str(w.message) for w in seen]
+    if native:
+        assert messages == []
+    else:  # auto says it runs fp32; true says it is emulated and how to fix it
+        assert len(messages) == 2 and "runs in fp32" in messages[0] and "set train.amp_cpu=auto" in messages[1]
+
+
+def test_amp_cpu_accepts_auto_and_booleans_and_rejects_other_strings():
+    assert TrainParams(amp_cpu="auto").amp_cpu == "auto"
+    assert TrainParams(amp_cpu=True).amp_cpu is True
+    with pytest.raises(ValueError, match="amp_cpu"):
+        TrainParams(amp_cpu="sometimes")
 
 
 def test_cpu_autocast_runs_convolutions_in_bf16_only_when_enabled():
