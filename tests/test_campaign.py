@@ -105,10 +105,14 @@ def test_campaign_runs_per_split_and_reports(campaign):
     assert recipe["train"]["nesterov"] is False
 
 
-@pytest.mark.slow  # demo.sh end to end: dvc and ssl-ops subprocesses, a minute
-def test_demo_trains_its_rows_and_states_the_gains(campaign):
-    """`make demo` (issue 17 item 5): the supervised baseline, PAWS-NN and paws_distill on split 0, a table with the
-    gains, all in demo/ (its own MLflow store), leaving the campaign's store and reports/ alone."""
+@pytest.mark.slow  # demo.sh end to end: dvc and ssl-ops subprocesses, a minute each
+@pytest.mark.parametrize("distill", [False, True])
+def test_demo_trains_its_rows_and_states_the_gains(campaign, monkeypatch, distill):
+    """`make demo` (issue 17 item 5): the supervised baseline and PAWS-NN on split 0 (DEMO_DISTILL=1: and
+    paws_distill), a table with the gains, all in demo/ (its own MLflow store), leaving the campaign's store and
+    reports/ alone."""
+    monkeypatch.setenv("DEMO_DISTILL", "1" if distill else "0")
+    ours = ("paws_nn", "paws_distill") if distill else ("paws_nn",)
     presets = campaign.parents[1] / "presets" / "fmnist_10pc"  # the campaign's recipes, shortened here
     (presets / "paws.yaml").write_text(yaml.safe_dump({"paws": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8}}))
     (presets / "paws_distill.yaml").write_text(yaml.safe_dump({"paws_distill": {"epochs": 1, "steps_per_epoch": 2}}))
@@ -118,20 +122,21 @@ def test_demo_trains_its_rows_and_states_the_gains(campaign):
     table = res.stdout[res.stdout.index("results: experiment fmnist-10pc-demo"):]
     md = (campaign / "demo" / "results.md").read_text()
     rows = {row: next(line for line in md.splitlines() if line.startswith(f"| {row} | 0 |")).split("|")
-            for row in ("supervised", "paws_nn", "paws_distill")}
+            for row in ("supervised", *ours)}
+    assert ("| paws_distill |" in md) is distill, md
     sup_test = float(rows["supervised"][3])
-    for row in ("paws_nn", "paws_distill"):
+    for row in ours:
         test, delta = map(float, rows[row][3:5])
         assert abs(test - sup_test - delta) < 0.011, md  # one split: the gain is the difference of the two test top-1
         assert row in table, res.stdout
     best = table.split("Best method: ", 1)[1].split(",")[0].strip("*")  # the non-baseline row with the best test top-1
-    assert float(rows[best][3]) == max(float(rows[r][3]) for r in ("paws_nn", "paws_distill")), (best, md)
+    assert float(rows[best][3]) == max(float(rows[r][3]) for r in ours), (best, md)
     assert f"({float(rows[best][4]):+.2f} points over supervised)" in table, table
     import mlflow
 
     client = mlflow.MlflowClient(demo_store)  # the demo's runs are in its own store
     names = {r.info.run_name for r in client.search_runs([client.get_experiment_by_name("fmnist-10pc-demo").experiment_id])}
-    assert names >= {"supervised", "pretrain-paws", "paws_distill"}, names
+    assert names >= {"supervised", "pretrain-paws"} and ("paws_distill" in names) is distill, names
     assert not (campaign / "mlflow.db").exists()
     assert not (campaign.parents[1] / "reports").exists()
 
