@@ -119,7 +119,8 @@ def render(res: dict) -> str:
               "| backbone | speed-up (CPU s) | measured winner | auto on CPU (code) |", "|---|---:|---|---|"]
     yes = lambda b: "**channels_last**" if b else "default"  # noqa: E731
     for name, s in res["summary"].items():
-        lines.append(f"| {name} | {s['speedup_cpu_geomean']:.2f}x | {yes(s['auto_measured'])} | {yes(s['auto_in_code'])} |")
+        lines.append(f"| {name} | {s['speedup_cpu_geomean']:.2f}x | {yes(s['auto_measured'])} | "
+                     f"{yes(s['auto_in_code'])} |")
     if 2 not in {r["threads"] for r in res["rows"]}:
         lines += ["", "2 threads: not measured in this run (needs an otherwise idle 2-core machine; see the load "
                   "column). Run `python -m benchmarks.channels_last --threads 1 2` on an idle machine."]
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary[name] = {"speedup_cpu_geomean": statistics.geometric_mean([r["speedup_cpu"] for r in rs]),
                          "auto_measured": auto_choice(rs),
                          "auto_in_code": getattr(BACKBONES[name], "channels_last_cpu", False)}
-    res = {"environment": env, "command": "python -m benchmarks.channels_last " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"environment": env,
+           "command": "python -m benchmarks.channels_last " + " ".join(sys.argv[1:] if argv is None else argv),
            "rows": rows, "summary": summary, "skipped": [s for s in args.skip if s in BACKBONES],
            "load_average_1min_end": os.getloadavg()[0]}
     io.write_json(args.out + ".json", res)

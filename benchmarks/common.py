@@ -29,7 +29,8 @@ def environment() -> dict:
 
 def mean_std(xs: list[float]) -> str:
     """``mean ± population std (n=…)`` of accuracies, or the single value with ``(n=1)``."""
-    return f"{statistics.mean(xs):.2%} ± {statistics.pstdev(xs):.2%} (n={len(xs)})" if len(xs) > 1 else f"{xs[0]:.2%} (n=1)"
+    return (f"{statistics.mean(xs):.2%} ± {statistics.pstdev(xs):.2%} (n={len(xs)})" if len(xs) > 1
+            else f"{xs[0]:.2%} (n=1)")
 
 
 def method_table(rows: list[dict], no_diff=lambda name: False) -> list[str]:
@@ -45,5 +46,6 @@ def method_table(rows: list[dict], no_diff=lambda name: False) -> list[str]:
         diff = f"{statistics.mean(paired):+.2%}" if paired and n != "supervised" and not no_diff(n) else ""
         val = [r["val_top1"] for r in rs if r["val_top1"] == r["val_top1"]]
         lines.append(f"| {n} | {mean_std([r['test_top1'] for r in rs])} | {diff} | {mean_std(val) if val else '-'} | "
-                     f"{rs[0]['steps']} x {rs[0]['batch_size']} | {statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+                     f"{rs[0]['steps']} x {rs[0]['batch_size']} | "
+                     f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
     return lines

@@ -107,9 +107,9 @@ def render(r: dict) -> str:
         "busy CPU are part of that, see reports/augment_benchmark.json).",
         "",
         "Probes on frozen backbone features (global-average-pooled convnet output): weighted k-NN (k=20, cosine, "
-        f"T=0.07) and logistic regression, both fit on the {r['n_labeled']} labeled images and scored on the {r['n_test']:,} test images "
-        f"(a probe report, not model selection). Pre-training used all {r['n_train']:,} train images without labels, with "
-        "each pretext's default budget from params.yaml.",
+        f"T=0.07) and logistic regression, both fit on the {r['n_labeled']} labeled images and scored on the "
+        f"{r['n_test']:,} test images (a probe report, not model selection). Pre-training used all "
+        f"{r['n_train']:,} train images without labels, with each pretext's default budget from params.yaml.",
         "",
         "| pretext | k-NN test top-1 | linear test top-1 | k-NN val top-1 | final pretext loss | steps x batch | "
         "pre-training s (training loop) | wall s (with probes) |",
@@ -120,11 +120,12 @@ def render(r: dict) -> str:
         loss = f"{row['pretext_loss']:.3f}" if "pretext_loss" in row else "-"
         lines.append(f"| {row['pretext']} | {row['knn_top1']:.2%} | {row['linear_top1']:.2%} | "
                      f"{row.get('knn_val_top1', float('nan')):.2%} | {loss} | {steps} | "
-                     f"{row['train_seconds']:.0f} | " + (f"{row['wall_seconds']:.0f} |" if "wall_seconds" in row else "- |"))
+                     f"{row['train_seconds']:.0f} | "
+                     + (f"{row['wall_seconds']:.0f} |" if "wall_seconds" in row else "- |"))
     if any(row.get("reused") for row in r["rows"]):
-        lines += ["", "Rows without a wall time were pre-trained by `ssl-ops pretrain <pretext>` processes started in the "
-                      "report's work directory (with exactly these params; the report re-read their outputs with "
-                      "`--reuse`). To finish within the session's time on the shared CPU, exemplar, simclr and "
+        lines += ["", "Rows without a wall time were pre-trained by `ssl-ops pretrain <pretext>` processes started "
+                      "in the report's work directory (with exactly these params; the report re-read their outputs "
+                      "with `--reuse`). To finish within the session's time on the shared CPU, exemplar, simclr and "
                       "jigsaw_pp ran as three processes at once, so their training-loop seconds include contention "
                       "with each other."]
     if "augment_benchmark" in r:

@@ -70,7 +70,8 @@ def serve_and_compare(model: str, work: Path, env: dict, images: Path, local: li
         ready = time.perf_counter() - t0
         files = [r["file"] for r in local]
         x = np.stack([np.asarray(Image.open(images / f))[None] for f in files]).astype(np.float32) / 255
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps({"inputs": x.tolist()}).encode(),
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                     json.dumps({"inputs": x.tolist()}).encode(),
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             served = json.loads(resp.read())["predictions"]
@@ -175,7 +176,8 @@ def main() -> None:
         log[4]["out"],
         "```",
         "",
-        "Second promote (a 2-epoch run of the same method; the gate reads val top-1 only, test is shown for the record):",
+        "Second promote (a 2-epoch run of the same method; the gate reads val top-1 only, test is shown for the "
+        "record):",
         "",
         "```",
         log[7]["out"],

@@ -267,12 +267,14 @@ def _fmt(d: dict, key: str, scale: float = 1.0, digits: int = 0) -> str:
 def render(res: dict) -> str:
     env = res["environment"]
     lines = ["# Benchmarks", "",
-             f"Machine: {env['machine']}; torch {env['torch']} ({env['torch_threads']} threads); git `{env['git_commit']}`; "
+             f"Machine: {env['machine']}; torch {env['torch']} ({env['torch_threads']} threads); "
+             f"git `{env['git_commit']}`; "
              f"{env['date']}; load average (1 min) {env['load_average_1min']:.1f} at start, "
              f"{res['load_average_1min_end']:.1f} at end (a shared machine: times are upper bounds).",
              f"Command: `{res['command']}`", "",
              f"## Training throughput, {res['dataset']}, {res['backbone']}, batch {res['batch_size']}", "",
-             f"One epoch of {res['steps']} steps per window, {res['repeats']} alternating repeats, mean ± std. ssl-ops = "
+             f"One epoch of {res['steps']} steps per window, {res['repeats']} alternating repeats, mean ± std. "
+             "ssl-ops = "
              "`engine.fit` (augmentation, schedule, val evaluation, checkpoint, MLflow logging); bare = the same "
              "`training_step` + optimiser + `after_step` in a plain loop. Images/step counts every image a step "
              "draws (labeled + unlabeled).", "",
@@ -285,7 +287,8 @@ def render(res: dict) -> str:
                          f"{_fmt(r, 'bare_images_per_s')} | {_fmt(r, 'ratio', digits=2)} |")
     a = res["augment"]
     lines += ["", "## Augmentation throughput", "",
-              f"SimCLR views of {a['images']} images {a['image_shape']}: batched ssl-ops {a['batched_images_per_s']:,.0f} "
+              f"SimCLR views of {a['images']} images {a['image_shape']}: batched ssl-ops "
+              f"{a['batched_images_per_s']:,.0f} "
               f"img/s ({a['batched_threads']} thread) vs torchvision v2 per image ({a['workers']} DataLoader workers) "
               f"{a['torchvision_per_image_images_per_s']:,.0f} img/s: **{a['ratio']:.1f}x**.", "",
               "## Cost against N", ""]

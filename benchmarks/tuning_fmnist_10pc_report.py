@@ -1,7 +1,7 @@
 """reports/tuning_fmnist_10pc.md (+ .json, trials CSV, PNG) from the issue-17 studies and the frozen recipes.
 
-    python -m benchmarks.tuning_fmnist_10pc_report [--storage sqlite:///tuning/optuna.db | journal:PATH] [--study sup-fmnist10pc]
-        [--out reports/tuning_fmnist_10pc]
+    python -m benchmarks.tuning_fmnist_10pc_report [--storage sqlite:///tuning/optuna.db | journal:PATH]
+        [--study sup-fmnist10pc] [--out reports/tuning_fmnist_10pc]
 
 Reads every trial of each ``--study`` (values, val top-1 = the objective, per-epoch val curve = Optuna's
 intermediate values, wall and CPU seconds) and the 3-seed measurements of the chosen presets written by
@@ -71,12 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     storage, _ = make_storage(args.storage)  # an RDB URL or journal:PATH, as `ssl-ops tune --storage`
     studies = {s: trials(optuna.load_study(study_name=s, storage=storage)) for s in args.study}
-    paths = [Path(p) for p in args.recipes] if args.recipes is not None else sorted(Path("reports/recipes").glob("*.json"))
+    paths = ([Path(p) for p in args.recipes] if args.recipes is not None
+             else sorted(Path("reports/recipes").glob("*.json")))
     recipes = {p.stem: json.loads(p.read_text()) for p in paths}
     env = environment()
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for rows in studies.values() for r in rows for k in r if k != "curve"},
-                  key=lambda k: (k not in ("study", "trial", "state", "val_top1", "val_last3_mean", "val_last5_mean"), k))
+                  key=lambda k: (k not in ("study", "trial", "state", "val_top1", "val_last3_mean",
+                                           "val_last5_mean"), k))
     cols = [k for k in keys if k != "study"]
     with open(f"{out}_trials.csv", "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, rec in recipes.items():
         rs = rec["runs"]
         per = lambda fmt, key: ", ".join(fmt.format(r[key]) for r in rs)  # noqa: E731
-        loads = ", ".join("{:.1f}→{:.1f}".format(r["load_average_1min_before"], r["load_average_1min_after"]) for r in rs)
+        loads = ", ".join("{:.1f}→{:.1f}".format(r["load_average_1min_before"], r["load_average_1min_after"])
+                          for r in rs)
         lines.append(
             f"| {name} | {', '.join(rec['presets'])} | {rec['test_top1_mean']:.2%} ± {rec['test_top1_std']:.2%} | "
             f"{per('{:.2%}', 'test_top1')} | {per('{:.2f}', 'val_top1')} | {per('{:.0f}', 'cpu_seconds')} | "

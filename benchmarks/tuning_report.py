@@ -77,7 +77,8 @@ def test_top1(method, params) -> float:
     return test_accuracy(method.classifier(), method.ctx)[0]
 
 
-def trial_test_accuracy(study: optuna.Study, params, name: str, method_name: str = "supervised") -> list[tuple[int, str, int, float, float]]:
+def trial_test_accuracy(study: optuna.Study, params, name: str,
+                        method_name: str = "supervised") -> list[tuple[int, str, int, float, float]]:
     """(trial, state, epochs run, val top-1 at its last epoch, test top-1 of that same model) for every trial with a
     checkpoint; after the study, for this report only."""
     from ssl_ops import io
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a new temp dir, deleted after)")
     args = ap.parse_args(argv)
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                         text=True).stdout.strip()
     args.out = str(Path(args.out).resolve())  # resolved before the chdir into the scratch directory
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ssl-ops-tuning-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Split: 10 labels per class (100 labeled images), 5 val images per class (50), split seed 0; training "
         f"budget per run: {budget}. Studies: TPE sampler (seed 0), median pruner "
         f"(3 start-up trials, 2 warm-up epochs), {args.trials} trials scored on **val** top-1 only. Set-ups "
-        f"{', '.join(args.setups)}: " + "; ".join(f"{k} = `{SETUPS[k]['method']}`, {SETUPS[k]['label']}" for k in args.setups)
+        f"{', '.join(args.setups)}: " + "; ".join(f"{k} = `{SETUPS[k]['method']}`, {SETUPS[k]['label']}"
+                                                  for k in args.setups)
         + ".",
         "",
         "Default = params.yaml values; tuned = the study's best trial. Both retrained with train seeds "

@@ -122,7 +122,8 @@ fig, ax = plt.subplots(figsize=(6, 3.5))
 for r in runs[:20]:
     hist = tracking.metric_history(store, r["run_id"], "pseudo_label_accuracy")
     ax.plot([s for s, _ in hist], [100 * v for _, v in hist], marker="o",
-            label=f"{r['tags'].get('method')} {r['params'].get('split.labels_per_class')}/class seed {r['params'].get('split.seed')}")
+            label=f"{r['tags'].get('method')} {r['params'].get('split.labels_per_class')}/class "
+                  f"seed {r['params'].get('split.seed')}")
 ax.set(xlabel="epoch", ylabel="pseudo-label accuracy (%)")
 ax.legend(fontsize=6)
 plt.show()
@@ -139,9 +140,11 @@ if model_file.exists() and true is not None:
     plt.bar(data.classes, 100 * np.array(per_class))
     plt.xticks(rotation=60, fontsize=7), plt.ylabel("precision of the pseudo-label (%)")
     plt.show()
-    print(f"kept {kept.mean():.1%} of the unlabeled pool; pseudo-label accuracy {(pseudo[kept] == true[kept]).mean():.2%}")
+    print(f"kept {kept.mean():.1%} of the unlabeled pool; "
+          f"pseudo-label accuracy {(pseudo[kept] == true[kept]).mean():.2%}")
 else:
-    print(f"no {model_file} for this split: run `ssl-ops train pseudo_label` to see per-class pseudo-label precision")'''),
+    print(f"no {model_file} for this split: "
+          "run `ssl-ops train pseudo_label` to see per-class pseudo-label precision")'''),
     new_markdown_cell("## 2-D embedding of features, coloured by class"),
     new_code_cell('''from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE

@@ -126,7 +126,8 @@ def set_memory_format(model: nn.Module, setting: bool | str, device: torch.devic
     qualified names of the converted backbones."""
     done = []
     for name, m in model.named_modules():
-        if isinstance(m, Backbone) and uses_channels_last(m, setting, device) and not getattr(m, "_channels_last", False):
+        if (isinstance(m, Backbone) and uses_channels_last(m, setting, device)
+                and not getattr(m, "_channels_last", False)):
             m.to(memory_format=torch.channels_last)
             m.register_forward_pre_hook(_to_channels_last)
             m._channels_last = True

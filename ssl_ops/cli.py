@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="insist on continuing from checkpoints/<method>/last.pt (other params: an error); without "
                         "it an unfinished checkpoint of the same params is resumed anyway")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
-    p = add("pretrain", cmd_pretrain, "self-supervised pre-training on all train images -> models/pretrain/<pretext>.pt")
+    p = add("pretrain", cmd_pretrain,
+            "self-supervised pre-training on all train images -> models/pretrain/<pretext>.pt")
     p.add_argument("pretext", choices=sorted(PRETEXTS), help="registered pretext")
     p.add_argument("--resume", action="store_true",
                    help="insist on continuing from checkpoints/pretrain/<pretext>/last.pt (an unfinished "
@@ -341,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--resize", action="store_true", help="resize images of another size to the model's (bilinear)")
     p.add_argument("--strict", action="store_true",
-                   help="fail on the first unusable image (default: leave it out, list it, fail only if none is usable)")
+                   help="fail on the first unusable image (default: leave it out, list it, fail only if none is "
+                        "usable)")
     p = add("tune", cmd_tune, "Optuna study of a method's tune.spaces on the val split, tracked in MLflow")
     p.add_argument("method", choices=sorted(METHODS) + sorted(PRETEXTS),
                    help="registered method, or a pretext (scored on its val monitor: PAWS-NN, k-NN)")

@@ -321,7 +321,8 @@ def fit(method, ctx: RunContext, checkpoint: Path, *, resume: bool = False, conf
     distributed.broadcast_parameters(model)  # every rank starts from rank 0's weights, as DDP does
     main = distributed.is_main()  # only rank 0 logs, writes checkpoints and shows progress
     model.train()
-    with TrainProgress(method.name, total, enabled=train.progress and main, completed=start_epoch * train.steps_per_epoch) as bar:
+    with TrainProgress(method.name, total, enabled=train.progress and main,
+                       completed=start_epoch * train.steps_per_epoch) as bar:
         for epoch in range(start_epoch, train.epochs):
             t0, c0 = time.perf_counter(), time.process_time()
             sums: dict[str, Tensor] = {}
@@ -401,7 +402,8 @@ def global_batchnorm(model: nn.Module, ctx: RunContext) -> bool:
 
 def _guard_finite(loss: float, epoch: int, checkpoint: Path) -> None:
     if not math.isfinite(loss):
-        kept = f"the last good checkpoint ({checkpoint}, end of epoch {epoch}) is kept" if epoch else "no epoch had finished"
+        kept = (f"the last good checkpoint ({checkpoint}, end of epoch {epoch}) is kept" if epoch
+                else "no epoch had finished")
         raise TrainingDivergedError(
             f"the training loss became {loss} during epoch {epoch + 1}; {kept}. Lower the learning rate "
             "(train.lr or the method's lr), add warm-up (train.warmup_epochs), or check the data."

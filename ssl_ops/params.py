@@ -186,7 +186,8 @@ def _read_tree(path: Path, what: str) -> dict:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{what} {path} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
-        raise ParamsError(f"{what} {path} must hold a mapping of sections (data:, split:, ...), got {type(tree).__name__}")
+        raise ParamsError(f"{what} {path} must hold a mapping of sections (data:, split:, ...), "
+                          f"got {type(tree).__name__}")
     return tree
 
 

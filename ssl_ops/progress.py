@@ -56,4 +56,5 @@ class TrainProgress:
             self._progress.console.print(f"[dim]{self.name} epoch {epoch}[/dim]  {shown}")
         elif self.lines:  # plain text, flushed: `tail -f` and CI logs see each epoch as it ends
             print(f"{self.name} epoch {epoch}  {shown}", file=sys.stderr, flush=True)
-        self._last_t, self._last_step = time.perf_counter(), completed  # exclude evaluation and checkpointing from the next throughput
+        # exclude evaluation and checkpointing from the next throughput
+        self._last_t, self._last_step = time.perf_counter(), completed

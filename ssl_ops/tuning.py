@@ -167,7 +167,8 @@ def search_space(params: BaseParams, method: str) -> dict[str, FloatSpace | IntS
     if not space:
         raise TuningError(
             f"params have no search space for {method}: add tune.spaces.{method} to params.yaml, e.g.\n"
-            "  tune:\n    spaces:\n      " + method + ":\n        train.lr: {type: float, low: 0.003, high: 0.3, log: true}"
+            "  tune:\n    spaces:\n      " + method
+            + ":\n        train.lr: {type: float, low: 0.003, high: 0.3, log: true}"
         )
     return space
 
@@ -382,7 +383,8 @@ def run_study(method: str, params: BaseParams, *, trials: int | None = 20, timeo
         wall = time.perf_counter() - t0
         best_file = write_best(study, method, url) if _has_complete(study) else None
         # redrawn only after a call that ran trials (drawing costs seconds; --trials 0 only reports)
-        plots = save_plots(study, TUNING / name / "plots") if trials else sorted((TUNING / name / "plots").glob("*.png"))
+        plots = (save_plots(study, TUNING / name / "plots") if trials
+                 else sorted((TUNING / name / "plots").glob("*.png")))
         if trials:
             tracking.log_artifacts([str(p) for p in plots], artifact_path="plots")
         if best_file:

@@ -50,7 +50,8 @@ def curve(name: str, tag: str) -> dict:
         f"paws.batch_size={b}", "paws.epochs=1", "paws.steps_per_epoch=6", "paws.small_crops=1", "paws.small_size=6",
         "paws.support_views=2", "paws.optimizer=sgd", "paws.lr=0.1", "paws.warmup_epochs=0"])
     data, split = load_data(params)[:2]
-    method = build_method(name, params, data, split) if name == "supervised" else build_pretext(name, params, data, split)
+    method = (build_method(name, params, data, split) if name == "supervised"
+              else build_pretext(name, params, data, split))
     # SyncBatchNorm runs on GPUs only: on CPU the check uses a BN-free copy of the network, so per-rank batch
     # statistics cannot make the 1- and 2-process curves differ; gradient averaging and gathering are what is tested
     for parent in list(method.model.modules()):

@@ -36,7 +36,8 @@ def test_suite_on_digits(tmp_path, monkeypatch, mlflow_uri):
         assert all(0 < v < math.inf for v in (ours, bare)) and r["images_per_step"] >= 8
         # one repeat: the ratio is the quotient of the two rates, and the report's row says so
         assert r["ratio"]["runs"] == [pytest.approx(ours / bare, rel=1e-12)]
-        assert f"| {name} | {r['images_per_step']} | {ours:,.0f} ± 0 | {bare:,.0f} ± 0 | {ours / bare:.2f} ± 0.00 |" in md
+        assert (f"| {name} | {r['images_per_step']} | {ours:,.0f} ± 0 | {bare:,.0f} ± 0 | "
+                f"{ours / bare:.2f} ± 0.00 |") in md
     memory = md.split("## Peak memory")[1]
     for per in res["memory"].values():
         assert list(per) == MEMORY

@@ -135,7 +135,8 @@ def test_demo_trains_its_rows_and_states_the_gains(campaign, monkeypatch, distil
     import mlflow
 
     client = mlflow.MlflowClient(demo_store)  # the demo's runs are in its own store
-    names = {r.info.run_name for r in client.search_runs([client.get_experiment_by_name("fmnist-10pc-demo").experiment_id])}
+    names = {r.info.run_name
+             for r in client.search_runs([client.get_experiment_by_name("fmnist-10pc-demo").experiment_id])}
     assert names >= {"supervised", "pretrain-paws"} and ("paws_distill" in names) is distill, names
     assert not (campaign / "mlflow.db").exists()
     assert not (campaign.parents[1] / "reports").exists()

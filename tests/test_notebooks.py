@@ -40,7 +40,8 @@ def trained(digits_dir, tmp_path_factory, mlflow_uri):
 def _execute(name: str, root: Path, monkeypatch) -> nbformat.NotebookNode:
     env = {"SSL_OPS_NB_ROOT": str(root), "SSL_OPS_NB_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
            "SSL_OPS_NB_EXPERIMENT": "notebooks", "SSL_OPS_NB_DATASET": "digits", "SSL_OPS_NB_LABELS": "10",
-           "SSL_OPS_NB_EMBED_IMAGES": "200", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "SSL_OPS_NB_EMBED_IMAGES": "200",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -109,8 +109,9 @@ def test_a_presets_search_space_replaces_the_methods_space_whole(tmp_path):
                                                             "supervised": {"train.lr": lr}}}})
     preset = tmp_path / "search.yaml"
     entmin = {"type": "categorical", "choices": [0.03, 0.1]}
-    preset.write_text(yaml.safe_dump({"vat": {"eps": 1.43}, "tune": {"sampler": "grid",
-                                                                     "spaces": {"vat": {"vat.entmin_weight": entmin}}}}))
+    preset.write_text(yaml.safe_dump({"vat": {"eps": 1.43},
+                                      "tune": {"sampler": "grid",
+                                               "spaces": {"vat": {"vat.entmin_weight": entmin}}}}))
     p = load_params(base, [], [preset])
     assert list(p.tune.spaces["vat"]) == ["vat.entmin_weight"]
     assert list(p.tune.spaces["supervised"]) == ["train.lr"]

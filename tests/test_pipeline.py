@@ -27,7 +27,8 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)  # a hang guard, not a speed test: the CPU may be shared
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)  # a hang guard, not a speed test: the CPU may be shared
 
 
 @pytest.mark.slow

@@ -128,7 +128,8 @@ def test_promotion_gate_both_ways(workdir, mlflow_uri, capsys):
     r6 = promote("supervised", mlflow_uri, big, pattern, run_id=strong.run_id, name="gate-margin")
     assert r5.promoted and not r6.promoted  # weak was first (no champion); strong's lead is not > margin
     r7 = promote("supervised", mlflow_uri, 0.0, pattern, run_id=weak.run_id, force=True)
-    assert r7.promoted and r7.reason.startswith("--force") and _alias(mlflow_uri, r1.name, "champion") == r7.challenger.version
+    assert (r7.promoted and r7.reason.startswith("--force")
+            and _alias(mlflow_uri, r1.name, "champion") == r7.challenger.version)
 
 
 def test_promotion_gate_with_a_missing_or_nan_val_top1(workdir, mlflow_uri):

@@ -48,7 +48,8 @@ def test_mean_std_baseline_and_winner(store, tiny, tmp_path):
 
     rows = report_stage(tiny(f"tracking.uri={store.uri}"), out_dir=tmp_path, experiment=store.experiment)
     assert sorted((r["method"], r["budget"]) for r in rows) == sorted(
-        [("supervised", "10 labels/class")] * 3 + [("vat", "10 labels/class")] * 3 + [("supervised", "25 labels/class")])
+        [("supervised", "10 labels/class")] * 3 + [("vat", "10 labels/class")] * 3
+        + [("supervised", "25 labels/class")])
     text = (tmp_path / "summary.md").read_text()
     # by hand: supervised mean 0.62, sample std sqrt((0.02^2 + 0 + 0.02^2) / 2) = 0.02; vat [0.10, 0.71, 0.75]:
     # mean 0.52, deviations -0.42, 0.19, 0.23 -> sqrt((0.1764 + 0.0361 + 0.0529) / 2) = sqrt(0.1327) = 0.36428

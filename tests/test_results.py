@@ -59,7 +59,8 @@ def test_write_outputs_and_names_the_best_uncollapsed(tmp_path):
     assert len(rows) == 4
     md = out.read_text()
     assert "Best method: **paws_nn**, 80.00 % (+10.00 points over supervised)" in md
-    assert "| supervised | 0,1,2 | 72.00 ± 2.00 | — | 62.00 | 2.00 | 0.30 | presets/fmnist_10pc/supervised.yaml |" in md
+    assert ("| supervised | 0,1,2 | 72.00 ± 2.00 | — | 62.00 | 2.00 | 0.30 | "
+            "presets/fmnist_10pc/supervised.yaml |") in md
     assert "| moam | 0 | 10.00 | -60.00 |" in md and "0.90 collapsed" in md
     # the pre-trainings table: CPU-min, k-NN and linear test probes, last val k-NN, commit, load, budget
     assert "| rotation | 0 | 2.00 | 50.00 | 60.00 | 52.00 | abcdef1234 | 1.5 | — |" in md

@@ -58,4 +58,5 @@ def test_split_from_another_dataset_is_refused(tmp_path):
 
 def test_file_name_encodes_dataset_budget_seed():
     assert split_path("fashion_mnist", SplitParams(labels_per_class=10, seed=2)).name == "fashion_mnist-10pc-seed2.json"
-    assert split_path("cifar10", SplitParams(labels_per_class=None, label_fraction=0.01)).name == "cifar10-frac0.01-seed0.json"
+    assert (split_path("cifar10", SplitParams(labels_per_class=None, label_fraction=0.01)).name
+            == "cifar10-frac0.01-seed0.json")

@@ -605,7 +605,8 @@ def _image_files(folder: Path, recursive: bool = True) -> list[Path]:
 
 def _non_image_files(folder: Path, recursive: bool = False) -> list[Path]:
     """Visible files in ``folder`` (or under it) whose extension is not an image's (notes, CSVs, archives ...)."""
-    return sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+    return sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
+                  if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 

@@ -153,7 +153,8 @@ def load_split(path: Path, dataset_sha256: str | None = None, n_train: int | Non
         every = np.concatenate([split.labeled, split.val, split.unlabeled])
         if len(every) and (every.min() < 0 or every.max() >= n_train or len(np.unique(every)) != len(every)):
             raise DataIntegrityError(
-                f"split file {path} has indices outside the train set of {n_train} images (unlabeled-only ones included) "
+                f"split file {path} has indices outside the train set of {n_train} images "
+                "(unlabeled-only ones included) "
                 "or repeated; "
                 "re-run `ssl-ops split`"
             )

@@ -71,7 +71,8 @@ class ImageStore:
         if not self.in_memory:
             key = (pool.data_ptr(), batch_size)
             if key not in self._streams:
-                self._streams[key] = self.stream(pool.cpu().numpy(), batch_size, generator.initial_seed() + len(self._streams))
+                self._streams[key] = self.stream(pool.cpu().numpy(), batch_size,
+                                                 generator.initial_seed() + len(self._streams))
             return next(self._streams[key])
         pick = pool[torch.randint(0, len(pool), (batch_size,), generator=generator, device=pool.device)]
         return self.x[pick], self.y[pick]

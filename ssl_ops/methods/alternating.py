@@ -226,7 +226,8 @@ class Alternating(Method):
         net = self.model["net"]
         was = net.training
         net.eval()
-        out = [net.features(augment.to_float(xb)) for xb, _ in self.ctx.store.iterate(indices, self.ctx.train.eval_batch_size)]
+        out = [net.features(augment.to_float(xb))
+               for xb, _ in self.ctx.store.iterate(indices, self.ctx.train.eval_batch_size)]
         net.train(was)
         return torch.cat(out)
 

@@ -178,7 +178,8 @@ def load_source(path: Path, ctx) -> Encoder:
     if ck.get("dataset_sha256") != ctx.data.sha256:
         raise DataIntegrityError(f"cluster_transfer.pretrained {path} was pre-trained on another dataset; pre-train "
                                  f"on {ctx.params.data.name}")
-    backbone = build_backbone(ck["backbone_name"], ck["in_channels"], width=ck["width"], image_size=ck.get("image_size"))
+    backbone = build_backbone(ck["backbone_name"], ck["in_channels"], width=ck["width"],
+                              image_size=ck.get("image_size"))
     backbone.load_state_dict(ck["backbone"])
     return Encoder(Normalize(ck["normalize"]["mean"], ck["normalize"]["std"]), backbone).to(ctx.device)
 

@@ -3,7 +3,8 @@
 L = w_sup · L_cls + w_rot · L_rot + w(t) · (w_vat · L_vat + w_entmin · H) (:func:`moam_loss`), S4L §5's
 ImageNet weights 0.3, 0.7, 0.3, 0.3 as the starting point (the defaults: w_sup 1 and the class loss on
 upright images, chosen on val; the paper's weights, ramp-up and Polyak decay included, leave 34% val and
-63% of the unlabeled batch on one class after 200 steps, reports/ssl_joint_moam_val_grid.md). S4L chose them by hand on its validation set
+63% of the unlabeled batch on one class after 200 steps, reports/ssl_joint_moam_val_grid.md). S4L chose them by
+hand on its validation set
 ("manually tuning them led to better performance"), so they are a starting point, not a constant: choose
 them on val (``ssl-ops tune moam``, the grid in params.yaml tune.spaces.moam). With 100 labels EntMin at
 the class loss's weight collapses the classifier onto one class (reports/ssl_joint_moam_diag.md), hence

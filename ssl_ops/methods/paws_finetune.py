@@ -44,7 +44,8 @@ def load_paws(path: Path, ctx, owner: str = "paws_finetune") -> dict[str, Any]:
                                  "came from that split's labels); pre-train PAWS on this split")
     m = ctx.params.model
     if (ck.get("backbone_name"), ck.get("width")) != (m.backbone, m.width):
-        raise CheckpointError(f"{owner}.pretrained {path} holds a {ck.get('backbone_name')} of width {ck.get('width')}, "
+        raise CheckpointError(f"{owner}.pretrained {path} holds a {ck.get('backbone_name')} of width "
+                              f"{ck.get('width')}, "
                               f"this run builds {m.backbone} of width {m.width}")
     return ck
 

@@ -135,7 +135,8 @@ def load_simclr(path: Path, ctx) -> dict[str, Any]:
     if not isinstance(ck, dict) or ck.get("pretext") != "simclr" or "head" not in ck:
         found = ck.get("pretext") if isinstance(ck, dict) else type(ck).__name__
         raise CheckpointError(f"simclrv2.pretrained {path} is not a SimCLR pre-training checkpoint with its projection "
-                              f"head (pretext {found!r}); run `ssl-ops pretrain simclr` to write models/pretrain/simclr.pt")
+                              f"head (pretext {found!r}); run `ssl-ops pretrain simclr` to write "
+                              "models/pretrain/simclr.pt")
     m = ctx.params.model
     diff = {k: (ck.get(k), v) for k, v in {"backbone_name": m.backbone, "width": m.width,
                                           "dataset_sha256": ctx.data.sha256}.items() if ck.get(k) != v}
@@ -150,7 +151,8 @@ def fine_tune_network(ck: dict[str, Any], ctx, keep: int) -> Classifier:
     """Pre-trained backbone + first ``keep`` pre-trained head layers + a new linear layer, on the device."""
     sp = ck["params"]["simclr"]
     if keep > sp["head_layers"]:
-        raise ParamsError(f"finetune_from={keep} but the SimCLR head has {sp['head_layers']} layers; use 0..{sp['head_layers']}")
+        raise ParamsError(f"finetune_from={keep} but the SimCLR head has {sp['head_layers']} layers; "
+                          f"use 0..{sp['head_layers']}")
     neck = {"layers": sp["head_layers"], "out_dim": sp["proj_dim"], "keep": keep}
     net = Classifier(Normalize(ctx.data.mean, ctx.data.std), ctx.build_backbone(), ctx.num_classes, neck_spec=neck)
     net.backbone.load_state_dict(ck["backbone"])
@@ -186,7 +188,8 @@ class Simclrv2(Method):
         self.model.register_buffer("teacher_ready", torch.zeros((), dtype=torch.bool, device=ctx.device))
 
     def bind_optimizer(self, optimizer, scheduler) -> None:
-        """The engine's optimiser trains the student (``distill``): with ``distill_trust_all``, LARS adapts every tensor."""
+        """The engine's optimiser trains the student (``distill``): with ``distill_trust_all``, LARS adapts every
+        tensor."""
         if self.params.distill and self.params.distill_trust_all:
             trust_every_tensor(optimizer)
 
@@ -203,7 +206,8 @@ class Simclrv2(Method):
     @property
     def self_distillation(self) -> bool:
         m = self.ctx.params.model
-        return (self.params.student_backbone or m.backbone, self.params.student_width or m.width) == (m.backbone, m.width)
+        return ((self.params.student_backbone or m.backbone, self.params.student_width or m.width)
+                == (m.backbone, m.width))
 
     @property
     def temperature(self) -> float:
@@ -211,7 +215,8 @@ class Simclrv2(Method):
 
     @property
     def images_per_step(self) -> int:
-        return self.ctx.train.batch_size + (self.params.unlabeled_batch_size or self.ctx.train.batch_size if self.params.distill else 0)
+        return self.ctx.train.batch_size + (self.params.unlabeled_batch_size or self.ctx.train.batch_size
+                                            if self.params.distill else 0)
 
     def classifier(self) -> nn.Module:
         return self.model["student"] if self.params.distill else self.model
@@ -221,8 +226,9 @@ class Simclrv2(Method):
     def _load_teacher(self, path: Path) -> None:
         ck = io.torch_load(path, map_location=self.ctx.device)
         if ck.get("split_sha256") != self.ctx.split.sha256 or ck.get("dataset_sha256") != self.ctx.data.sha256:
-            raise DataIntegrityError(f"simclrv2.teacher {path} was trained on another split or dataset; fine-tune it on "
-                                     "this split (ssl-ops train simclrv2) or set simclrv2.teacher: null")
+            raise DataIntegrityError(f"simclrv2.teacher {path} was trained on another split or dataset; "
+                                     "fine-tune it on this split (ssl-ops train simclrv2) "
+                                     "or set simclrv2.teacher: null")
         try:
             self.model["teacher"].load_state_dict(ck["state_dict"])
         except (KeyError, RuntimeError) as exc:

@@ -148,7 +148,8 @@ class Paws(Pretext):
     @property
     def images_per_step(self) -> int:
         p = self.params
-        return self.ctx.train.batch_size * (2 + p.small_crops) + self.support_classes * p.support_per_class * p.support_views
+        return (self.ctx.train.batch_size * (2 + p.small_crops)
+                + self.support_classes * p.support_per_class * p.support_views)
 
     def _jitter(self, v: Tensor) -> Tensor:
         p, g = self.params, self.ctx.generator
@@ -225,7 +226,8 @@ class Paws(Pretext):
                                                  p.supcon_per_class, p.supcon_lr, p.supcon_temperature, gen)
             if len(ctx.split.val):
                 out["paws_nn_val_top1_supcon"] = paws_nn_accuracy(embed, ctx.store, ctx.split.labeled, ctx.store,
-                                                                  ctx.split.val, p.temperature, ctx.train.eval_batch_size)
+                                                                  ctx.split.val, p.temperature,
+                                                                  ctx.train.eval_batch_size)
         test_idx = np.arange(len(ctx.data.test_y))
         probs, test_y = paws_nn_probs(embed, ctx.store, ctx.split.labeled, ctx.test_store(), test_idx, p.temperature,
                                       ctx.train.eval_batch_size)

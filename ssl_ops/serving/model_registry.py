@@ -455,7 +455,8 @@ def _read_folder(folder: Path, shape: tuple[int, int, int], resize: bool, strict
     files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     report.skipped += [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
     if not files:
-        others = f"; skipped {len(report.skipped)} other entries: {', '.join(report.skipped[:5])}" if report.skipped else ""
+        others = (f"; skipped {len(report.skipped)} other entries: {', '.join(report.skipped[:5])}" if report.skipped
+                  else "")
         raise PredictInputError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}){others}")
     return _read_files(files, shape, resize, strict, report)
 

@@ -53,7 +53,8 @@ def build_pretext(name: str, params: BaseParams, data, split) -> Pretext:
     return PRETEXTS[name](ctx, pparams)
 
 
-def probe_encoder(encoder: nn.Module, ctx: RunContext, knn_k: int = 20, knn_temperature: float = 0.07) -> dict[str, float]:
+def probe_encoder(encoder: nn.Module, ctx: RunContext, knn_k: int = 20,
+                  knn_temperature: float = 0.07) -> dict[str, float]:
     """k-NN and linear-probe test accuracy of frozen ``encoder`` features, references = the labeled split;
     plus the k-NN monitor's val accuracy. The test set is only reported, never used to choose anything."""
     bs = ctx.train.eval_batch_size
@@ -157,10 +158,12 @@ def load_pretrained_backbone(path: str | Path, ctx: RunContext | None = None, *,
             diff["dataset_sha256"] = (ck.get("dataset_sha256"), ctx.data.sha256)
         if diff:
             raise CheckpointError(
-                f"{path} does not fit this run: " + ", ".join(f"{k} is {a!r} there but {b!r} here" for k, (a, b) in diff.items())
+                f"{path} does not fit this run: "
+                + ", ".join(f"{k} is {a!r} there but {b!r} here" for k, (a, b) in diff.items())
                 + ". Pre-train with the same model/data params (ssl-ops pretrain ...) or change them here.")
         freeze, device = m.freeze_blocks, ctx.device
-    backbone = build_backbone(ck["backbone_name"], ck["in_channels"], width=ck["width"], image_size=ck.get("image_size"))
+    backbone = build_backbone(ck["backbone_name"], ck["in_channels"], width=ck["width"],
+                              image_size=ck.get("image_size"))
     try:
         backbone.load_state_dict(ck["backbone"])
     except RuntimeError as exc:
