@@ -33,7 +33,7 @@ dataset:
 
 # issue 17: the tuned supervised baseline and the best-per-CPU-minute semi-supervised recipe on the default split,
 # ending with the table that states the gain (<= 10 min on 2 idle cores); `make demo DEMO_DISTILL=1` adds
-# paws_distill (the campaign's best row, ~3.5 min more); the default pipeline is `dvc repro`
+# paws_distill (the campaign's best row, 5 min more on the AVX2 machine); the default pipeline is `dvc repro`
 demo: $(STAMP) dataset
 	PATH=$(CURDIR)/$(BIN):$$PATH pipelines/fmnist_10pc/demo.sh
 

@@ -178,8 +178,8 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def check_amp_cpu(train: TrainParams, device: torch.device) -> None:
-    """``train.amp_cpu=true`` on a CPU without native bf16 is emulated and many times slower than fp32 (over 10x
-    on convnet_deep: reports/benchmarks_amp_cpu_avx2.md): say so, once per run. ``"auto"`` says it runs fp32."""
+    """``train.amp_cpu=true`` on a CPU without native bf16 is emulated and many times slower than fp32 (8-10x
+    there: reports/benchmarks_amp_cpu_avx2.md): say so, once per run. ``"auto"`` says it runs fp32."""
     if device.type != "cpu" or train.amp_cpu is False or cpu_has_native_bf16():
         return
     if train.amp_cpu == "auto":

@@ -105,6 +105,13 @@ def test_campaign_runs_per_split_and_reports(campaign):
     assert recipe["train"]["nesterov"] is False
 
 
+def test_demo_refuses_a_bad_demo_distill_before_training_anything(campaign, monkeypatch):
+    monkeypatch.setenv("DEMO_DISTILL", "yes")
+    res = _run(["./demo.sh"], campaign, check=False)
+    assert res.returncode == 2 and "DEMO_DISTILL must be 0 or 1, not 'yes'" in res.stderr, res
+    assert not (campaign / "demo").exists() and "==" not in res.stdout  # nothing ran, nothing written
+
+
 @pytest.mark.slow  # demo.sh end to end: dvc and ssl-ops subprocesses, a minute each
 @pytest.mark.parametrize("distill", [False, True])
 def test_demo_trains_its_rows_and_states_the_gains(campaign, monkeypatch, distill):
