@@ -26,7 +26,7 @@ from benchmarks.channels_last import _setup, _window
 from benchmarks.common import environment
 from ssl_ops import io
 from ssl_ops.backbones import BACKBONES
-from ssl_ops.engine import autocast
+from ssl_ops.engine import autocast, cpu_has_native_bf16
 
 CONFIGS = [("convnet", "28x28x1"), ("convnet_deep", "28x28x1"), ("resnet18_cifar", "32x32x3")]
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             for threads in args.threads:
                 rows.append(measure(name, shape, batch, threads, args.repeats, args.min_seconds))
                 print(f"{name} {shape} b{batch} t{threads}: {rows[-1]['speedup_cpu']:.2f}x CPU", flush=True)
-    res = {"environment": env, "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    res = {"environment": env, "native_bf16": cpu_has_native_bf16(),
            "command": "python -m benchmarks.amp_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
            "rows": rows, "load_average_1min_end": os.getloadavg()[0]}
     io.write_json(args.out + ".json", res)
