@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -153,6 +154,24 @@ def make_optimizer(model: nn.Module, train: TrainParams, total_steps: int):
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX); elsewhere it emulates it, slowly."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def machine() -> str:
+    """What a run ran on, e.g. "AMD EPYC, 2 CPUs, AVX2, bf16 emulated": the CPU's model, its count, the widest
+    vector ISA torch's kernels use there, whether oneDNN runs bf16 natively, and the GPU if there is one. CPU time
+    and a run's float rounding depend on it (README "Machines differ"), so every training and pre-training run is
+    tagged with it and a report whose rows ran on several machines says which ran where (``ssl_ops.results``)."""
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:  # not Linux
+        pass
+    parts = [model or platform.processor() or platform.machine() or "unknown CPU", f"{os.cpu_count()} CPUs",
+             torch.backends.cpu.get_cpu_capability(), "bf16 native" if cpu_has_native_bf16() else "bf16 emulated"]
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(0))
+    return ", ".join(parts)
 
 
 def use_amp(train: TrainParams, device: torch.device) -> bool:

@@ -10,7 +10,8 @@ pre-trainings (PAWS §5: the pretext's own soft nearest-neighbour classifier). P
 std over splits; the test set is only reported), the paired difference to ``supervised`` on the same splits, val
 top-1 (what recipes were chosen on), CPU-minutes (process CPU time of the training steps, teacher phases
 included), the commonest predicted class's share of the test set (a collapsed model predicts one class), the
-recipe (``--preset`` files), git commits and the mean 1-minute load average during training. Label-free
+recipe (``--preset`` files), git commits, the mean 1-minute load average during training and the machine it ran on
+(``engine.machine``: CPU-minutes compare within one machine). Label-free
 pre-trainings are a table of their own: a transfer method costs its row plus the pre-training it starts from.
 
 The campaign's ledger (``--ledger DIR``, ``pipelines/fmnist_10pc/runs/``, committed to git): one small JSON file per
@@ -66,6 +67,7 @@ class Run:
     previous: str | None = None
     # the checkpoint it started from (``<method>.init`` / ``.pretrained``: "rotation.pt"); None: from scratch
     starts_from: str | None = None
+    machine: str = ""  # what it ran on (``tracking.machine``); "" for a run logged before runs were tagged with it
 
 
 def _logged(p: dict[str, Any], key: str) -> str | None:
@@ -104,7 +106,7 @@ def parse(run: dict[str, Any]) -> Run | None:
         return None
     common = dict(run_id=run["run_id"], seed=int(p["split.seed"]), cpu_seconds=m.get("cpu_seconds"),
                   presets=tags.get("presets", ""), git_commit=tags.get("git_commit", "unknown"),
-                  load=m.get("loadavg_mean"), start_time=run["start_time"] or 0)
+                  load=m.get("loadavg_mean"), start_time=run["start_time"] or 0, machine=tags.get("machine", ""))
     if tags.get("method") and "test_top1" in m:
         return Run(row=tags["method"], test_top1=m["test_top1"], val_top1=m.get("val_top1"),
                    max_class_fraction=m.get("test_max_class_fraction"), curve_key="val_top1",
@@ -164,6 +166,7 @@ class Row:
     starts_from: list[str] = field(default_factory=list)  # its runs' start checkpoints (``Run.starts_from``)
     chain_cpu_minutes: float | None = None  # a chained step: its CPU-min plus every earlier step's (a chain is
     # counted by its last step, as MOAM's)
+    machines: list[str] = field(default_factory=list)  # what its runs ran on ("" : not recorded)
 
     @property
     def collapsed(self) -> bool:
@@ -192,7 +195,8 @@ def rows_of(runs: list[Run]) -> list[Row]:
             commits=sorted({_short_commit(r.git_commit) for r in rs}),
             load=_mean([r.load for r in rs]), run_ids=[r.run_id for r in rs], budgets=sorted({r.budget for r in rs}),
             previous=next((r.previous for r in rs if r.previous), None),
-            starts_from=sorted({r.starts_from for r in rs if r.starts_from})))
+            starts_from=sorted({r.starts_from for r in rs if r.starts_from}),
+            machines=sorted({r.machine for r in rs})))
     by_name = {row.name: row for row in out}
     for row in out:
         total, step = row.cpu_minutes, row
@@ -216,6 +220,7 @@ class Pretraining:
     budget: str = "—"  # "steps x batch" of the pre-training
     commits: list[str] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
+    machines: list[str] = field(default_factory=list)  # as Row.machines
 
 
 def _start(run: dict[str, Any]) -> int:
@@ -248,7 +253,8 @@ def pretrainings_of(latest: dict[str, list[dict[str, Any]]]) -> list[Pretraining
                         load=_mean([r["metrics"].get("loadavg_mean") for r in rs]),
                         budget=", ".join(sorted({_budget(r["params"], p) for r in rs})),
                         commits=sorted({_short_commit(r["tags"].get("git_commit", "unknown")) for r in rs}),
-                        run_ids=[r["run_id"] for r in rs])
+                        run_ids=[r["run_id"] for r in rs],
+                        machines=sorted({r["tags"].get("machine", "") for r in rs}))
             for p, rs in latest.items()]
 
 
@@ -339,6 +345,25 @@ def missing_rows(rows: list[Row], expected: list[str]) -> list[str]:
     return [name for name in expected if name not in present]
 
 
+def machine_keys(rows: list[Row], pretrainings: list[Pretraining]) -> dict[str, str]:
+    """A short key per machine the runs ran on, "M1", "M2"... in the order the tables first meet them, and "—" for
+    runs that did not record theirs: the tables' machine column, which the legend under them spells out. CPU-minutes
+    and float rounding differ between machines (README "Machines differ"), so a campaign measured on several says
+    which row ran where."""
+    keys: dict[str, str] = {"": "—"}
+    for m in [m for r in rows for m in r.machines] + [m for p in pretrainings for m in p.machines]:
+        keys.setdefault(m, f"M{len(keys)}")
+    return keys
+
+
+def _machine_legend(keys: dict[str, str], used: set[str]) -> str:
+    spelled = [f"{keys[m]} = {m}" for m in keys if m and m in used]
+    if "" in used:
+        spelled.append("— = not recorded (a run logged before ssl-ops tagged runs with their machine)")
+    return ("**machine**: " + "; ".join(spelled) + ". CPU-minutes compare within one machine: the same run's "
+            "differ severalfold between them.")
+
+
 def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: str, curves: str,
            missing: list[str] | None = None, losses: str | None = None) -> str:
     seeds = sorted({s for r in rows for s in r.seeds})
@@ -356,8 +381,9 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
     ]
     if (line := best_line(rows)) is not None:
         lines += [line, ""]
+    keys = machine_keys(rows, pretrainings)
     lines += ["| method | splits | test top-1 | Δ vs supervised | val top-1 | CPU-min | max class | recipe | commit "
-              "| load | steps x batch |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|"]
+              "| load | machine | steps x batch |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
     for r in rows:
         test = f"{_pct(r.mean)}" + (f" ± {_pct(r.std)}" if r.std is not None else "")
         flag = " collapsed" if r.collapsed else ""
@@ -368,7 +394,8 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
             f"| {'—' if r.max_class_fraction is None else f'{r.max_class_fraction:.2f}'}{flag} "
             f"| {'<br>'.join([_short(p) for ps in r.presets for p in ps.split(',')] or ['params.yaml'])}"
             f"{''.join(f'<br>from {c}' for c in r.starts_from)} "
-            f"| {' '.join(r.commits)} | {'—' if r.load is None else f'{r.load:.1f}'} | {', '.join(r.budgets)} |")
+            f"| {' '.join(r.commits)} | {'—' if r.load is None else f'{r.load:.1f}'} "
+            f"| {' '.join(keys[m] for m in r.machines)} | {', '.join(r.budgets)} |")
     if missing:
         lines += ["", f"Not measured yet (no evaluated run in the sources above): {', '.join(missing)}."]
     if pretrainings:
@@ -377,12 +404,16 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
                   "logistic regression (test top-1); k-NN val top-1 is the last epoch's val monitor, whose curve is "
                   "in the curves figure:", "",
                   "| pretext | splits | CPU-min | k-NN test top-1 | linear probe | k-NN val top-1 | commit | load "
-                  "| steps x batch |", "|---|---|---:|---:|---:|---:|---|---:|---|"]
+                  "| machine | steps x batch |", "|---|---|---:|---:|---:|---:|---|---:|---|---|"]
         for p in pretrainings:
             lines.append(f"| {p.pretext} | {','.join(map(str, p.seeds))} | "
                          f"{'—' if p.cpu_minutes is None else f'{p.cpu_minutes:.2f}'} | {_pct(p.knn_top1)} | "
                          f"{_pct(p.linear_top1)} | {_pct(p.knn_val_top1)} | {' '.join(p.commits)} "
-                         f"| {'—' if p.load is None else f'{p.load:.1f}'} | {p.budget} |")
+                         f"| {'—' if p.load is None else f'{p.load:.1f}'} "
+                         f"| {' '.join(keys[m] for m in p.machines)} | {p.budget} |")
+    used = {m for r in rows for m in r.machines} | {m for p in pretrainings for m in p.machines}
+    if rows or pretrainings:
+        lines += ["", _machine_legend(keys, used)]
     lines += ["", f"![test top-1 per method and against CPU-minutes]({png})", "",
               f"![val top-1 per epoch: has each curve flattened?]({curves})", ""]
     if losses is not None:

@@ -63,7 +63,8 @@ def test_write_outputs_and_names_the_best_uncollapsed(tmp_path):
             "presets/fmnist_10pc/supervised.yaml |") in md
     assert "| moam | 0 | 10.00 | -60.00 |" in md and "0.90 collapsed" in md
     # the pre-trainings table: CPU-min, k-NN and linear test probes, last val k-NN, commit, load, budget
-    assert "| rotation | 0 | 2.00 | 50.00 | 60.00 | 52.00 | abcdef1234 | 1.5 | — |" in md
+    # (machine "—": these runs carry no machine tag)
+    assert "| rotation | 0 | 2.00 | 50.00 | 60.00 | 52.00 | abcdef1234 | 1.5 | — | — |" in md
     # a run started from a dirty tree keeps the mark after the short commit
     dirty = [dict(RUNS[1], tags=dict(RUNS[1]["tags"], git_commit="0123456789abcdef-dirty"))]
     assert results.rows_of([results.parse(r) for r in dirty])[0].commits == ["0123456789-dirty"]
@@ -74,6 +75,27 @@ def test_write_outputs_and_names_the_best_uncollapsed(tmp_path):
     assert not any(k.startswith("pretrain paws") for k in data["curves"])
     for png in (out.with_suffix(".png"), tmp_path / "reports" / "results_x_curves.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_row_says_which_machine_its_runs_ran_on(tmp_path):
+    """CPU-minutes differ severalfold between machines: a table whose runs ran on several keys each row's machines
+    (M1, M2... in the order the table meets them; "—" for a run without the tag) and spells the keys out below."""
+    fast, slow = "Intel Xeon, 2 CPUs, AVX512, bf16 native", "AMD EPYC, 2 CPUs, AVX2, bf16 emulated"
+
+    def on(run, where):
+        return dict(run, tags=dict(run["tags"], machine=where))
+
+    runs = [on(RUNS[1], fast), on(RUNS[2], slow), RUNS[3], on(RUNS[4], slow), on(RUNS[10], fast)]
+    out = tmp_path / "results_x.md"
+    results.write(runs, lambda run_id, key: [], out, source="experiment `x`")
+    md = out.read_text()
+    sup = next(line for line in md.splitlines() if line.startswith("| supervised |"))
+    assert sup.endswith("| 2.0 | — M1 M2 | — |")  # its machines sorted by name: untagged, slow, fast
+    assert next(line for line in md.splitlines() if line.startswith("| vat |")).endswith("| M1 | — |")
+    assert "| rotation | 0 | 2.00 | 50.00 | 60.00 | 52.00 | abcdef1234 | 1.5 | M2 | — |" in md
+    assert (f"**machine**: M1 = {slow}; M2 = {fast}; — = not recorded (a run logged before ssl-ops tagged runs "
+            "with their machine).") in md
+    assert results.rows_of([results.parse(r) for r in runs[:3]])[0].machines == ["", slow, fast]
 
 
 def test_rows_not_measured_yet_are_named(tmp_path):

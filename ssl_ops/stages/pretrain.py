@@ -25,7 +25,7 @@ from torch import nn
 
 from ssl_ops import distributed, io, probes, recovery, tracking
 from ssl_ops.backbones import build_backbone
-from ssl_ops.engine import RunContext, fit, make_context
+from ssl_ops.engine import RunContext, fit, machine, make_context
 from ssl_ops.errors import CheckpointError
 from ssl_ops.params import BaseParams
 from ssl_ops.methods import METHODS
@@ -87,7 +87,8 @@ def pretrain_stage(name: str, params: BaseParams, resume: bool = False, write_ou
     checkpoint = checkpoint or CHECKPOINTS / "pretrain" / name / "last.pt"
     resume, prev_run = recovery.resume_from(checkpoint, config_hash, ctx.train.epochs, explicit=resume)
     tags = {"pretext": name, "stage": "pretrain", "dataset": params.data.name, "split_file": str(spath),
-            "split_sha256": split.sha256, "dataset_sha256": data.sha256, **(run_tags or {})}
+            "split_sha256": split.sha256, "dataset_sha256": data.sha256, "machine": machine(),
+            **(run_tags or {})}
     with tracking.start_run(params.tracking, run_name=f"pretrain-{name}", params=resolved, tags=tags,
                             run_id=prev_run, nested=nested) as run_id:
         result = fit(pretext, ctx, checkpoint, resume=resume, config_hash=config_hash, log=tracking.log_metrics,

@@ -24,7 +24,7 @@ from ssl_ops import distributed, io, recovery, report, tracking
 from ssl_ops.probes import max_class_fraction
 from ssl_ops.data.prepare import PreparedDataset, check_prepared_with, link_sources, load_prepared, prepare
 from ssl_ops.data.splits import Split, load_split, make_split, split_path, write_split
-from ssl_ops.engine import RunContext, fit, make_context, predict_logits, topk_accuracy, use_amp
+from ssl_ops.engine import RunContext, fit, machine, make_context, predict_logits, topk_accuracy, use_amp
 from ssl_ops.errors import CheckpointError, DataIntegrityError, SslOpsError
 from ssl_ops.methods import METHODS, Method
 from ssl_ops.params import BaseParams, params_model
@@ -97,7 +97,7 @@ def train_stage(name: str, params: BaseParams, resume: bool = False, epoch_end=N
     # kill -9 / dvc repro: the same command resumes a matching unfinished checkpoint (ssl_ops/recovery.py)
     resume, prev_run = recovery.resume_from(checkpoint, config_hash, method.ctx.train.epochs, explicit=resume)
     tags = {"method": name, "dataset": params.data.name, "split_file": str(spath), "split_sha256": split.sha256,
-            "dataset_sha256": data.sha256, **method.run_tags(), **(run_tags or {})}
+            "dataset_sha256": data.sha256, "machine": machine(), **method.run_tags(), **(run_tags or {})}
     with tracking.start_run(params.tracking, run_name=name, params=resolved, tags=tags, run_id=prev_run,
                             nested=nested) as run_id:
         result = fit(method, method.ctx, checkpoint, resume=resume, config_hash=config_hash,
