@@ -424,7 +424,16 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def cost_label(row: Row, keys: dict[str, str]) -> str:
+    """The name a point of the accuracy-against-cost panel carries: the row and, in brackets, the machine keys of
+    its runs (the tables' column), since CPU-minutes from two machines differ severalfold."""
+    return f"{row.name} [{' '.join(keys[m] for m in row.machines) or '—'}]"
+
+
+def plot(rows: list[Row], path: Path, keys: dict[str, str] | None = None) -> None:
+    """Left: test top-1 per row with every split's point. Right: accuracy against CPU-minutes, each point named
+    with its machine keys (``keys``, from ``machine_keys``); a row that ran on one recorded machine is a filled
+    dot, one whose runs span machines or did not record theirs a hollow one: its x is not on the same scale."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless
@@ -443,13 +452,17 @@ def plot(rows: list[Row], path: Path) -> None:
     left.set(yticks=range(len(names)), yticklabels=names, xlabel="test top-1 (%)",
              title="Test top-1 (dots: splits; diamond: mean ± std)")
     left.grid(alpha=0.3, axis="x")
+    keys = keys if keys is not None else machine_keys(rows, [])
     for r in rows:
         if r.cpu_minutes is not None:
-            right.errorbar(r.cpu_minutes, 100 * r.mean, yerr=100 * (r.std or 0), fmt="o", capsize=3)
-            right.annotate(r.name, (r.cpu_minutes, 100 * r.mean), fontsize=7, xytext=(3, 3),
+            one_machine = len(r.machines) == 1 and r.machines[0] != ""
+            bar = right.errorbar(r.cpu_minutes, 100 * r.mean, yerr=100 * (r.std or 0), fmt="o", capsize=3)
+            if not one_machine:
+                bar.lines[0].set_markerfacecolor("none")
+            right.annotate(cost_label(r, keys), (r.cpu_minutes, 100 * r.mean), fontsize=7, xytext=(3, 3),
                            textcoords="offset points")
     right.set(xlabel="CPU-minutes of training (mean over splits)", ylabel="test top-1 (%)",
-              title="Accuracy against cost")
+              title="Accuracy against cost [machine: tables' legend]")
     right.grid(alpha=0.3)
     save_png(fig, path, dpi=100)
 
@@ -550,7 +563,7 @@ def write(runs: list[dict[str, Any]], history, out: Path, source: str, expected:
                 curves.setdefault(f"pretrain {pretext} (k-NN)", {})[seed] = points
                 add_losses(f"pretrain {pretext}", run, seed)
     pretrainings, missing = pretrainings_of(latest_pre), missing_rows(rows, expected or [])
-    plot(rows, png)
+    plot(rows, png, machine_keys(rows, pretrainings))
     plot_curves(curves, curves_png)
     plot_losses(losses, losses_png)
     io.write_json(out.with_suffix(".json"), {

@@ -98,6 +98,24 @@ def test_each_row_says_which_machine_its_runs_ran_on(tmp_path):
     assert results.rows_of([results.parse(r) for r in runs[:3]])[0].machines == ["", slow, fast]
 
 
+def test_cost_panel_names_each_points_machine_and_hollows_rows_off_one_machine(tmp_path, monkeypatch):
+    """The accuracy-against-cost panel puts rows from machines severalfold apart on one x axis: each point is named
+    with its machine keys, and a row whose runs span machines or did not record theirs is drawn hollow."""
+    slow = "AMD EPYC, 2 CPUs, AVX2, bf16 emulated"
+
+    def on(run, where):
+        return dict(run, tags=dict(run["tags"], machine=where))
+
+    figures = []
+    monkeypatch.setattr(results, "save_png", lambda fig, path, dpi=100: figures.append(fig))
+    runs = [on(RUNS[1], slow), RUNS[2], on(RUNS[4], slow)]  # supervised on M1 and untagged; vat on M1 only
+    results.write(runs, lambda run_id, key: [], tmp_path / "r.md", source="x")
+    right = figures[0].axes[1]
+    assert sorted(t.get_text() for t in right.texts) == ["supervised [— M1]", "vat [M1]"]
+    faces = {t.get_text(): line.get_markerfacecolor() for t, line in zip(right.texts, right.lines[::3])}
+    assert faces["supervised [— M1]"] == "none" and faces["vat [M1]"] != "none"
+
+
 def test_rows_not_measured_yet_are_named(tmp_path):
     """Issue 17 keeps every method in the campaign's table: the expected rows without an evaluated run are listed
     (a run that failed or was never evaluated does not count); PAWS-NN's curve is its own val monitor."""
