@@ -345,6 +345,11 @@ def missing_rows(rows: list[Row], expected: list[str]) -> list[str]:
     return [name for name in expected if name not in present]
 
 
+def machine_cell(machines: list[str], keys: dict[str, str]) -> str:
+    """A row's machines as the tables' column and the cost plot's labels write them: their keys, space-separated."""
+    return " ".join(keys[m] for m in machines)
+
+
 def machine_keys(rows: list[Row], pretrainings: list[Pretraining]) -> dict[str, str]:
     """A short key per machine the runs ran on, "M1", "M2"... in the order the tables first meet them, and "—" for
     runs that did not record theirs: the tables' machine column, which the legend under them spells out. CPU-minutes
@@ -395,7 +400,7 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
             f"| {'<br>'.join([_short(p) for ps in r.presets for p in ps.split(',')] or ['params.yaml'])}"
             f"{''.join(f'<br>from {c}' for c in r.starts_from)} "
             f"| {' '.join(r.commits)} | {'—' if r.load is None else f'{r.load:.1f}'} "
-            f"| {' '.join(keys[m] for m in r.machines)} | {', '.join(r.budgets)} |")
+            f"| {machine_cell(r.machines, keys)} | {', '.join(r.budgets)} |")
     if missing:
         lines += ["", f"Not measured yet (no evaluated run in the sources above): {', '.join(missing)}."]
     if pretrainings:
@@ -410,7 +415,7 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
                          f"{'—' if p.cpu_minutes is None else f'{p.cpu_minutes:.2f}'} | {_pct(p.knn_top1)} | "
                          f"{_pct(p.linear_top1)} | {_pct(p.knn_val_top1)} | {' '.join(p.commits)} "
                          f"| {'—' if p.load is None else f'{p.load:.1f}'} "
-                         f"| {' '.join(keys[m] for m in p.machines)} | {p.budget} |")
+                         f"| {machine_cell(p.machines, keys)} | {p.budget} |")
     used = {m for r in rows for m in r.machines} | {m for p in pretrainings for m in p.machines}
     if rows or pretrainings:
         lines += ["", _machine_legend(keys, used)]
@@ -422,12 +427,6 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
                   "network fitted instead of generalising, e.g. the cross-entropy `loss_sup` on the labeled images:",
                   "", f"![training losses per epoch]({losses})", ""]
     return "\n".join(lines)
-
-
-def cost_label(row: Row, keys: dict[str, str]) -> str:
-    """The name a point of the accuracy-against-cost panel carries: the row and, in brackets, the machine keys of
-    its runs (the tables' column), since CPU-minutes from two machines differ severalfold."""
-    return f"{row.name} [{' '.join(keys[m] for m in row.machines) or '—'}]"
 
 
 def plot(rows: list[Row], path: Path, keys: dict[str, str] | None = None) -> None:
@@ -459,7 +458,7 @@ def plot(rows: list[Row], path: Path, keys: dict[str, str] | None = None) -> Non
             bar = right.errorbar(r.cpu_minutes, 100 * r.mean, yerr=100 * (r.std or 0), fmt="o", capsize=3)
             if not one_machine:
                 bar.lines[0].set_markerfacecolor("none")
-            right.annotate(cost_label(r, keys), (r.cpu_minutes, 100 * r.mean), fontsize=7, xytext=(3, 3),
+            right.annotate(f"{r.name} [{machine_cell(r.machines, keys)}]", (r.cpu_minutes, 100 * r.mean), fontsize=7, xytext=(3, 3),
                            textcoords="offset points")
     right.set(xlabel="CPU-minutes of training (mean over splits)", ylabel="test top-1 (%)",
               title="Accuracy against cost [machine: tables' legend]")

@@ -77,14 +77,16 @@ def test_write_outputs_and_names_the_best_uncollapsed(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _on_machine(run, where):
+    """``run`` as if it had been tagged with the machine ``where``."""
+    return dict(run, tags=dict(run["tags"], machine=where))
+
+
 def test_each_row_says_which_machine_its_runs_ran_on(tmp_path):
     """CPU-minutes differ severalfold between machines: a table whose runs ran on several keys each row's machines
     (M1, M2... in the order the table meets them; "—" for a run without the tag) and spells the keys out below."""
     fast, slow = "Intel Xeon, 2 CPUs, AVX512, bf16 native", "AMD EPYC, 2 CPUs, AVX2, bf16 emulated"
-
-    def on(run, where):
-        return dict(run, tags=dict(run["tags"], machine=where))
-
+    on = _on_machine
     runs = [on(RUNS[1], fast), on(RUNS[2], slow), RUNS[3], on(RUNS[4], slow), on(RUNS[10], fast)]
     out = tmp_path / "results_x.md"
     results.write(runs, lambda run_id, key: [], out, source="experiment `x`")
@@ -101,18 +103,14 @@ def test_each_row_says_which_machine_its_runs_ran_on(tmp_path):
 def test_cost_panel_names_each_points_machine_and_hollows_rows_off_one_machine(tmp_path, monkeypatch):
     """The accuracy-against-cost panel puts rows from machines severalfold apart on one x axis: each point is named
     with its machine keys, and a row whose runs span machines or did not record theirs is drawn hollow."""
-    slow = "AMD EPYC, 2 CPUs, AVX2, bf16 emulated"
-
-    def on(run, where):
-        return dict(run, tags=dict(run["tags"], machine=where))
-
+    slow, on = "AMD EPYC, 2 CPUs, AVX2, bf16 emulated", _on_machine
     figures = []
     monkeypatch.setattr(results, "save_png", lambda fig, path, dpi=100: figures.append(fig))
     runs = [on(RUNS[1], slow), RUNS[2], on(RUNS[4], slow)]  # supervised on M1 and untagged; vat on M1 only
     results.write(runs, lambda run_id, key: [], tmp_path / "r.md", source="x")
     right = figures[0].axes[1]
     assert sorted(t.get_text() for t in right.texts) == ["supervised [— M1]", "vat [M1]"]
-    faces = {t.get_text(): line.get_markerfacecolor() for t, line in zip(right.texts, right.lines[::3])}
+    faces = {t.get_text(): bar.lines[0].get_markerfacecolor() for t, bar in zip(right.texts, right.containers)}
     assert faces["supervised [— M1]"] == "none" and faces["vat [M1]"] != "none"
 
 
