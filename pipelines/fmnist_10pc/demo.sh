@@ -8,7 +8,7 @@
 # The campaign's PAWS recipe runs on convnet_deep since 2026-12-03 (2.1 points more PAWS-NN for 3.4x the
 # CPU-minutes, reports/results_fmnist_10pc.md): too slow for 10 minutes, so the demo sets model.backbone=convnet,
 # the recipe's network before (its split-0 rows: reports/results_fmnist_10pc_notes.md), at the recipe's length before
-# 2026-12-03's (1,000 steps in fp32: the recipe now trains 1,500 on convnet_deep, ~37 CPU-minutes on an AVX2 CPU).
+# 2026-12-03's (1,000 steps in fp32: the recipe now trains 3,000 on convnet_deep, 15-19 CPU-minutes in bf16).
 # Runs go to demo/mlflow.db
 # (experiment fmnist-10pc-demo), the table to demo/results.md; the campaign's outputs and reports/ are left alone.
 set -euo pipefail
