@@ -45,7 +45,7 @@ def campaign(tmp_path) -> Path:
     tree = yaml.safe_load(path.read_text())
     tree["data"] = {"name": "digits"}
     tree["train"].update(epochs=2, steps_per_epoch=2, batch_size=16, eval_batch_size=256, warmup_epochs=0)
-    tree["pipeline"].update(seeds=[0, 1], methods=["supervised", "vat"], pretexts=["rotation"])
+    tree["pipeline"].update(seeds=[0, 1], methods=["supervised", "vat"])  # all pretexts: each transfer stage needs its own
     for section in ("rotation", "paws", "paws_finetune", "vat"):
         tree[section] = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8}
     path.write_text(yaml.safe_dump(tree))
@@ -56,13 +56,19 @@ def campaign(tmp_path) -> Path:
 
 @pytest.mark.slow
 def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
-    """Every stage's preset exists (run.sh refuses a method without one), and the graph orders a transfer method
-    after the pre-training it starts from."""
+    """Every stage's preset exists (run.sh refuses a method without one), and the graph orders each transfer method
+    after the pre-training it starts from (read from dvc.yaml: which one is the recipe's choice, made on val)."""
     stages = _run(["dvc", "stage", "list", "--name-only"], campaign).stdout.split()
     assert {"method@0-supervised", "method@1-vat", "pretrain@rotation", "alternating@1", "paws@0",
             "paws_finetune@1", "moam_finetune@0", "report"} <= set(stages)
-    dry = _run(["dvc", "repro", "--dry", "--force", "alternating@0"], campaign).stdout
-    assert dry.index("pretrain@rotation") < dry.index("alternating@0")
+    spec = yaml.safe_load((campaign / "dvc.yaml").read_text())["stages"]
+    starts = {name: Path(dep).stem for name, stage in spec.items() for dep in stage.get("do", stage).get("deps", [])
+              if dep.startswith("models/pretrain/")}
+    assert {"alternating", "mean_teacher", "simclrv2", "cluster_transfer"} <= set(starts), starts
+    for name, pretext in starts.items():
+        assert f"=../models/pretrain/{pretext}.pt" in spec[name]["do"]["cmd"], name  # it starts from what it depends on
+        dry = _run(["dvc", "repro", "--dry", "--force", f"{name}@0"], campaign).stdout
+        assert f"pretrain@{pretext}" in dry and dry.index(f"pretrain@{pretext}") < dry.index(f"{name}@0"), dry
     (campaign.parents[1] / "presets" / "fmnist_10pc" / "pi_model.yaml").unlink()
     missing = _run(["./run.sh", "0", "train", "pi_model"], campaign, check=False)
     assert missing.returncode == 2 and "no recipe" in missing.stderr and "pi_model.yaml" in missing.stderr
