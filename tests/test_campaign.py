@@ -45,7 +45,8 @@ def campaign(tmp_path) -> Path:
     tree = yaml.safe_load(path.read_text())
     tree["data"] = {"name": "digits"}
     tree["train"].update(epochs=2, steps_per_epoch=2, batch_size=16, eval_batch_size=256, warmup_epochs=0)
-    tree["pipeline"].update(seeds=[0, 1], methods=["supervised", "vat"])  # all pretexts: each transfer stage needs its own
+    # every pretext kept: each transfer stage needs its own in the graph
+    tree["pipeline"].update(seeds=[0, 1], methods=["supervised", "vat"])
     for section in ("rotation", "paws", "paws_finetune", "vat"):
         tree[section] = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8}
     path.write_text(yaml.safe_dump(tree))
