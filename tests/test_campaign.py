@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,14 +63,22 @@ def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
     stages = _run(["dvc", "stage", "list", "--name-only"], campaign).stdout.split()
     assert {"method@0-supervised", "method@1-vat", "pretrain@rotation", "alternating@1", "paws@0",
             "paws_finetune@1", "moam_finetune@0", "report"} <= set(stages)
+    # a shared start is models/pretrain/<pretext>.pt (stage pretrain@<pretext>, run in the campaign folder); a
+    # per-split one, seed<S>/models/pretrain/paws.pt (stage paws@<S>, run in seed<S>/)
     spec = yaml.safe_load((campaign / "dvc.yaml").read_text())["stages"]
-    starts = {name: Path(dep).stem for name, stage in spec.items() for dep in stage.get("do", stage).get("deps", [])
-              if dep.startswith("models/pretrain/")}
-    assert {"alternating", "mean_teacher", "simclrv2", "cluster_transfer"} <= set(starts), starts
-    for name, pretext in starts.items():
-        assert f"=../models/pretrain/{pretext}.pt" in spec[name]["do"]["cmd"], name  # it starts from what it depends on
+    starts = {}
+    for name, stage in spec.items():
+        for dep in stage.get("do", stage).get("deps", []):
+            if dep.startswith("models/pretrain/"):
+                starts[name] = (f"../{dep}", f"pretrain@{Path(dep).stem}")
+            elif dep.startswith("seed${item}/models/pretrain/"):
+                starts[name] = (dep.removeprefix("seed${item}/"), f"{Path(dep).stem}@0")
+    assert {"alternating", "mean_teacher", "simclrv2", "cluster_transfer", "paws_distill"} <= set(starts), starts
+    for name, (path, producer) in starts.items():
+        cmd = spec[name]["do"]["cmd"]  # a start given on the command line is the checkpoint the stage depends on
+        assert re.findall(r"--set \S+=(\S*models/pretrain/\S+)", cmd) in ([], [path]), (name, path, cmd)
         dry = _run(["dvc", "repro", "--dry", "--force", f"{name}@0"], campaign).stdout
-        assert f"pretrain@{pretext}" in dry and dry.index(f"pretrain@{pretext}") < dry.index(f"{name}@0"), dry
+        assert producer in dry and dry.index(producer) < dry.index(f"{name}@0"), (name, dry)
     (campaign.parents[1] / "presets" / "fmnist_10pc" / "pi_model.yaml").unlink()
     missing = _run(["./run.sh", "0", "train", "pi_model"], campaign, check=False)
     assert missing.returncode == 2 and "no recipe" in missing.stderr and "pi_model.yaml" in missing.stderr
