@@ -252,6 +252,10 @@ class Simclrv2(Method):
             distributed.average_gradients(net)
             opt.step()
             sched.step()
+            # this runs inside one training step, so inside the engine's autocast region, which caches each
+            # weight's bf16/fp16 copy until the region exits: without clearing it every forward here would see
+            # the first step's weights (tests/test_transfer_contrastive.py, the autocast-step test)
+            torch.clear_autocast_cache()
         net.requires_grad_(False)
 
     def _ensure_teacher(self) -> None:
