@@ -150,6 +150,21 @@ def test_pseudo_label_method_labels_with_the_teacher(workdir, tiny):
     assert torch.equal(stored, expected)
 
 
+def test_pseudo_label_teacher_trained_inside_an_autocast_step_follows_its_own_weights(workdir, tiny):
+    """The teacher trains in the first training step, so inside the engine's autocast region, which caches each
+    weight's low-precision copy until the region exits; unless the cache is cleared after each teacher step, every
+    forward sees the first step's weights (the same bug as simclrv2's teacher: tests/test_transfer_contrastive.py).
+    Property: inside one autocast region the teacher is the one autocast trains without its cache."""
+    params = tiny("pseudo_label.teacher_epochs=5", "train.lr=0.5")  # steps that move the weights
+    method = build_method("pseudo_label", params, *load_data(params)[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        uncached = method._teacher()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the engine wraps a training step
+        in_step = method._teacher()
+    for a, b in zip(in_step.parameters(), uncached.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_rot90_per_image_and_rotation_averaging_is_rotation_invariant():
     x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).view(2, 1, 3, 3)
     k = torch.tensor([1, 3])

@@ -99,6 +99,9 @@ class PseudoLabel(JointMethod):
             distributed.average_gradients(teacher)
             opt.step()
             sched.step()
+            # inside one training step, so inside the engine's autocast region, which caches each weight's
+            # low-precision copy until it exits: cleared, or every forward here would see the first step's weights
+            torch.clear_autocast_cache()
         return teacher
 
     @torch.no_grad()
