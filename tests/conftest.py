@@ -240,3 +240,17 @@ def killed_and_resumed(name: str, params, monkeypatch, owner: type, redo: str) -
     for k, v in resumed.method.model.state_dict().items():
         assert torch.equal(v, reference[k]), k
     return history, io.torch_load(last)["history"]
+
+
+def assert_trains_as_without_the_autocast_cache(train) -> None:
+    """``train()`` (returns a trained module) run inside one bf16 autocast region, as a method's inner optimiser
+    loop runs inside the engine's training step, gives the same weights as autocast without its weight cache. The
+    cache holds each weight's low-precision copy until the region exits; a loop that does not clear it after each
+    step computes every forward with the first step's weights."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        uncached = train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the engine wraps a training step
+        in_step = train()
+    for a, b in zip(in_step.parameters(), uncached.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+

@@ -21,7 +21,7 @@ from ssl_ops.methods.s4l_rotation import RotationAveraged
 from ssl_ops.schedules import sigmoid_rampup
 from ssl_ops.stages import MODELS, build_method, load_data, train_stage
 
-from conftest import killed_and_resumed
+from conftest import assert_trains_as_without_the_autocast_cache, killed_and_resumed
 
 LN3 = math.log(3.0)
 
@@ -157,12 +157,7 @@ def test_pseudo_label_teacher_trained_inside_an_autocast_step_follows_its_own_we
     Property: inside one autocast region the teacher is the one autocast trains without its cache."""
     params = tiny("pseudo_label.teacher_epochs=5", "train.lr=0.5")  # steps that move the weights
     method = build_method("pseudo_label", params, *load_data(params)[:2])
-    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
-        uncached = method._teacher()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the engine wraps a training step
-        in_step = method._teacher()
-    for a, b in zip(in_step.parameters(), uncached.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
+    assert_trains_as_without_the_autocast_cache(method._teacher)  # _teacher seeds its own init and batches
 
 
 def test_rot90_per_image_and_rotation_averaging_is_rotation_invariant():
