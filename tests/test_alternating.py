@@ -15,6 +15,8 @@ from ssl_ops.losses import soft_cross_entropy
 from ssl_ops.stages.pretrain import pretrain_briefly_for
 from ssl_ops.stages import build_method, load_data, train_stage
 
+from conftest import assert_trains_as_without_the_autocast_cache
+
 
 @pytest.fixture
 def make(workdir, tiny):
@@ -66,6 +68,20 @@ def test_phase1_changes_only_the_classifier(make):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}
     assert 0.0 <= acc <= 1.0
+
+
+def test_phase1_inside_one_autocast_region_fits_the_updated_layer(make):
+    """Step (5) runs ``classifier_steps`` updates at a cycle start, inside the engine's autocast region (amp on),
+    whose weight cache would hand every forward the first step's bf16 copy of the layer: the fit must be the one
+    autocast computes without its cache (tests/conftest.py; the same bug as simclrv2's and pseudo_label's
+    teachers). Fails without the cache clear in ssl_ops/methods/_inner_loop.py."""
+
+    def train():  # a fresh method each time: the same seeded start, the same features
+        m = make("alternating.classifier_steps=20", "alternating.classifier_lr=1.0")
+        m.fit_classifier()
+        return m.model["net"].fc
+
+    assert_trains_as_without_the_autocast_cache(train)
 
 
 def test_split_uses_two_thirds_then_all(make):

@@ -61,6 +61,7 @@ from ssl_ops import augment, io
 from ssl_ops.engine import lr_lambda, predict_logits, topk_accuracy
 from ssl_ops.errors import CheckpointError, ParamsError, SslOpsError
 from ssl_ops.losses import soft_cross_entropy, temporal_kl
+from ssl_ops.methods._inner_loop import inner_step
 from ssl_ops.methods.base import Method, MethodParams, load_backbone, register_method
 
 
@@ -239,10 +240,8 @@ class Alternating(Method):
         opt = torch.optim.SGD(fc.parameters(), lr=p.classifier_lr, momentum=0.9)
         with torch.enable_grad():
             for _ in range(p.classifier_steps):
-                loss = F.cross_entropy(fc(feats), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                # every rank fits the same layer on the same features: no gradient averaging (net=None)
+                inner_step(opt, F.cross_entropy(fc(feats), y))
         fc.zero_grad(set_to_none=True)
         with torch.no_grad():
             return (fc(feats).argmax(1) == y).float().mean().item()

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ssl_ops import augment, distributed, io
-from ssl_ops.engine import make_optimizer, predict_logits
+from ssl_ops import distributed, io
+from ssl_ops.engine import predict_logits
 from ssl_ops.errors import CheckpointError, DataIntegrityError, SslOpsError
 from ssl_ops.losses import select_pseudo_labels
+from ssl_ops.methods._inner_loop import fit_on_labels
 from ssl_ops.methods._joint import JointMethod, JointParams
 from ssl_ops.methods.base import register_method
 
@@ -85,23 +86,8 @@ class PseudoLabel(JointMethod):
                 raise CheckpointError(f"pseudo_label.teacher {p.teacher} does not fit model.backbone="
                                       f"{ctx.params.model.backbone}: {str(exc).splitlines()[0][:300]}") from None
             return teacher
-        steps = p.teacher_epochs * ctx.train.steps_per_epoch
-        opt, sched = make_optimizer(teacher, ctx.train, steps)
-        gen = torch.Generator(device=ctx.device).manual_seed(ctx.train.seed + 1)
-        distributed.broadcast_parameters(teacher)  # under torchrun one teacher, trained data-parallel like the student
-        teacher.train()
-        for _ in range(steps):
-            xb, yb = ctx.store.sample(ctx.pools["labeled"], ctx.train.batch_size, gen)
-            xb = augment.to_float(augment.weak_augment(xb, gen, ctx.train.crop_padding, ctx.train.hflip))
-            loss = F.cross_entropy(teacher(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(teacher)
-            opt.step()
-            sched.step()
-            # inside one training step, so inside the engine's autocast region, which caches each weight's
-            # low-precision copy until it exits: cleared, or every forward here would see the first step's weights
-            torch.clear_autocast_cache()
+        # its own init (above) and batch streams: the student's draws do not depend on the teacher phase
+        fit_on_labels(teacher, ctx, ctx.train, p.teacher_epochs * ctx.train.steps_per_epoch, ctx.train.seed + 1)
         return teacher
 
     @torch.no_grad()

@@ -40,15 +40,14 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from ssl_ops import augment, distributed, io
+from ssl_ops import io
 from ssl_ops.backbones import build_backbone
-from ssl_ops.engine import make_optimizer
 from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError
 from ssl_ops.heads import Classifier, Normalize
 from ssl_ops.losses import distillation_with_labels
+from ssl_ops.methods._inner_loop import fit_on_labels
 from ssl_ops.methods.base import Method, MethodParams, register_method
 from ssl_ops.sections import TrainParams
-
 
 # tau when simclrv2.temperature is null (SimCLRv2 §3: 0.1 self-distillation, 1.0 large-to-small)
 SELF_DISTILLATION_TAU, BIG_TO_SMALL_TAU = 0.1, 1.0
@@ -237,25 +236,8 @@ class Simclrv2(Method):
 
     def fine_tune(self, net: nn.Module, steps: int, seed: int) -> None:
         """Fine-tuning as in §2 (the teacher phase): CE on labeled crop + flip batches, own RNG stream."""
-        ctx = self.ctx
-        train = self.params.fine_tune_params(ctx.train)
-        net.requires_grad_(True).train()
-        opt, sched = make_optimizer(net, train, steps)
-        gen = torch.Generator(device=ctx.device).manual_seed(seed)
-        distributed.broadcast_parameters(net)  # under torchrun: one teacher, trained data-parallel
-        for _ in range(steps):
-            xb, yb = ctx.store.sample(ctx.pools["labeled"], train.batch_size, gen)
-            xb = augment.to_float(augment.weak_augment(xb, gen, train.crop_padding, train.hflip))
-            loss = F.cross_entropy(net(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(net)
-            opt.step()
-            sched.step()
-            # this runs inside one training step, so inside the engine's autocast region, which caches each
-            # weight's bf16/fp16 copy until the region exits: without clearing it every forward here would see
-            # the first step's weights (tests/test_transfer_contrastive.py, the autocast-step test)
-            torch.clear_autocast_cache()
+        net.requires_grad_(True)
+        fit_on_labels(net, self.ctx, self.params.fine_tune_params(self.ctx.train), steps, seed)
         net.requires_grad_(False)
 
     def _ensure_teacher(self) -> None:
