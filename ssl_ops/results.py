@@ -167,6 +167,7 @@ class Row:
     chain_cpu_minutes: float | None = None  # a chained step: its CPU-min plus every earlier step's (a chain is
     # counted by its last step, as MOAM's)
     machines: list[str] = field(default_factory=list)  # what its runs ran on ("" : not recorded)
+    first_runs: dict[str, int] = field(default_factory=dict)  # machine -> start time (ms) of its first run here
 
     @property
     def collapsed(self) -> bool:
@@ -196,7 +197,7 @@ def rows_of(runs: list[Run]) -> list[Row]:
             load=_mean([r.load for r in rs]), run_ids=[r.run_id for r in rs], budgets=sorted({r.budget for r in rs}),
             previous=next((r.previous for r in rs if r.previous), None),
             starts_from=sorted({r.starts_from for r in rs if r.starts_from}),
-            machines=sorted({r.machine for r in rs})))
+            machines=sorted({r.machine for r in rs}), first_runs=_first_runs((r.machine, r.start_time) for r in rs)))
     by_name = {row.name: row for row in out}
     for row in out:
         total, step = row.cpu_minutes, row
@@ -221,6 +222,7 @@ class Pretraining:
     commits: list[str] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
     machines: list[str] = field(default_factory=list)  # as Row.machines
+    first_runs: dict[str, int] = field(default_factory=dict)  # as Row.first_runs
 
 
 def _start(run: dict[str, Any]) -> int:
@@ -254,7 +256,8 @@ def pretrainings_of(latest: dict[str, list[dict[str, Any]]]) -> list[Pretraining
                         budget=", ".join(sorted({_budget(r["params"], p) for r in rs})),
                         commits=sorted({_short_commit(r["tags"].get("git_commit", "unknown")) for r in rs}),
                         run_ids=[r["run_id"] for r in rs],
-                        machines=sorted({r["tags"].get("machine", "") for r in rs}))
+                        machines=sorted({r["tags"].get("machine", "") for r in rs}),
+                        first_runs=_first_runs((r["tags"].get("machine", ""), _start(r)) for r in rs))
             for p, rs in latest.items()]
 
 
@@ -347,17 +350,31 @@ def missing_rows(rows: list[Row], expected: list[str]) -> list[str]:
 
 def machine_cell(machines: list[str], keys: dict[str, str]) -> str:
     """A row's machines as the tables' column and the cost plot's labels write them: their keys, space-separated."""
-    return " ".join(keys[m] for m in machines)
+    return " ".join(sorted((keys[m] for m in machines), key=lambda k: (k != "—", len(k), k)))  # —, M1, M2, ..., M10
+
+
+def _first_runs(pairs) -> dict[str, int]:
+    """{machine: the earliest start time among ``pairs`` of (machine, start time)}."""
+    out: dict[str, int] = {}
+    for machine, start in pairs:
+        out[machine] = min(start, out.get(machine, start))
+    return out
 
 
 def machine_keys(rows: list[Row], pretrainings: list[Pretraining]) -> dict[str, str]:
-    """A short key per machine the runs ran on, "M1", "M2"... in the order the tables first meet them, and "—" for
-    runs that did not record theirs: the tables' machine column, which the legend under them spells out. CPU-minutes
-    and float rounding differ between machines (README "Machines differ"), so a campaign measured on several says
-    which row ran where."""
+    """A short key per machine the runs ran on, "M1", "M2"... in the order of each machine's first run shown (so a
+    machine keeps its key when a later session adds runs from another one), and "—" for runs that did not record
+    theirs: the tables' machine column, which the legend under them spells out. CPU-minutes and float rounding
+    differ between machines (README "Machines differ"), so a campaign measured on several says which row ran
+    where."""
+    first: dict[str, int] = {}
+    for item in [*rows, *pretrainings]:
+        for m in item.machines:
+            start = item.first_runs.get(m, 0)
+            first[m] = min(start, first.get(m, start))
     keys: dict[str, str] = {"": "—"}
-    for m in [m for r in rows for m in r.machines] + [m for p in pretrainings for m in p.machines]:
-        keys.setdefault(m, f"M{len(keys)}")
+    for m in sorted((m for m in first if m), key=lambda m: (first[m], m)):
+        keys[m] = f"M{len(keys)}"
     return keys
 
 

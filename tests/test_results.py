@@ -84,20 +84,26 @@ def _on_machine(run, where):
 
 def test_each_row_says_which_machine_its_runs_ran_on(tmp_path):
     """CPU-minutes differ severalfold between machines: a table whose runs ran on several keys each row's machines
-    (M1, M2... in the order the table meets them; "—" for a run without the tag) and spells the keys out below."""
+    ("—" for a run without the tag) and spells the keys out below. M1, M2... follow each machine's first run shown,
+    not the order the table meets them, so a machine keeps its key when a later session adds rows from another."""
     fast, slow = "Intel Xeon, 2 CPUs, AVX512, bf16 native", "AMD EPYC, 2 CPUs, AVX2, bf16 emulated"
     on = _on_machine
+    # fast's first run is the RotNet (start 2), slow's the supervised run of split 1 (start 5)
     runs = [on(RUNS[1], fast), on(RUNS[2], slow), RUNS[3], on(RUNS[4], slow), on(RUNS[10], fast)]
     out = tmp_path / "results_x.md"
     results.write(runs, lambda run_id, key: [], out, source="experiment `x`")
     md = out.read_text()
     sup = next(line for line in md.splitlines() if line.startswith("| supervised |"))
-    assert sup.endswith("| 2.0 | — M1 M2 | — |")  # its machines sorted by name: untagged, slow, fast
-    assert next(line for line in md.splitlines() if line.startswith("| vat |")).endswith("| M1 | — |")
-    assert "| rotation | 0 | 2.00 | 50.00 | 60.00 | 52.00 | abcdef1234 | 1.5 | M2 | — |" in md
-    assert (f"**machine**: M1 = {slow}; M2 = {fast}; — = not recorded (a run logged before ssl-ops tagged runs "
+    assert sup.endswith("| 2.0 | — M1 M2 | — |")  # its machines in key order, though the table meets slow first
+    assert next(line for line in md.splitlines() if line.startswith("| vat |")).endswith("| M2 | — |")
+    assert "| rotation | 0 | 2.00 | 50.00 | 60.00 | 52.00 | abcdef1234 | 1.5 | M1 | — |" in md
+    assert (f"**machine**: M1 = {fast}; M2 = {slow}; — = not recorded (a run logged before ssl-ops tagged runs "
             "with their machine).") in md
     assert results.rows_of([results.parse(r) for r in runs[:3]])[0].machines == ["", slow, fast]
+    # a later run from a third machine gets the next key and moves none of the others
+    later = dict(on(RUNS[5], "ARM Neoverse, 2 CPUs"), start_time=99)
+    results.write([*runs, later], lambda run_id, key: [], out, source="experiment `x`")
+    assert f"M1 = {fast}; M2 = {slow}; M3 = ARM Neoverse, 2 CPUs;" in out.read_text()
 
 
 def test_cost_panel_names_each_points_machine_and_hollows_rows_off_one_machine(tmp_path, monkeypatch):
