@@ -367,11 +367,7 @@ def machine_keys(rows: list[Row], pretrainings: list[Pretraining]) -> dict[str, 
     theirs: the tables' machine column, which the legend under them spells out. CPU-minutes and float rounding
     differ between machines (README "Machines differ"), so a campaign measured on several says which row ran
     where."""
-    first: dict[str, int] = {}
-    for item in [*rows, *pretrainings]:
-        for m in item.machines:
-            start = item.first_runs.get(m, 0)
-            first[m] = min(start, first.get(m, start))
+    first = _first_runs(pair for item in [*rows, *pretrainings] for pair in item.first_runs.items())
     keys: dict[str, str] = {"": "—"}
     for m in sorted((m for m in first if m), key=lambda m: (first[m], m)):
         keys[m] = f"M{len(keys)}"
