@@ -166,8 +166,12 @@ class Row:
     starts_from: list[str] = field(default_factory=list)  # its runs' start checkpoints (``Run.starts_from``)
     chain_cpu_minutes: float | None = None  # a chained step: its CPU-min plus every earlier step's (a chain is
     # counted by its last step, as MOAM's)
-    machines: list[str] = field(default_factory=list)  # what its runs ran on ("" : not recorded)
-    first_runs: dict[str, int] = field(default_factory=dict)  # machine -> start time (ms) of its first run here
+    # what its runs ran on ("": not recorded) -> start time (ms) of its first run there
+    first_runs: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def machines(self) -> list[str]:
+        return sorted(self.first_runs)
 
     @property
     def collapsed(self) -> bool:
@@ -197,7 +201,7 @@ def rows_of(runs: list[Run]) -> list[Row]:
             load=_mean([r.load for r in rs]), run_ids=[r.run_id for r in rs], budgets=sorted({r.budget for r in rs}),
             previous=next((r.previous for r in rs if r.previous), None),
             starts_from=sorted({r.starts_from for r in rs if r.starts_from}),
-            machines=sorted({r.machine for r in rs}), first_runs=_first_runs((r.machine, r.start_time) for r in rs)))
+            first_runs=_first_runs((r.machine, r.start_time) for r in rs)))
     by_name = {row.name: row for row in out}
     for row in out:
         total, step = row.cpu_minutes, row
@@ -221,8 +225,9 @@ class Pretraining:
     budget: str = "—"  # "steps x batch" of the pre-training
     commits: list[str] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
-    machines: list[str] = field(default_factory=list)  # as Row.machines
     first_runs: dict[str, int] = field(default_factory=dict)  # as Row.first_runs
+
+    machines = Row.machines  # derived from first_runs, as Row's
 
 
 def _start(run: dict[str, Any]) -> int:
@@ -256,7 +261,6 @@ def pretrainings_of(latest: dict[str, list[dict[str, Any]]]) -> list[Pretraining
                         budget=", ".join(sorted({_budget(r["params"], p) for r in rs})),
                         commits=sorted({_short_commit(r["tags"].get("git_commit", "unknown")) for r in rs}),
                         run_ids=[r["run_id"] for r in rs],
-                        machines=sorted({r["tags"].get("machine", "") for r in rs}),
                         first_runs=_first_runs((r["tags"].get("machine", ""), _start(r)) for r in rs))
             for p, rs in latest.items()]
 
@@ -579,8 +583,9 @@ def write(runs: list[dict[str, Any]], history, out: Path, source: str, expected:
     plot_curves(curves, curves_png)
     plot_losses(losses, losses_png)
     io.write_json(out.with_suffix(".json"), {
-        "source": source, "rows": [asdict(r) | {"collapsed": r.collapsed} for r in rows],
+        "source": source, "rows": [asdict(r) | {"collapsed": r.collapsed, "machines": r.machines} for r in rows],
         "missing": missing,
-        "pretrainings": [asdict(p) for p in pretrainings], "curves": curves, "losses": losses})
+        "pretrainings": [asdict(p) | {"machines": p.machines} for p in pretrainings],
+        "curves": curves, "losses": losses})
     io.write_text(out, render(rows, pretrainings, source, png.name, curves_png.name, missing, losses_png.name))
     return rows
