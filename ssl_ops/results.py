@@ -65,7 +65,7 @@ class Run:
     budget: str = "—"  # "steps x batch" of its training (the method's section overriding train), from its params
     # a chained step's ``<method>.previous`` model (S4L §5's MOAM: models/moam.pt -> "moam"); None: not chained
     previous: str | None = None
-    # the checkpoint it started from (``<method>.init`` / ``.pretrained``: "rotation.pt"); None: from scratch
+    # the checkpoint it started from (``<method>.init`` / ``.pretrained``: "rotation.pt"; "HOG" for CC+HOG); None: from scratch
     starts_from: str | None = None
     machine: str = ""  # what it ran on (``tracking.machine``); "" for a run logged before runs were tagged with it
 
@@ -94,7 +94,12 @@ def _previous(p: dict[str, Any], method: str) -> str | None:
 
 
 def _starts_from(p: dict[str, Any], method: str) -> str | None:
-    """The file name of the checkpoint a run started from (a pre-training: Rebuffi et al.'s "with T.L."), if any."""
+    """The file name of the checkpoint a run started from (a pre-training: Rebuffi et al.'s "with T.L."), if any.
+
+    A cluster transfer from HOG (Noroozi et al. Table 3's "CC+HOG", ``source: hog``) reads no checkpoint, though its
+    ``pretrained`` default is logged too: "HOG"."""
+    if _logged(p, f"{method}.source") == "hog":
+        return "HOG"
     path = _logged(p, f"{method}.init") or _logged(p, f"{method}.pretrained")
     return None if path is None else Path(path).name
 

@@ -176,15 +176,21 @@ def test_a_transfer_row_names_the_checkpoint_it_started_from(tmp_path):
     SimCLRv2 / cluster transfer): the recipe cell says which, so it is not read as from scratch."""
     runs = [_run("s", 0, 1, method="supervised", test_top1=0.70),
             _run("t", 0, 2, method="mean_teacher", test_top1=0.71),
-            _run("c", 0, 3, method="simclrv2", test_top1=0.72)]
+            _run("c", 0, 3, method="simclrv2", test_top1=0.72),
+            _run("h", 0, 4, method="cluster_transfer", test_top1=0.73)]
     runs[0]["params"]["supervised.init"] = "None"  # as logged when unset
     runs[1]["params"]["mean_teacher.init"] = "../models/pretrain/rotation.pt"
     runs[2]["params"]["simclrv2.pretrained"] = "../models/pretrain/simclr.pt"
+    # CC+HOG logs its unused checkpoint default too; the row must not claim it started from Jigsaw++
+    runs[3]["params"].update({"cluster_transfer.source": "hog",
+                              "cluster_transfer.pretrained": "models/pretrain/jigsaw_pp.pt"})
     rows = {r.name: r for r in results.rows_of([results.parse(r) for r in runs])}
     assert rows["supervised"].starts_from == [] and rows["mean_teacher"].starts_from == ["rotation.pt"]
+    assert rows["cluster_transfer"].starts_from == ["HOG"]
     results.write(runs, lambda run_id, key: [], tmp_path / "r.md", source="x")
     md = (tmp_path / "r.md").read_text()
     assert "| params.yaml<br>from rotation.pt |" in md and "| params.yaml<br>from simclr.pt |" in md
+    assert "| params.yaml<br>from HOG |" in md and "jigsaw_pp" not in md
     assert "| presets/fmnist_10pc/supervised.yaml |" in md
 
 
