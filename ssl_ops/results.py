@@ -65,7 +65,8 @@ class Run:
     budget: str = "—"  # "steps x batch" of its training (the method's section overriding train), from its params
     # a chained step's ``<method>.previous`` model (S4L §5's MOAM: models/moam.pt -> "moam"); None: not chained
     previous: str | None = None
-    # the checkpoint it started from (``<method>.init`` / ``.pretrained``: "rotation.pt"; "HOG" for CC+HOG); None: from scratch
+    # the checkpoint it started from (``<method>.init`` / ``.pretrained``: "rotation.pt"; "HOG" for CC+HOG); None:
+    # from scratch
     starts_from: str | None = None
     machine: str = ""  # what it ran on (``tracking.machine``); "" for a run logged before runs were tagged with it
 
