@@ -77,15 +77,34 @@ def _logged(p: dict[str, Any], key: str) -> str | None:
     return None if v in (None, "None") else v
 
 
+# Phases a method trains in the same run before its main one, which ``epochs`` does not count: each is ``<param>``
+# epochs of the run's steps_per_epoch at its batch size, and is skipped when ``<skip_if_set>`` names a checkpoint
+# to read instead. (method: (param, name in the report, skip_if_set)); tests check each param against the registry.
+PRE_PHASES: dict[str, tuple[str, str, str | None]] = {
+    "cluster_transfer": ("cluster_epochs", "cluster", None),  # Noroozi et al. §3: classify the k-means clusters
+    "pseudo_label": ("teacher_epochs", "teacher", "teacher"),  # S4L §4.2: the teacher trained on the labels
+    "simclrv2": ("teacher_epochs", "teacher", "teacher"),  # SimCLRv2 §3: the fine-tuned teacher, then distillation
+}
+
+
 def _budget(p: dict[str, Any], section: str) -> str:
-    """"epochs*steps_per_epoch x batch_size" as the run resolved them (``<section>.<key>``, else ``train.<key>``)."""
+    """"epochs*steps_per_epoch x batch_size" as the run resolved them (``<section>.<key>``, else ``train.<key>``),
+    preceded by "<steps> <name> + " for a phase of :data:`PRE_PHASES` the run trained: "3000 cluster + 1000 x 64"."""
     def value(key: str) -> str | None:
         v = _logged(p, f"{section}.{key}")
         return v if v is not None else p.get(f"train.{key}")
     epochs, steps, batch = value("epochs"), value("steps_per_epoch"), value("batch_size")
     if None in (epochs, steps, batch):
         return "—"
-    return f"{int(epochs) * int(steps)} x {batch}"
+    main = f"{int(epochs) * int(steps)} x {batch}"
+    if section not in PRE_PHASES:
+        return main
+    param, name, skip_if_set = PRE_PHASES[section]
+    pre = _logged(p, f"{section}.{param}")
+    if skip_if_set is not None and _logged(p, f"{section}.{skip_if_set}") is not None:
+        return main  # read from a checkpoint: that run's cost is its own row's
+    # a run logged without the param (older code) has an unknown pre-phase: say so rather than under-count it
+    return f"{'?' if pre is None else int(pre) * int(steps)} {name} + {main}"
 
 
 def _previous(p: dict[str, Any], method: str) -> str | None:
@@ -404,7 +423,9 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
         "**CPU-min** is the mean process CPU time of the training steps (user + sys, teacher phases included; "
         "not evaluation; a step of a chain also gives the whole chain's, as MOAM's last step counts for MOAM); "
         "a transfer method also needs its pre-training (table below). **max class** is the "
-        f"worst split's share of test images given the commonest predicted class (> {COLLAPSE:.0%}: collapsed).",
+        f"worst split's share of test images given the commonest predicted class (> {COLLAPSE:.0%}: collapsed). "
+        "**steps x batch** is the training's optimiser steps x batch size; a phase the run trains before its main "
+        "one comes first, by name (cluster_transfer's cluster classification, a teacher trained in the run).",
         "",
     ]
     if (line := best_line(rows)) is not None:

@@ -151,6 +151,39 @@ def test_budget_is_the_method_section_over_train():
     assert results.parse({**run, "params": {"split.seed": "0"}}).budget == "—"
 
 
+@pytest.mark.parametrize(("method", "extra", "expected"), [
+    # Noroozi et al. §3's cluster classification: 60 epochs x 50 steps before the 20 of fine-tuning
+    ("cluster_transfer", {"cluster_transfer.cluster_epochs": "60"}, "3000 cluster + 1000 x 64"),
+    # a teacher trained in the run (S4L §4.2's pseudo-label teacher, SimCLRv2's fine-tuned teacher) counts ...
+    ("pseudo_label", {"pseudo_label.teacher": "None", "pseudo_label.teacher_epochs": "10"}, "500 teacher + 1000 x 64"),
+    ("simclrv2", {"simclrv2.teacher_epochs": "20"}, "1000 teacher + 1000 x 64"),
+    # ... one read from a checkpoint does not (its cost is its own row's)
+    ("pseudo_label", {"pseudo_label.teacher": "models/supervised.pt", "pseudo_label.teacher_epochs": "10"},
+     "1000 x 64"),
+    # a run logged without the param: the phase is there, its length unknown
+    ("cluster_transfer", {}, "? cluster + 1000 x 64"),
+])
+def test_budget_counts_the_phase_before_the_main_one(method, extra, expected):
+    """The cluster phase and in-run teachers are optimiser steps too: leaving them out under-stated cluster_transfer's
+    budget by 3x. They take the run's steps per epoch and batch, as the methods train them."""
+    p = {"split.seed": "0", "train.epochs": "20", "train.steps_per_epoch": "50", "train.batch_size": "64", **extra}
+    run = {"run_id": "x", "status": "FINISHED", "start_time": 1, "params": p, "metrics": {"test_top1": 0.7},
+           "tags": {"method": method}}
+    assert results.parse(run).budget == expected
+
+
+@pytest.mark.parametrize("method", sorted(results.PRE_PHASES))
+def test_pre_phases_name_params_the_methods_have(method):
+    """A renamed param would silently drop its phase from the report: each entry must name fields of the method's
+    Params (the phase length an int of epochs, the skip switch a checkpoint path)."""
+    from ssl_ops.methods.base import METHODS
+
+    param, _, skip_if_set = results.PRE_PHASES[method]
+    fields = METHODS[method].Params.model_fields
+    assert fields[param].annotation is int
+    assert skip_if_set is None or "Path" in str(fields[skip_if_set].annotation)
+
+
 def test_a_chain_is_costed_by_its_last_step(tmp_path):
     """Issue 17 counts MOAM by its last step (S4L §5's chain moam -> moam_retrain -> moam_finetune), so that row
     also carries the whole chain's CPU-minutes: 5 + 2 + 1 here; a chain with a missing step has no total."""
