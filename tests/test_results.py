@@ -200,8 +200,11 @@ def test_a_chain_is_costed_by_its_last_step(tmp_path):
     assert rows["moam_finetune"].chain_cpu_minutes == pytest.approx(8.0)
     results.write(runs, lambda run_id, key: [], tmp_path / "r.md", source="x")
     assert "| moam_finetune | 0 | 72.00 | — | — | 1.00 (chain 8.00) |" in (tmp_path / "r.md").read_text()
+    # the cost plot places each step at what its model cost: the last step at the whole chain, not its own 1 minute
+    assert [rows[m].cost_minutes for m in ("moam", "moam_retrain", "moam_finetune")] == pytest.approx([5.0, 7.0, 8.0])
     broken = {r.name: r for r in results.rows_of([results.parse(r) for r in runs if r["run_id"] != "r"])}
     assert broken["moam_finetune"].chain_cpu_minutes is None
+    assert broken["moam_finetune"].cost_minutes is None  # an unknown chain: no point rather than a wrong one
 
 
 def test_a_transfer_row_names_the_checkpoint_it_started_from(tmp_path):
