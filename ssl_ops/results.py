@@ -482,8 +482,9 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
 
 def plot(rows: list[Row], path: Path, keys: dict[str, str] | None = None) -> None:
     """Left: test top-1 per row with every split's point. Right: accuracy against CPU-minutes (``Row.cost_minutes``:
-    a chained step at its whole chain's), each point named with its machine keys (``keys``, from ``machine_keys``); a row that ran on one recorded machine is a filled
-    dot, one whose runs span machines or did not record theirs a hollow one: its x is not on the same scale."""
+    a chained step at its whole chain's), each point named with its machine keys (``keys``, from ``machine_keys``);
+    a row that ran on one recorded machine is a filled dot, one whose runs span machines or did not record theirs a
+    hollow one: its x is not on the same scale."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless
