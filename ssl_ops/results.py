@@ -100,9 +100,9 @@ def _budget(p: dict[str, Any], section: str) -> str:
     if section not in PRE_PHASES:
         return main
     param, name, skip_if_set = PRE_PHASES[section]
-    pre = _logged(p, f"{section}.{param}")
     if skip_if_set is not None and _logged(p, f"{section}.{skip_if_set}") is not None:
         return main  # read from a checkpoint: that run's cost is its own row's
+    pre = _logged(p, f"{section}.{param}")
     # a run logged without the param (older code) has an unknown pre-phase: say so rather than under-count it
     return f"{'?' if pre is None else int(pre) * int(steps)} {name} + {main}"
 
