@@ -17,9 +17,11 @@ from ssl_ops.ema import EMA, ema_update_
 from ssl_ops.engine import predict_logits
 from ssl_ops.errors import CheckpointError, ParamsError
 from ssl_ops.losses import entropy, kl_div_logits, select_pseudo_labels, softmax_mse, vat_perturbation
-from ssl_ops.methods.s4l_rotation import RotationAveraged
+from ssl_ops.methods import METHODS
+from ssl_ops.methods.s4l_rotation import RotationAveraged, rotation_losses
 from ssl_ops.schedules import sigmoid_rampup
 from ssl_ops.stages import MODELS, build_method, load_data, train_stage
+from ssl_ops.stages.pretrain import pretrain_briefly_for
 
 from conftest import assert_trains_as_without_the_autocast_cache, killed_and_resumed
 
@@ -290,3 +292,67 @@ def test_tune_spaces_carry_s4l_grids():
     moam = spaces["moam"]
     assert {0.3, 1.0} <= set(moam["moam.w_sup"].choices) and 0.3 in moam["moam.w_entmin"].choices
     assert 0.7 in moam["moam.w_rot"].choices and 0.3 in moam["moam.w_vat"].choices
+
+
+_SMOOTHED = sorted(n for n, m in METHODS.items() if "label_smoothing" in m.Params.model_fields
+                   and n not in ("supervised", "moam_finetune", "moam_retrain"))  # those: a test each, below
+
+
+def _first_step_class_loss(name: str, tiny, smoothing: float) -> float:
+    params = tiny(f"{name}.label_smoothing={smoothing}", "pseudo_label.teacher_epochs=1")
+    pretrain_briefly_for(name, tiny)  # paws_distill starts from a PAWS checkpoint
+    data, split, _ = load_data(params)
+    method = build_method(name, params, data, split)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a zero-initialised classifier (paws_distill's) predicts uniformly: nothing to smooth
+        for w in method.model.parameters():
+            if w.dim() == 2 and not w.any():
+                w.copy_(0.1 * torch.randn(w.shape, generator=g))
+    return method.training_step(0)["loss_sup"].item()
+
+
+@pytest.mark.parametrize("name", _SMOOTHED)
+def test_label_smoothing_smooths_the_class_loss_of(workdir, tiny, name):
+    """``<method>.label_smoothing`` = e reaches the class cross-entropy: with the same seed the first step's
+    logits are the same, and CE_e = (1 - e) CE_0 + e U, with U = mean_i -mean_c log p_ic >= log K (Jensen), so the
+    loss is linear in e and lies at or above the line to log K."""
+    ce = {e: _first_step_class_loss(name, tiny, e) for e in (0.0, 0.25, 0.5)}
+    assert ce[0.5] != pytest.approx(ce[0.0], abs=1e-4)
+    assert ce[0.25] == pytest.approx((ce[0.0] + ce[0.5]) / 2, rel=1e-4)
+    assert ce[0.5] >= 0.5 * ce[0.0] + 0.5 * math.log(10) - 1e-5  # digits: K = 10
+
+
+class _TinyNet(nn.Module):
+    """What ``rotation_losses`` needs of a classifier: ``features`` and ``fc``."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(16, 6))
+        self.fc = nn.Linear(6, 10)
+
+
+def test_rotation_losses_smooth_only_the_class_term():
+    """S4L-Rotation's class loss takes the smoothing (as F.cross_entropy's); the rotation loss does not."""
+    torch.manual_seed(0)
+    net, head = _TinyNet(), nn.Linear(6, 4)
+    x, u = torch.rand(3, 1, 4, 4), torch.rand(2, 1, 4, 4)
+    y = torch.tensor([0, 4, 9])
+    cls0, rot0, _ = rotation_losses(net, head, x, y, u, False)
+    cls, rot, logits = rotation_losses(net, head, x, y, u, False, label_smoothing=0.3)
+    assert cls.item() == pytest.approx(F.cross_entropy(logits[:3], y, label_smoothing=0.3).item(), rel=1e-5)
+    assert cls.item() != pytest.approx(cls0.item(), abs=1e-4)
+    assert rot.item() == pytest.approx(rot0.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["moam_retrain", "moam_finetune"])
+def test_label_smoothing_reaches_the_moam_chain(workdir, tiny, name):
+    """Step 2 smooths its class loss as step 1 does (``moam.label_smoothing``: "the exact same way"), step 3 with
+    its own ``moam_finetune.label_smoothing``; the first step's loss differs from the unsmoothed one's."""
+    key = "moam" if name == "moam_retrain" else name
+    pretrain_briefly_for(name, tiny)  # the chain's earlier steps
+    loss = {}
+    for e in (0.0, 0.5):
+        params = tiny(f"{key}.label_smoothing={e}")
+        data, split, _ = load_data(params)
+        loss[e] = build_method(name, params, data, split).training_step(0)["loss"].item()
+    assert loss[0.5] != pytest.approx(loss[0.0], abs=1e-4)

@@ -19,6 +19,10 @@ class JointParams(MethodParams):
     unlabeled_batch_size: int | None = Field(None, gt=0)  # None: the labeled batch size (S4L: equal sizes)
     unlabeled_weight: float = Field(1.0, ge=0)  # w, the weight of the unlabeled loss after ramp-up
     rampup_epochs: float = Field(0.0, ge=0)  # sigmoid ramp-up of w over this many epochs; 0: none
+    # of the class cross-entropy on the labeled images, as supervised.label_smoothing (the baseline's regulariser,
+    # so that a method can be given the same care; not a teacher trained in the run, whose confidences a
+    # pseudo-label threshold reads); 0: none
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 class JointMethod(Method):

@@ -65,7 +65,7 @@ class MeanTeacher(JointMethod):
             teacher.train()  # batch statistics, and its own running statistics move (see the module docstring)
             target = teacher(self.ctx.augment(u))
             teacher.eval()
-        sup = F.cross_entropy(logits[:n], y)
+        sup = F.cross_entropy(logits[:n], y, label_smoothing=self.params.label_smoothing)
         cons = softmax_mse_class_mean(logits[n:], target)
         w = self.unlabeled_weight(step)
         return {"loss": sup + w * cons, "loss_sup": sup, "loss_cons": cons, "w_cons": torch.tensor(w)}

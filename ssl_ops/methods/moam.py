@@ -68,7 +68,7 @@ def moam_loss(net: nn.Module, rotation_head: nn.Module, x: Tensor, y: Tensor, u:
     """The step-1 objective (and step 2's, where every image is pseudo-labeled and ``u`` is empty): class loss
     on the labeled ``x`` (at 4 angles, or upright), rotation loss on all of ``x`` and ``u``, VAT and EntMin on
     the upright [x, u], the last two multiplied by the ramped ``w``."""
-    cls, rot, logits = rotation_losses(net, rotation_head, x, y, u, p.class_on_rotations)
+    cls, rot, logits = rotation_losses(net, rotation_head, x, y, u, p.class_on_rotations, p.label_smoothing)
     xs = torch.cat([x, u])
     r_adv = vat_perturbation(net, xs, logits, p.eps, p.xi, p.power_iterations, generator)
     vat = kl_div_logits(logits.detach(), net(xs + r_adv))

@@ -27,6 +27,7 @@ class MoamFinetuneParams(MethodParams):
     milestones: list[float] | None = Field(default_factory=lambda: [0.25, 0.5, 0.75])  # every 5 of 20 epochs
     gamma: float | None = Field(0.1, gt=0, le=1)
     warmup_epochs: float | None = Field(0.0, ge=0)  # S4L §5 names no warm-up for this step
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # of the cross-entropy, as moam.label_smoothing (not S4L's)
 
     def train_params(self, base: TrainParams) -> TrainParams:
         train = super().train_params(base)
@@ -45,4 +46,4 @@ class MoamFinetune(MoamStep):
 
     def training_step(self, step: int) -> dict[str, Tensor]:
         x, y = self.ctx.labeled_batch(self.ctx.train.batch_size)
-        return {"loss": F.cross_entropy(self.model(x), y)}
+        return {"loss": F.cross_entropy(self.model(x), y, label_smoothing=self.params.label_smoothing)}

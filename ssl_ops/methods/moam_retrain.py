@@ -7,12 +7,12 @@ learning rate after 6 and 12 epochs" (``milestones`` 1/3, 2/3 of training).
 
 "The exact same way" is step 1's objective (``moam.moam_loss``) with the ``moam`` section's weights, VAT
 settings and Polyak averaging, on batches of pseudo-labeled images: the class loss (at 4 angles or upright,
-as ``moam.class_on_rotations``), the rotation loss, VAT and EntMin all see every image. The weight of the
-unlabeled terms is not ramped up again: the network starts from step 1's, which has fitted the labels. The
-classifier starts from the one step 1 exported (its Polyak average, or the raw net), the rotation head from
-step 1's. The rotations are averaged in the pseudo-labels only when step 1 trained its class loss on rotated
-copies (``rotations: null``, the default); after an upright-only step 1 the rotated views are out of
-distribution (measured: reports/ssl_joint.md notes).
+as ``moam.class_on_rotations``, smoothed as ``moam.label_smoothing``), the rotation loss, VAT and EntMin all
+see every image. The weight of the unlabeled terms is not ramped up again: the network starts from step 1's,
+which has fitted the labels. The classifier starts from the one step 1 exported (its Polyak average, or the
+raw net), the rotation head from step 1's. The rotations are averaged in the pseudo-labels only when step 1
+trained its class loss on rotated copies (``rotations: null``, the default); after an upright-only step 1 the
+rotated views are out of distribution (measured: reports/ssl_joint.md notes).
 
 "The full dataset" is the labeled and unlabeled pools, every image of both: the val images stay out of
 training, since model selection looks at them. Labeled images get pseudo-labels too, as in the paper; the

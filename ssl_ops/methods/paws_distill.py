@@ -117,7 +117,7 @@ class PawsDistill(JointMethod):
                             device=ctx.device)
         u = ctx.augment(ctx.store.x[self._unlabeled[pos]])
         logits = self.model["net"](torch.cat([x, u]))
-        sup = F.cross_entropy(logits[: len(x)], y)
+        sup = F.cross_entropy(logits[: len(x)], y, label_smoothing=self.params.label_smoothing)
         distil = soft_cross_entropy(buf.probs[pos], logits[len(x):].float())
         return {"loss": sup + self.unlabeled_weight(step) * distil, "loss_sup": sup, "loss_distill": distil,
                 **self._stats}

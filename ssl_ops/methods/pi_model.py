@@ -36,7 +36,7 @@ class PiModel(JointMethod):
         # one forward for the labeled batch and the first view, a second one for the second view
         logits = self.model(torch.cat([x, self.ctx.augment(u)]))
         logits_u2 = self.model(self.ctx.augment(u))
-        sup = F.cross_entropy(logits[:n], y)
+        sup = F.cross_entropy(logits[:n], y, label_smoothing=self.params.label_smoothing)
         cons = softmax_mse_class_mean(logits[n:], logits_u2)
         w = self.unlabeled_weight(step)
         return {"loss": sup + w * cons, "loss_sup": sup, "loss_cons": cons, "w_cons": torch.tensor(w)}

@@ -128,7 +128,7 @@ class PseudoLabel(JointMethod):
                                        device=ctx.device)]
         u, yu = ctx.augment(ctx.store.x[self._unlabeled[pos]]), buf.labels[pos]
         logits = self.model["net"](torch.cat([x, u]))
-        sup = F.cross_entropy(logits[: len(x)], y)
+        sup = F.cross_entropy(logits[: len(x)], y, label_smoothing=self.params.label_smoothing)
         pseudo = F.cross_entropy(logits[len(x):], yu)
         w = self.unlabeled_weight(step)
         return {"loss": sup + w * pseudo, "loss_sup": sup, "loss_pseudo": pseudo, **self._stats}

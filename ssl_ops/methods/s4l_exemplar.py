@@ -57,10 +57,11 @@ class S4LExemplar(JointMethod):
         net = self.model["net"]
         if p.class_on_views:  # copy i of image j is row i * len(images) + j: labeled where j < len(xl)
             features = net.features(views)
-            cls = F.cross_entropy(net.fc(features[labels < len(xl)]), y.repeat(p.instances))
+            cls = F.cross_entropy(net.fc(features[labels < len(xl)]), y.repeat(p.instances),
+                                  label_smoothing=p.label_smoothing)
         else:
             features = net.features(torch.cat([ctx.augment(xl), views]))  # one pass: shared BatchNorm statistics
-            cls = F.cross_entropy(net.fc(features[: len(xl)]), y)
+            cls = F.cross_entropy(net.fc(features[: len(xl)]), y, label_smoothing=p.label_smoothing)
             features = features[len(xl):]
         # the head's output is the embedding itself (Euclidean distances, as the exemplar pretext)
         triplet = batch_hard_triplet(self.model["embedding"](features).float(), labels)

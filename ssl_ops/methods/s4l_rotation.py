@@ -64,17 +64,17 @@ class S4LRotation(JointMethod):
     def training_step(self, step: int) -> dict[str, Tensor]:
         x, y, u = self.draw()
         cls, rot, _ = rotation_losses(self.model["net"], self.model["rotation_head"], x, y, self.ctx.augment(u),
-                                      self.params.class_on_rotations)
+                                      self.params.class_on_rotations, self.params.label_smoothing)
         w = self.unlabeled_weight(step)
         return {"loss": cls + w * rot, "loss_sup": cls, "loss_rot": rot}
 
 
 def rotation_losses(net: Classifier, rotation_head: nn.Module, x: Tensor, y: Tensor, u: Tensor,
-                    class_on_rotations: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                    class_on_rotations: bool = True, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """S4L-Rotation's two losses on float labeled images ``x`` (labels ``y``) and unlabeled images ``u``, all
     shown at the four angles in one forward pass: (class cross-entropy on the labeled copies, at every angle
-    or upright only; 4-way rotation cross-entropy on every copy; class logits of the upright [x, u], which
-    MOAM reuses for VAT and EntMin)."""
+    or upright only, its targets smoothed by ``label_smoothing``; 4-way rotation cross-entropy on every copy;
+    class logits of the upright [x, u], which MOAM reuses for VAT and EntMin)."""
     nl = len(x)
     images = torch.cat([x, u])
     rotated = torch.cat([rot90(images, k) for k in range(4)])  # ordered by angle, then image
@@ -84,6 +84,7 @@ def rotation_losses(net: Classifier, rotation_head: nn.Module, x: Tensor, y: Ten
     is_labeled = (index % len(images)) < nl
     if not class_on_rotations:
         is_labeled &= index < len(images)  # angle 0 only
-    cls = F.cross_entropy(net.fc(features[is_labeled]), y.repeat(4 if class_on_rotations else 1))
+    cls = F.cross_entropy(net.fc(features[is_labeled]), y.repeat(4 if class_on_rotations else 1),
+                          label_smoothing=label_smoothing)
     rot = F.cross_entropy(rotation_head(features), rot_labels)
     return cls, rot, net.fc(features[: len(images)])

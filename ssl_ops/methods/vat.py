@@ -56,7 +56,7 @@ class Vat(JointMethod):
         u = self.ctx.augment(u) if p.augment_unlabeled else augment.to_float(u)
         xs = torch.cat([x, u])
         logits = self.model(xs)
-        sup = F.cross_entropy(logits[: len(x)], y)
+        sup = F.cross_entropy(logits[: len(x)], y, label_smoothing=p.label_smoothing)
         r_adv = vat_perturbation(self.model, xs, logits, p.eps, p.xi, p.power_iterations, self.ctx.generator)
         vat = kl_div_logits(logits.detach(), self.model(xs + r_adv))
         ent = entropy(logits)
