@@ -11,18 +11,16 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from ssl_ops.methods.base import Method, MethodParams
+from ssl_ops.methods.base import ClassLossParams, Method
 from ssl_ops.schedules import sigmoid_rampup
 
 
-class JointParams(MethodParams):
+class JointParams(ClassLossParams):
     unlabeled_batch_size: int | None = Field(None, gt=0)  # None: the labeled batch size (S4L: equal sizes)
     unlabeled_weight: float = Field(1.0, ge=0)  # w, the weight of the unlabeled loss after ramp-up
     rampup_epochs: float = Field(0.0, ge=0)  # sigmoid ramp-up of w over this many epochs; 0: none
-    # of the class cross-entropy on the labeled images, as supervised.label_smoothing (the baseline's regulariser,
-    # so that a method can be given the same care; not a teacher trained in the run, whose confidences a
-    # pseudo-label threshold reads); 0: none
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # label_smoothing (ClassLossParams) smooths the labeled images' class loss only: not a pseudo-label term, nor a
+    # teacher trained in the run, whose confidences a pseudo-label threshold reads
 
 
 class JointMethod(Method):

@@ -47,6 +47,13 @@ class MethodParams(Section):
         return base.model_copy(update=overrides)
 
 
+class ClassLossParams(MethodParams):
+    """For a method whose loss has a class cross-entropy on the labeled images: its label smoothing, one key
+    for the baseline (``supervised``) and every method given the same care; 0: none."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
 class Method:
     """Base: subclasses set ``Params``, build ``self.model`` in ``__init__`` and implement ``training_step``."""
 

@@ -14,11 +14,11 @@ from pydantic import Field
 from torch import Tensor
 
 from ssl_ops.methods._moam import MoamStep
-from ssl_ops.methods.base import MethodParams, register_method
+from ssl_ops.methods.base import ClassLossParams, register_method
 from ssl_ops.sections import TrainParams
 
 
-class MoamFinetuneParams(MethodParams):
+class MoamFinetuneParams(ClassLossParams):
     previous: Path = Path("models/moam_retrain.pt")  # step 2's model (`ssl-ops train moam_retrain`)
     lr: float | None = Field(None, gt=0)  # None: lr_scale x train.lr
     lr_scale: float = Field(0.005, gt=0)  # S4L §5: 5e-4 here against step 1's 0.1
@@ -27,7 +27,6 @@ class MoamFinetuneParams(MethodParams):
     milestones: list[float] | None = Field(default_factory=lambda: [0.25, 0.5, 0.75])  # every 5 of 20 epochs
     gamma: float | None = Field(0.1, gt=0, le=1)
     warmup_epochs: float | None = Field(0.0, ge=0)  # S4L §5 names no warm-up for this step
-    label_smoothing: float = Field(0.0, ge=0, lt=1)  # of the cross-entropy, as moam.label_smoothing (not S4L's)
 
     def train_params(self, base: TrainParams) -> TrainParams:
         train = super().train_params(base)

@@ -7,14 +7,13 @@ report it as the reference row).
 from __future__ import annotations
 
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
-from ssl_ops.methods.base import Method, MethodParams, register_method
+from ssl_ops.methods.base import ClassLossParams, Method, register_method
 
 
-class SupervisedParams(MethodParams):
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+class SupervisedParams(ClassLossParams):
+    pass
 
 
 @register_method("supervised")
