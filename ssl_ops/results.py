@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_ops import io
+from ssl_ops.methods.base import MethodParams
 from ssl_ops.report import save_png
 
 BASELINE = "supervised"
@@ -77,34 +78,33 @@ def _logged(p: dict[str, Any], key: str) -> str | None:
     return None if v in (None, "None") else v
 
 
-# Phases a method trains in the same run before its main one, which ``epochs`` does not count: each is ``<param>``
-# epochs of the run's steps_per_epoch at its batch size, and is skipped when ``<skip_if_set>`` names a checkpoint
-# to read instead. (method: (param, name in the report, skip_if_set)); tests check each param against the registry.
-PRE_PHASES: dict[str, tuple[str, str, str | None]] = {
-    "cluster_transfer": ("cluster_epochs", "cluster", None),  # Noroozi et al. §3: classify the k-means clusters
-    "pseudo_label": ("teacher_epochs", "teacher", "teacher"),  # S4L §4.2: the teacher trained on the labels
-    "simclrv2": ("teacher_epochs", "teacher", "teacher"),  # SimCLRv2 §3: the fine-tuned teacher, then distillation
-}
+def _params_of(section: str) -> type[MethodParams]:
+    """The Params class of a registered method, which declares what the report reads of its runs (its phases before
+    the main one, the checkpoint it starts from); the base class for a row no method registers any more."""
+    from ssl_ops.methods import METHODS
+
+    method = METHODS.get(section)
+    return MethodParams if method is None else method.Params
 
 
 def _budget(p: dict[str, Any], section: str) -> str:
     """"epochs*steps_per_epoch x batch_size" as the run resolved them (``<section>.<key>``, else ``train.<key>``),
-    preceded by "<steps> <name> + " for a phase of :data:`PRE_PHASES` the run trained: "3000 cluster + 1000 x 64"."""
+    preceded by "<steps> <name> + " for each phase the method trains first (``Params.pre_phases``, e.g. Noroozi et
+    al.'s cluster classification) that the run trained: "3000 cluster + 1000 x 64"."""
     def value(key: str) -> str | None:
         v = _logged(p, f"{section}.{key}")
         return v if v is not None else p.get(f"train.{key}")
     epochs, steps, batch = value("epochs"), value("steps_per_epoch"), value("batch_size")
     if None in (epochs, steps, batch):
         return "—"
-    main = f"{int(epochs) * int(steps)} x {batch}"
-    if section not in PRE_PHASES:
-        return main
-    param, name, skip_if_set = PRE_PHASES[section]
-    if skip_if_set is not None and _logged(p, f"{section}.{skip_if_set}") is not None:
-        return main  # read from a checkpoint: that run's cost is its own row's
-    pre = _logged(p, f"{section}.{param}")
-    # a run logged without the param (older code) has an unknown pre-phase: say so rather than under-count it
-    return f"{'?' if pre is None else int(pre) * int(steps)} {name} + {main}"
+    parts = []
+    for phase in _params_of(section).pre_phases:
+        if phase.skip_if_set is not None and _logged(p, f"{section}.{phase.skip_if_set}") is not None:
+            continue  # read from a checkpoint: that run's cost is its own row's
+        pre = _logged(p, f"{section}.{phase.epochs}")
+        # a run logged without the param (older code) has an unknown pre-phase: say so rather than under-count it
+        parts.append(f"{'?' if pre is None else int(pre) * int(steps)} {phase.name}")
+    return " + ".join([*parts, f"{int(epochs) * int(steps)} x {batch}"])
 
 
 def _previous(p: dict[str, Any], method: str) -> str | None:
@@ -114,14 +114,9 @@ def _previous(p: dict[str, Any], method: str) -> str | None:
 
 
 def _starts_from(p: dict[str, Any], method: str) -> str | None:
-    """The file name of the checkpoint a run started from (a pre-training: Rebuffi et al.'s "with T.L."), if any.
-
-    A cluster transfer from HOG (Noroozi et al. Table 3's "CC+HOG", ``source: hog``) reads no checkpoint, though its
-    ``pretrained`` default is logged too: "HOG"."""
-    if _logged(p, f"{method}.source") == "hog":
-        return "HOG"
-    path = _logged(p, f"{method}.init") or _logged(p, f"{method}.pretrained")
-    return None if path is None else Path(path).name
+    """What a run started from (a pre-training's file name: Rebuffi et al.'s "with T.L."; "HOG" for CC+HOG), as
+    its method's Params read it off the logged params; None: from scratch."""
+    return _params_of(method).starts_from(lambda key: _logged(p, f"{method}.{key}"))
 
 
 def parse(run: dict[str, Any]) -> Run | None:

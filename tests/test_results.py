@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ssl_ops import results
+from ssl_ops.methods import METHODS
 
 
 def _run(run_id, seed, start, *, method=None, pretext=None, status="FINISHED", **metrics):
@@ -172,16 +173,24 @@ def test_budget_counts_the_phase_before_the_main_one(method, extra, expected):
     assert results.parse(run).budget == expected
 
 
-@pytest.mark.parametrize("method", sorted(results.PRE_PHASES))
-def test_pre_phases_name_params_the_methods_have(method):
-    """A renamed param would silently drop its phase from the report: each entry must name fields of the method's
-    Params (the phase length an int of epochs, the skip switch a checkpoint path)."""
-    from ssl_ops.methods.base import METHODS
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_what_the_report_reads_names_params_the_method_has(method):
+    """The report reads a run back from its logged params by the names each method's Params declares; a renamed
+    param would silently drop a phase from the budget column or a pre-training from the recipe cell, so each name
+    must be a field of that Params: a phase's length an int of epochs, its skip switch and every start a path."""
+    params = METHODS[method].Params
+    fields = params.model_fields
+    for phase in params.pre_phases:
+        assert fields[phase.epochs].annotation is int
+        assert phase.skip_if_set is None or "Path" in str(fields[phase.skip_if_set].annotation)
+    assert params.start_params and all("Path" in str(fields[k].annotation) for k in params.start_params)
 
-    param, _, skip_if_set = results.PRE_PHASES[method]
-    fields = METHODS[method].Params.model_fields
-    assert fields[param].annotation is int
-    assert skip_if_set is None or "Path" in str(fields[skip_if_set].annotation)
+
+def test_the_methods_with_a_phase_before_their_main_one():
+    """The in-run phases the budget column must count (tested above for their params), so that a method that loses
+    its declaration fails here rather than under-stating its budget."""
+    assert {m: [ph.name for ph in METHODS[m].Params.pre_phases] for m in METHODS if METHODS[m].Params.pre_phases} == {
+        "cluster_transfer": ["cluster"], "pseudo_label": ["teacher"], "simclrv2": ["teacher"]}
 
 
 def test_a_chain_is_costed_by_its_last_step(tmp_path):

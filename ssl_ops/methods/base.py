@@ -8,8 +8,9 @@ progress, tracking. No deep hierarchy: this base class holds defaults only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from pydantic import Field
 from torch import Tensor, nn
@@ -26,8 +27,26 @@ METHODS: dict[str, type[Method]] = {}
 register_method = registrar(METHODS, "method", set_name=True)  # @register_method("supervised")
 
 
+class PrePhase(NamedTuple):
+    """A phase a method trains in the same run before its main one, which ``epochs`` does not count (the report's
+    "steps x batch" column, :mod:`ssl_ops.results`): ``epochs`` names the param holding its length in epochs of the
+    run's steps_per_epoch at its batch size, ``name`` is how the report calls it, and the phase is skipped when the
+    param ``skip_if_set`` names a checkpoint to read instead."""
+
+    epochs: str
+    name: str
+    skip_if_set: str | None = None
+
+
 class MethodParams(Section):
-    """Per-method overrides of the shared ``train`` section (None: use ``train.<key>``)."""
+    """Per-method overrides of the shared ``train`` section (None: use ``train.<key>``).
+
+    Two class-level facts are for the results report, which reads a run back from its logged params only: the
+    method declares them here, next to the params they name, so that the report names no method."""
+
+    pre_phases: ClassVar[tuple[PrePhase, ...]] = ()  # phases before the main one (cluster, teacher)
+    # params naming the checkpoint the run started from, the first one set wins (Rebuffi et al.'s "with T.L.")
+    start_params: ClassVar[tuple[str, ...]] = ("init",)
 
     epochs: int | None = Field(None, gt=0)
     steps_per_epoch: int | None = Field(None, gt=0)
@@ -40,6 +59,13 @@ class MethodParams(Section):
     init: Path | None = None
     freeze_blocks: int | None = Field(None, ge=0)  # freeze the first K backbone blocks; None: model.freeze_blocks
     sync_bn: bool | None = None  # global BatchNorm under torchrun; None: train.sync_bn
+
+    @classmethod
+    def starts_from(cls, logged: Callable[[str], str | None]) -> str | None:
+        """What a run started from, as the report shows it: the file name of the first of :attr:`start_params`
+        set, from ``logged(key)`` (the run's logged ``<method>.<key>``, None when unset); None: from scratch."""
+        path = next((v for v in map(logged, cls.start_params) if v is not None), None)
+        return None if path is None else Path(path).name
 
     def train_params(self, base: TrainParams) -> TrainParams:
         """The shared train section with this method's non-null overrides applied."""

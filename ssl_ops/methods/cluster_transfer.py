@@ -53,7 +53,7 @@ from ssl_ops.kmeans import assign, kmeans
 from ssl_ops.engine import lr_lambda
 from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError, SslOpsError
 from ssl_ops.heads import Classifier, Encoder, Normalize
-from ssl_ops.methods.base import Method, MethodParams, register_method
+from ssl_ops.methods.base import Method, MethodParams, PrePhase, register_method
 from ssl_ops.sections import TrainParams
 from ssl_ops.probes import extract_features
 
@@ -64,6 +64,9 @@ HOG_CODEBOOK_SAMPLE = 100_000  # descriptors the HOG codebook is fitted on (then
 
 
 class ClusterTransferParams(MethodParams):
+    pre_phases = (PrePhase("cluster_epochs", "cluster"),)  # §3: classify the k-means clusters, then fine-tune
+    start_params = ("pretrained",)
+
     source: Literal["pretext", "hog"] = "pretext"
     pretrained: Path = Path("models/pretrain/jigsaw_pp.pt")  # source: pretext; any `ssl-ops pretrain` output
     # clusters; None: the data-size rule cluster_count (the paper's 2000 on ImageNet's 1.3M images is k=2000)
@@ -86,6 +89,11 @@ class ClusterTransferParams(MethodParams):
         """The engine runs both phases: ``cluster_epochs`` of cluster classification, then ``epochs`` of fine-tuning."""
         train = super().train_params(base)
         return train.model_copy(update={"epochs": self.cluster_epochs + train.epochs})
+
+    @classmethod
+    def starts_from(cls, logged):
+        # CC+HOG (Table 3, source: hog) reads no checkpoint, though its `pretrained` default is logged too
+        return "HOG" if logged("source") == "hog" else super().starts_from(logged)
 
 
 def cluster_count(n_images: int, num_classes: int, images_per_cluster: float = PAPER_IMAGES_PER_CLUSTER) -> int:

@@ -32,10 +32,11 @@ from ssl_ops.errors import CheckpointError, DataIntegrityError, SslOpsError
 from ssl_ops.losses import select_pseudo_labels
 from ssl_ops.methods._inner_loop import fit_on_labels
 from ssl_ops.methods._joint import JointMethod, JointParams
-from ssl_ops.methods.base import register_method
+from ssl_ops.methods.base import PrePhase, register_method
 
 
 class PseudoLabelParams(JointParams):
+    pre_phases = (PrePhase("teacher_epochs", "teacher", skip_if_set="teacher"),)  # S4L §4.2: trained on the labels
     threshold: float = Field(0.0, ge=0, lt=1)  # keep predictions with max probability > threshold; 0: all
     teacher: Path | None = None  # e.g. models/supervised.pt; None: train the teacher here
     teacher_epochs: int = Field(20, gt=0)  # teacher phase length, in epochs of steps_per_epoch steps

@@ -46,7 +46,7 @@ from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError
 from ssl_ops.heads import Classifier, Normalize
 from ssl_ops.losses import distillation_with_labels
 from ssl_ops.methods._inner_loop import fit_on_labels
-from ssl_ops.methods.base import Method, MethodParams, register_method
+from ssl_ops.methods.base import Method, MethodParams, PrePhase, register_method
 from ssl_ops.sections import TrainParams
 
 # tau when simclrv2.temperature is null (SimCLRv2 §3: 0.1 self-distillation, 1.0 large-to-small)
@@ -54,6 +54,8 @@ SELF_DISTILLATION_TAU, BIG_TO_SMALL_TAU = 0.1, 1.0
 
 
 class Simclrv2Params(MethodParams):
+    pre_phases = (PrePhase("teacher_epochs", "teacher", skip_if_set="teacher"),)  # §3: fine-tune, then distil
+    start_params = ("pretrained",)
     pretrained: Path = Path("models/pretrain/simclr.pt")  # written by `ssl-ops pretrain simclr`
     finetune_from: int = Field(1, ge=0)  # projection-head layers kept (SimCLRv2 §2: 1 for few labels); 0: none
     # fine-tuning (§3 "Fine-tuning" paragraph; "LARS (momentum 0.9) throughout" for all three phases)
