@@ -184,6 +184,9 @@ def test_what_the_report_reads_names_params_the_method_has(method):
         assert fields[phase.epochs].annotation is int
         assert phase.skip_if_set is None or "Path" in str(fields[phase.skip_if_set].annotation)
     assert params.start_params and all("Path" in str(fields[k].annotation) for k in params.start_params)
+    # and a param defaulting to a pre-training's checkpoint is one the row must name ("from paws.pt"), not hide
+    pretrain = {k for k, f in fields.items() if str(f.default).startswith("models/pretrain/")}
+    assert pretrain <= set(params.start_params)
 
 
 def test_the_methods_with_a_phase_before_their_main_one():

@@ -24,6 +24,7 @@ from ssl_ops.methods.base import Method, MethodParams, register_method
 
 
 class PawsFinetuneParams(MethodParams):
+    start_params = ("pretrained",)
     pretrained: Path = Path("models/pretrain/paws.pt")  # written by `ssl-ops pretrain paws` on this split
     finetune_from: int = Field(1, ge=0)  # projection-head layers kept (PAWS §5: the first); 0: none
     weight_decay: float | None = Field(0.0, ge=0)
