@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_ops import io
-from ssl_ops.methods.base import MethodParams
+from ssl_ops.methods import METHODS, MethodParams
 from ssl_ops.report import save_png
 
 BASELINE = "supervised"
@@ -81,8 +81,6 @@ def _logged(p: dict[str, Any], key: str) -> str | None:
 def _params_of(section: str) -> type[MethodParams]:
     """The Params class of a registered method, which declares what the report reads of its runs (its phases before
     the main one, the checkpoint it starts from); the base class for a row no method registers any more."""
-    from ssl_ops.methods import METHODS
-
     method = METHODS.get(section)
     return MethodParams if method is None else method.Params
 
