@@ -308,8 +308,8 @@ def _first_step_class_loss(name: str, tiny, smoothing: float) -> float:
         for w in method.model.parameters():
             if w.dim() == 2 and not w.any():
                 w.copy_(0.1 * torch.randn(w.shape, generator=g))
-    out = method.training_step(0)
-    return out.get("loss_sup", out["loss"]).item()  # supervised and moam_finetune: the class loss is the loss
+    out = method.training_step(getattr(method, "switch_step", 0))  # cluster_transfer: its first step on the labels
+    return out.get("loss_sup", out["loss"]).item()  # the methods without loss_sup: the class loss is the loss
 
 
 @pytest.mark.parametrize("name", _SMOOTHED)

@@ -53,7 +53,7 @@ from ssl_ops.kmeans import assign, kmeans
 from ssl_ops.engine import lr_lambda
 from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError, SslOpsError
 from ssl_ops.heads import Classifier, Encoder, Normalize
-from ssl_ops.methods.base import Method, MethodParams, PrePhase, register_method
+from ssl_ops.methods.base import ClassLossParams, Method, PrePhase, register_method
 from ssl_ops.sections import TrainParams
 from ssl_ops.probes import extract_features
 
@@ -63,7 +63,7 @@ PAPER_IMAGES_PER_CLUSTER = 1_300_000 / 2000
 HOG_CODEBOOK_SAMPLE = 100_000  # descriptors the HOG codebook is fitted on (then every descriptor is assigned)
 
 
-class ClusterTransferParams(MethodParams):
+class ClusterTransferParams(ClassLossParams):
     pre_phases = (PrePhase("cluster_epochs", "cluster"),)  # §3: classify the k-means clusters, then fine-tune
     start_params = ("pretrained",)
 
@@ -288,4 +288,6 @@ class ClusterTransfer(Method):
         if step == self.switch_step and self.optimizer is not None:
             self.optimizer.state.clear()  # step 4 is a new training run: fresh momentum
         x, y = ctx.labeled_batch(ctx.train.batch_size)  # step 4: fine-tune on the labels
-        return {"loss": F.cross_entropy(net(x), y), "fine_tuning": torch.tensor(1.0), **self._stats}
+        # label_smoothing smooths this class loss only: the cluster phase's targets are k-means clusters, not classes
+        loss = F.cross_entropy(net(x), y, label_smoothing=self.params.label_smoothing)
+        return {"loss": loss, "fine_tuning": torch.tensor(1.0), **self._stats}

@@ -20,10 +20,10 @@ from torch import Tensor, nn
 from ssl_ops import io
 from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError
 from ssl_ops.heads import Classifier, Normalize
-from ssl_ops.methods.base import Method, MethodParams, register_method
+from ssl_ops.methods.base import ClassLossParams, Method, register_method
 
 
-class PawsFinetuneParams(MethodParams):
+class PawsFinetuneParams(ClassLossParams):
     start_params = ("pretrained",)
     pretrained: Path = Path("models/pretrain/paws.pt")  # written by `ssl-ops pretrain paws` on this split
     finetune_from: int = Field(1, ge=0)  # projection-head layers kept (PAWS §5: the first); 0: none
@@ -83,4 +83,4 @@ class PawsFinetune(Method):
 
     def training_step(self, step: int) -> dict[str, Tensor]:
         x, y = self.ctx.labeled_batch(self.ctx.train.batch_size)  # crop + flip
-        return {"loss": F.cross_entropy(self.model(x), y)}
+        return {"loss": F.cross_entropy(self.model(x), y, label_smoothing=self.params.label_smoothing)}
