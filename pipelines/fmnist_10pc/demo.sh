@@ -3,8 +3,8 @@
 # split (Fashion-MNIST, 10 labels per class, split seed 0) it trains the tuned supervised baseline, then the
 # semi-supervised recipe with the best gain per CPU-minute measured in the campaign (PAWS-NN on the default convnet),
 # and ends with the table of the rows and the gains in test top-1. DEMO_DISTILL=1 (`make demo DEMO_DISTILL=1`) adds
-# paws_distill from that PAWS network, the campaign's best row: on a 2-core AVX2 machine (the slower of the two this
-# project has met, README "Machines differ") the three rows took 11.5 minutes, the two 6.5.
+# paws_distill from that PAWS network (+5.25 over the baseline in the campaign): on a 2-core AVX2 machine (the slower
+# of the two this project has met, README "Machines differ") the three rows took 11.5 minutes, the two 6.5.
 # The campaign's PAWS recipe runs on convnet_deep since 2026-12-03 (2.1 points more PAWS-NN for 3.4x the
 # CPU-minutes, reports/results_fmnist_10pc.md): too slow for 10 minutes, so the demo sets model.backbone=convnet,
 # the recipe's network before (its split-0 rows: reports/results_fmnist_10pc_notes.md), at the recipe's length before
@@ -32,7 +32,7 @@ small=(--set model.backbone=convnet --set paws.epochs=20 --set train.amp_cpu=fal
 echo "== 2/4 PAWS pre-training + PAWS-NN (presets/fmnist_10pc/paws.yaml on the default convnet)"
 ./run.sh demo pretrain paws "${exp[@]}" "${small[@]}"
 # then, with DEMO_DISTILL=1, PAWS-NN as the teacher of a classifier on the unlabeled images (paws_distill, SimCLRv2
-# §3's distillation step): the campaign's best row, 2-6 more CPU-minutes on the convnet
+# §3's distillation step), 2-6 more CPU-minutes on the convnet
 if [ "${DEMO_DISTILL:-0}" = 1 ]; then
   echo "== 3/4 paws_distill: PAWS-NN distilled into a classifier (presets/fmnist_10pc/paws_distill.yaml, convnet)"
   ./run.sh demo train paws_distill "${exp[@]}" "${small[@]}"
