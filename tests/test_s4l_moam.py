@@ -17,7 +17,7 @@ from torch import nn
 
 from ssl_ops import io
 from ssl_ops.augment import rot90
-from ssl_ops.errors import CheckpointError
+from ssl_ops.errors import CheckpointError, SslOpsError
 from ssl_ops.methods._moam import fixed_crops, tta_predict, tta_probs
 from ssl_ops.methods.moam import MoamParams, moam_loss
 from ssl_ops.methods.s4l_rotation import rotation_losses
@@ -300,6 +300,27 @@ def test_step2_pseudo_labels_are_tta_argmax_of_step1(workdir, tiny):
     kept = labels >= 0
     assert kept[:nl].all() and int(kept[nl:].sum()) == 40  # every labeled image + the random subset
     assert torch.equal(labels[kept], expected[kept])
+
+
+def test_step2_threshold_keeps_exactly_the_confident_pseudo_labels(workdir, tiny):
+    """S4L §4.2 tried keeping only predictions more confident than 0.5: with ``threshold`` a pool image keeps its
+    TTA argmax exactly when the averaged probability of that class is above it, and is dropped (-1) otherwise."""
+    step1 = train_stage("moam", tiny(*STEPS))
+    m0 = _method(tiny, "moam_retrain", "moam_retrain.crops=1")
+    ctx = m0.ctx
+    probs = tta_predict(step1.method.classifier(), ctx.store, m0.pool, 256, ctx.train.crop_padding, 1, False,
+                        m0.tta_rotations)
+    conf, argmax = probs.max(1)
+    threshold = float(conf.median())  # this under-trained step 1 is confident on about half the pool
+    m = _method(tiny, "moam_retrain", "moam_retrain.crops=1", f"moam_retrain.threshold={threshold}")
+    out = m.training_step(0)
+    labels = m.model["pseudo"].labels
+    assert torch.equal(labels, torch.where(conf > threshold, argmax, -1))
+    assert 0 < out["kept_fraction"].item() < 1
+    top = float(conf.max())  # no pseudo-label is strictly more confident than the most confident one
+    assert top < 1
+    with pytest.raises(SslOpsError, match="lower moam_retrain.threshold"):
+        _method(tiny, "moam_retrain", "moam_retrain.crops=1", f"moam_retrain.threshold={top!r}").training_step(0)
 
 
 @pytest.mark.parametrize(("on_rotations", "override", "expected"),

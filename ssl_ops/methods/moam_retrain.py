@@ -18,6 +18,9 @@ rotated views are out of distribution (measured: reports/ssl_joint.md notes).
 training, since model selection looks at them. Labeled images get pseudo-labels too, as in the paper; the
 true labels come back in step 3. ``max_images`` pseudo-labels a random subset of the unlabeled pool instead
 (a CPU budget only: 20 forward passes per image with the defaults); null = all, the paper's choice.
+``threshold`` keeps only pseudo-labels more confident than it (the averaged probability of the argmax class),
+labeled images included: S4L §4.2's Pseudo-Label tried 0.5 beside all predictions, and §5 applies "the idea"
+of that baseline here; 0, the default, keeps every one, as §5 does.
 
 As in ``pseudo_label``, the first ``training_step`` computes the pseudo-labels into checkpointed buffers, so
 a resumed run or ``ssl-ops evaluate`` never redoes it and its time is part of ``train_seconds``.
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 from ssl_ops import distributed
 from ssl_ops.ema import EMA
 from ssl_ops.errors import SslOpsError
+from ssl_ops.losses import select_pseudo_labels
 from ssl_ops.methods._moam import MoamStep, tta_predict
 from ssl_ops.methods.base import MethodParams, register_method
 from ssl_ops.methods.moam import Moam, MoamParams, moam_loss, polyak_decay
@@ -49,6 +53,7 @@ class MoamRetrainParams(MethodParams):
     # average over the 4 rotations too (S4L §5); None: only when step 1 trained its class loss on rotated copies
     # (moam.class_on_rotations), since an upright-only classifier mislabels rotated views
     rotations: bool | None = None
+    threshold: float = Field(0.0, ge=0, lt=1)  # keep pseudo-labels with max probability > threshold; 0: all
     # S4L §5: 18 epochs, 10-fold decays after 6 and 12 (overrides train.schedule / train.milestones)
     schedule: Literal["cosine", "step", "constant"] | None = "step"
     milestones: list[float] | None = Field(default_factory=lambda: [1 / 3, 2 / 3])
@@ -103,8 +108,12 @@ class MoamRetrain(MoamStep):
             positions = torch.cat([positions[:nl], nl + pick.sort().values])
         probs = tta_predict(self.model["net"], ctx.store, self.pool[positions], ctx.train.eval_batch_size,
                             ctx.train.crop_padding, p.crops, p.flip_crops, self.tta_rotations)
+        labels, keep = select_pseudo_labels(probs, p.threshold)
+        if not keep.any():
+            raise SslOpsError(f"moam_retrain: no pseudo-label is more confident than threshold={p.threshold}; "
+                              "lower moam_retrain.threshold")
         buf = self.model["pseudo"]
-        buf.labels[positions] = probs.argmax(1)
+        buf.labels[positions] = torch.where(keep, labels, -1)
         buf.done.fill_(True)
 
     def pseudo_stats(self) -> dict[str, float]:
