@@ -311,7 +311,7 @@ def test_step2_threshold_keeps_exactly_the_confident_pseudo_labels(workdir, tiny
     probs = tta_predict(step1.method.classifier(), ctx.store, m0.pool, 256, ctx.train.crop_padding, 1, False,
                         m0.tta_rotations)
     conf, argmax = probs.max(1)
-    threshold = float(conf.median())  # this under-trained step 1 is confident on about half the pool
+    threshold = float(conf.median())  # about half the pool, labeled images included, lies above it
     m = _method(tiny, "moam_retrain", "moam_retrain.crops=1", f"moam_retrain.threshold={threshold}")
     out = m.training_step(0)
     labels = m.model["pseudo"].labels
