@@ -169,6 +169,33 @@ def test_the_teacher_fine_tuned_inside_an_autocast_step_follows_its_own_weights(
     assert_trains_as_without_the_autocast_cache(train)
 
 
+def test_the_teachers_fine_tuning_takes_the_label_smoothing(workdir, tiny, monkeypatch):
+    """``simclrv2.label_smoothing`` reaches the teacher phase's cross-entropy (the distill: false path is in
+    tests/test_joint.py's linearity test, parametrized over every method with the key); 0 keeps hard targets,
+    so pseudo_label's teacher, which never passes it, is unchanged."""
+    from ssl_ops.methods import _inner_loop
+    from ssl_ops.methods.simclrv2 import fine_tune_network, load_simclr
+    from ssl_ops.stages import build_method, load_data
+    from ssl_ops.stages.pretrain import model_path, pretrain_stage
+
+    pretrain_stage("simclr", tiny("simclr.epochs=1", "simclr.steps_per_epoch=2", "simclr.batch_size=8"))
+    seen, cross_entropy = [], F.cross_entropy
+
+    def recording(logits, y, **kw):
+        seen.append(kw.get("label_smoothing", 0.0))
+        return cross_entropy(logits, y, **kw)
+
+    monkeypatch.setattr(_inner_loop.F, "cross_entropy", recording)
+    for e in (0.0, 0.3):
+        params = tiny("simclrv2.distill=true", f"simclrv2.label_smoothing={e}")
+        data, split, _ = load_data(params)
+        method = build_method("simclrv2", params, data, split)
+        net = fine_tune_network(load_simclr(model_path("simclr"), method.ctx), method.ctx, keep=1)
+        seen.clear()
+        method.fine_tune(net, 3, seed=1)
+        assert seen == [e] * 3
+
+
 def test_simclrv2_phases_resolve_to_section_3_optimisers():
     """SimCLRv2 §3: LARS (momentum 0.9) throughout; fine-tuning at 0.005 x sqrt(B), no weight decay, no warm-up;
     distillation with pre-training's lr schedule and weight decay (0.1 x sqrt(B), 5% warm-up, cosine, 1e-4)."""

@@ -36,10 +36,12 @@ def inner_step(opt: torch.optim.Optimizer, loss: Tensor, net: nn.Module | None =
     torch.clear_autocast_cache()  # the next forward must cast the updated weights, not reuse the cached copies
 
 
-def fit_on_labels(net: nn.Module, ctx: RunContext, train: TrainParams, steps: int, seed: int) -> None:
-    """``steps`` supervised steps on the labeled pool: cross-entropy on weakly augmented batches (crop + flip)
-    with ``train``'s optimiser, batch size and schedule, drawn from an RNG stream of its own (``seed``), so the
-    student's draws do not depend on it. Under torchrun one network, trained data-parallel."""
+def fit_on_labels(net: nn.Module, ctx: RunContext, train: TrainParams, steps: int, seed: int,
+                  label_smoothing: float = 0.0) -> None:
+    """``steps`` supervised steps on the labeled pool: cross-entropy (targets smoothed by ``label_smoothing``) on
+    weakly augmented batches (crop + flip) with ``train``'s optimiser, batch size and schedule, drawn from an RNG
+    stream of its own (``seed``), so the student's draws do not depend on it. Under torchrun one network, trained
+    data-parallel."""
     net.train()
     opt, sched = make_optimizer(net, train, steps)
     gen = torch.Generator(device=ctx.device).manual_seed(seed)
@@ -47,4 +49,4 @@ def fit_on_labels(net: nn.Module, ctx: RunContext, train: TrainParams, steps: in
     for _ in range(steps):
         xb, yb = ctx.store.sample(ctx.pools["labeled"], train.batch_size, gen)
         xb = augment.to_float(augment.weak_augment(xb, gen, train.crop_padding, train.hflip))
-        inner_step(opt, F.cross_entropy(net(xb), yb), net, sched)
+        inner_step(opt, F.cross_entropy(net(xb), yb, label_smoothing=label_smoothing), net, sched)

@@ -46,14 +46,17 @@ from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError
 from ssl_ops.heads import Classifier, Normalize
 from ssl_ops.losses import distillation_with_labels
 from ssl_ops.methods._inner_loop import fit_on_labels
-from ssl_ops.methods.base import Method, MethodParams, PrePhase, register_method
+from ssl_ops.methods.base import ClassLossParams, Method, PrePhase, register_method
 from ssl_ops.sections import TrainParams
 
 # tau when simclrv2.temperature is null (SimCLRv2 §3: 0.1 self-distillation, 1.0 large-to-small)
 SELF_DISTILLATION_TAU, BIG_TO_SMALL_TAU = 0.1, 1.0
 
 
-class Simclrv2Params(MethodParams):
+class Simclrv2Params(ClassLossParams):
+    # label_smoothing (ClassLossParams) smooths the fine-tuning's cross-entropy (the teacher phase, or the evaluated
+    # network without ``distill``); not in the paper, a key searched on val as for the other methods. Eq. (3)'s label
+    # term keeps the paper's hard targets, and eq. (2) has none.
     pre_phases = (PrePhase("teacher_epochs", "teacher", skip_if_set="teacher"),)  # §3: fine-tune, then distil
     start_params = ("pretrained",)
     pretrained: Path = Path("models/pretrain/simclr.pt")  # written by `ssl-ops pretrain simclr`
@@ -239,7 +242,8 @@ class Simclrv2(Method):
     def fine_tune(self, net: nn.Module, steps: int, seed: int) -> None:
         """Fine-tuning as in §2 (the teacher phase): CE on labeled crop + flip batches, own RNG stream."""
         net.requires_grad_(True)
-        fit_on_labels(net, self.ctx, self.params.fine_tune_params(self.ctx.train), steps, seed)
+        fit_on_labels(net, self.ctx, self.params.fine_tune_params(self.ctx.train), steps, seed,
+                      label_smoothing=self.params.label_smoothing)
         net.requires_grad_(False)
 
     def _ensure_teacher(self) -> None:
@@ -259,7 +263,7 @@ class Simclrv2(Method):
         ctx, p = self.ctx, self.params
         x, y = ctx.labeled_batch(ctx.train.batch_size)  # crop + flip only
         if not p.distill:
-            return {"loss": F.cross_entropy(self.model(x), y)}
+            return {"loss": F.cross_entropy(self.model(x), y, label_smoothing=p.label_smoothing)}
         self._ensure_teacher()
         u = ctx.augment(ctx.unlabeled_batch(p.unlabeled_batch_size or ctx.train.batch_size))
         if p.distill_labeled:
