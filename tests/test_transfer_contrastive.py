@@ -171,8 +171,8 @@ def test_the_teacher_fine_tuned_inside_an_autocast_step_follows_its_own_weights(
 
 def test_the_teachers_fine_tuning_takes_the_label_smoothing(workdir, tiny, monkeypatch):
     """``simclrv2.label_smoothing`` reaches the teacher phase's cross-entropy (the distill: false path is in
-    tests/test_joint.py's linearity test, parametrized over every method with the key); 0 keeps hard targets,
-    so pseudo_label's teacher, which never passes it, is unchanged."""
+    tests/test_joint.py's linearity test, parametrized over every method with the key), and 0 passes hard targets
+    (fit_on_labels' default, which pseudo_label's teacher keeps)."""
     from ssl_ops.methods import _inner_loop
     from ssl_ops.methods.simclrv2 import fine_tune_network, load_simclr
     from ssl_ops.stages import build_method, load_data
