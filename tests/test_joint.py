@@ -193,6 +193,31 @@ def test_any_method_starts_from_a_pretrained_backbone(workdir, tiny, tmp_path):
         assert [all(not p.requires_grad for p in b.parameters()) for b in backbone.blocks] == [True, True, False]
 
 
+def test_pseudo_labels_trained_teacher_starts_from_init_as_the_student_does(workdir, tiny, tmp_path, monkeypatch):
+    """With ``init`` set, the teacher pseudo_label trains (its teacher phase) starts from that backbone and is frozen
+    as the student is; without it, from scratch. Property: the weights fit_on_labels receives."""
+    import ssl_ops.methods.pseudo_label as pl
+
+    params = tiny()
+    data, split, _ = load_data(params)
+    donor = build_method("supervised", params, data, split).model.backbone
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(1.0)  # unlike any fresh initialisation
+    ck = tmp_path / "pretext.pt"
+    io.torch_save(ck, {"backbone": donor.state_dict()})
+    seen = []
+    monkeypatch.setattr(pl, "fit_on_labels", lambda net, *a, **k: seen.append(
+        ({k: v.clone() for k, v in net.backbone.state_dict().items()},
+         [all(not p.requires_grad for p in b.parameters()) for b in net.backbone.blocks])))
+    for overrides in ((f"pseudo_label.init={ck}", "pseudo_label.freeze_blocks=2"), ()):
+        build_method("pseudo_label", tiny(*overrides), data, split)._teacher()
+    (with_init, frozen), (without, not_frozen) = seen
+    assert all(torch.equal(with_init[k], v) for k, v in donor.state_dict().items())
+    assert frozen == [True, True, False] and not_frozen == [False, False, False]
+    assert not torch.equal(without["blocks.0.0.weight"], donor.state_dict()["blocks.0.0.weight"])
+
+
 def test_bad_init_checkpoints_are_clear_errors(workdir, tiny, tmp_path):
     data, split, _ = load_data(tiny())
     with pytest.raises(CheckpointError, match="does not exist"):

@@ -9,7 +9,7 @@ teacher phase, and the teacher phase's time is included in ``train_seconds``.
 
 The teacher is either trained here, ``teacher_epochs`` x ``steps_per_epoch`` supervised steps with the same
 optimiser settings as the supervised baseline (its own RNG streams, so the student's draws do not depend on
-it), or read from ``teacher: models/supervised.pt`` (the baseline's checkpoint; it must come from the same
+it), starting from ``init`` when it is set (as the student does), or read from ``teacher: models/supervised.pt`` (the baseline's checkpoint; it must come from the same
 split and dataset and fit the same backbone). We do not pick up that file implicitly: a result must not
 depend on whether another stage happened to run, and DVC must see the dependency (when you set it, add
 ``models/supervised.pt`` to the stage's deps).
@@ -75,7 +75,9 @@ class PseudoLabel(JointMethod):
         ctx, p = self.ctx, self.params
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
             torch.manual_seed(ctx.train.seed + 1)
-            teacher = ctx.build_classifier()
+            # with ``init`` set the teacher starts from it too, frozen as the student is (Rebuffi et al. §4.1's
+            # "with T.L." for both networks): a teacher from scratch would label as the plain one does
+            teacher = self.build_classifier()
         if p.teacher is not None:
             ck = io.torch_load(p.teacher, map_location=ctx.device)
             if ck.get("split_sha256") != ctx.split.sha256 or ck.get("dataset_sha256") != ctx.data.sha256:
