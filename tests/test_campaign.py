@@ -73,7 +73,8 @@ def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
                 starts[name] = (f"../{dep}", f"pretrain@{Path(dep).stem}")
             elif dep.startswith("seed${item}/models/pretrain/"):
                 starts[name] = (dep.removeprefix("seed${item}/"), f"{Path(dep).stem}@0")
-    transfer = {"alternating", "mean_teacher", "s4l_rotation", "s4l_exemplar", "simclrv2", "paws_distill"}
+    transfer = {"alternating", "mean_teacher", "s4l_rotation", "s4l_exemplar", "pseudo_label", "simclrv2",
+                "paws_distill"}
     assert transfer <= set(starts), starts
     for name, (path, producer) in starts.items():
         cmd = spec[name]["do"]["cmd"]  # a start given on the command line is the checkpoint the stage depends on
