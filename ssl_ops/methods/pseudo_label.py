@@ -9,10 +9,11 @@ teacher phase, and the teacher phase's time is included in ``train_seconds``.
 
 The teacher is either trained here, ``teacher_epochs`` x ``steps_per_epoch`` supervised steps with the same
 optimiser settings as the supervised baseline (its own RNG streams, so the student's draws do not depend on
-it), starting from ``init`` when it is set (as the student does), or read from ``teacher: models/supervised.pt`` (the baseline's checkpoint; it must come from the same
-split and dataset and fit the same backbone). We do not pick up that file implicitly: a result must not
-depend on whether another stage happened to run, and DVC must see the dependency (when you set it, add
-``models/supervised.pt`` to the stage's deps).
+it), starting from ``init`` when it is set (as the student does), or read from ``teacher:
+models/supervised.pt`` (the baseline's checkpoint; it must come from the same split and dataset and fit the
+same backbone). We do not pick up that file implicitly: a result must not depend on whether another stage
+happened to run, and DVC must see the dependency (when you set it, add ``models/supervised.pt`` to the
+stage's deps).
 
 Each step draws a labeled batch and an equal-size batch of pseudo-labeled images; L = CE_l + w · CE_pseudo.
 """
