@@ -176,19 +176,25 @@ def test_rot90_per_image_and_rotation_averaging_is_rotation_invariant():
     assert torch.allclose(tta(rot90(x, 1)), logp, atol=1e-6)  # the 4 rotations of a rotated image are the same set
 
 
-def test_any_method_starts_from_a_pretrained_backbone(workdir, tiny, tmp_path):
+def _donor_checkpoint(tiny, path):
+    """A backbone checkpoint at ``path`` whose weights no fresh initialisation has; (its state, data, split)."""
     params = tiny()
     data, split, _ = load_data(params)
     donor = build_method("supervised", params, data, split).model.backbone
     with torch.no_grad():
         for p in donor.parameters():
             p.add_(1.0)  # unlike any fresh initialisation
+    io.torch_save(path, {"backbone": donor.state_dict()})
+    return donor.state_dict(), data, split
+
+
+def test_any_method_starts_from_a_pretrained_backbone(workdir, tiny, tmp_path):
     ck = tmp_path / "rotation.pt"
-    io.torch_save(ck, {"backbone": donor.state_dict()})
+    donor, data, split = _donor_checkpoint(tiny, ck)
     for name in ("pi_model", "s4l_rotation"):
         method = build_method(name, tiny(f"{name}.init={ck}", f"{name}.freeze_blocks=2"), data, split)
         backbone = method.classifier().backbone
-        for k, v in donor.state_dict().items():
+        for k, v in donor.items():
             assert torch.equal(backbone.state_dict()[k], v), (name, k)
         assert [all(not p.requires_grad for p in b.parameters()) for b in backbone.blocks] == [True, True, False]
 
@@ -198,14 +204,8 @@ def test_pseudo_labels_trained_teacher_starts_from_init_as_the_student_does(work
     as the student is; without it, from scratch. Property: the weights fit_on_labels receives."""
     import ssl_ops.methods.pseudo_label as pl
 
-    params = tiny()
-    data, split, _ = load_data(params)
-    donor = build_method("supervised", params, data, split).model.backbone
-    with torch.no_grad():
-        for p in donor.parameters():
-            p.add_(1.0)  # unlike any fresh initialisation
     ck = tmp_path / "pretext.pt"
-    io.torch_save(ck, {"backbone": donor.state_dict()})
+    donor, data, split = _donor_checkpoint(tiny, ck)
     seen = []
     monkeypatch.setattr(pl, "fit_on_labels", lambda net, *a, **k: seen.append(
         ({k: v.clone() for k, v in net.backbone.state_dict().items()},
@@ -213,9 +213,9 @@ def test_pseudo_labels_trained_teacher_starts_from_init_as_the_student_does(work
     for overrides in ((f"pseudo_label.init={ck}", "pseudo_label.freeze_blocks=2"), ()):
         build_method("pseudo_label", tiny(*overrides), data, split)._teacher()
     (with_init, frozen), (without, not_frozen) = seen
-    assert all(torch.equal(with_init[k], v) for k, v in donor.state_dict().items())
+    assert all(torch.equal(with_init[k], v) for k, v in donor.items())
     assert frozen == [True, True, False] and not_frozen == [False, False, False]
-    assert not torch.equal(without["blocks.0.0.weight"], donor.state_dict()["blocks.0.0.weight"])
+    assert not torch.equal(without["blocks.0.0.weight"], donor["blocks.0.0.weight"])
 
 
 def test_bad_init_checkpoints_are_clear_errors(workdir, tiny, tmp_path):
