@@ -188,6 +188,11 @@ def _donor_checkpoint(tiny, path):
     return donor.state_dict(), data, split
 
 
+def _frozen(backbone) -> list[bool]:
+    """Per block: whether every parameter of it is frozen."""
+    return [all(not p.requires_grad for p in b.parameters()) for b in backbone.blocks]
+
+
 def test_any_method_starts_from_a_pretrained_backbone(workdir, tiny, tmp_path):
     ck = tmp_path / "rotation.pt"
     donor, data, split = _donor_checkpoint(tiny, ck)
@@ -196,7 +201,7 @@ def test_any_method_starts_from_a_pretrained_backbone(workdir, tiny, tmp_path):
         backbone = method.classifier().backbone
         for k, v in donor.items():
             assert torch.equal(backbone.state_dict()[k], v), (name, k)
-        assert [all(not p.requires_grad for p in b.parameters()) for b in backbone.blocks] == [True, True, False]
+        assert _frozen(backbone) == [True, True, False]
 
 
 def test_pseudo_labels_trained_teacher_starts_from_init_as_the_student_does(workdir, tiny, tmp_path, monkeypatch):
@@ -207,9 +212,8 @@ def test_pseudo_labels_trained_teacher_starts_from_init_as_the_student_does(work
     ck = tmp_path / "pretext.pt"
     donor, data, split = _donor_checkpoint(tiny, ck)
     seen = []
-    monkeypatch.setattr(pl, "fit_on_labels", lambda net, *a, **k: seen.append(
-        ({k: v.clone() for k, v in net.backbone.state_dict().items()},
-         [all(not p.requires_grad for p in b.parameters()) for b in net.backbone.blocks])))
+    monkeypatch.setattr(pl, "fit_on_labels", lambda net, *args, **kwargs: seen.append(
+        ({k: v.clone() for k, v in net.backbone.state_dict().items()}, _frozen(net.backbone))))
     for overrides in ((f"pseudo_label.init={ck}", "pseudo_label.freeze_blocks=2"), ()):
         build_method("pseudo_label", tiny(*overrides), data, split)._teacher()
     (with_init, frozen), (without, not_frozen) = seen
@@ -292,14 +296,11 @@ def test_mean_teacher_consistency_weight_holds_for_any_class_count(workdir, tiny
 def test_mean_teacher_with_tl_freezes_the_first_two_blocks(workdir, tiny, tmp_path):
     """Rebuffi et al. §4.1 "with T.L.": from the self-supervised checkpoint only the last blocks and the
     classifier train; without init, or with freeze_blocks 0, every block trains."""
-    params = tiny()
-    data, split, _ = load_data(params)
     ck = tmp_path / "rotation.pt"
-    io.torch_save(ck, {"backbone": build_method("supervised", params, data, split).model.backbone.state_dict()})
+    _, data, split = _donor_checkpoint(tiny, ck)
 
     def frozen(*extra):
-        backbone = build_method("mean_teacher", tiny(*extra), data, split).model["student"].backbone
-        return [all(not p.requires_grad for p in b.parameters()) for b in backbone.blocks]
+        return _frozen(build_method("mean_teacher", tiny(*extra), data, split).model["student"].backbone)
 
     assert frozen(f"mean_teacher.init={ck}") == [True, True, False]
     assert frozen() == [False, False, False]
