@@ -222,6 +222,24 @@ def test_pseudo_labels_trained_teacher_starts_from_init_as_the_student_does(work
     assert not torch.equal(without["blocks.0.0.weight"], donor["blocks.0.0.weight"])
 
 
+def test_pseudo_label_teacher_read_from_a_file_does_not_read_init(workdir, tiny, tmp_path, monkeypatch):
+    """A teacher from ``pseudo_label.teacher`` gets every weight from that file, so the student's ``init`` is not
+    read for it (it was, then overwritten); the teacher is the file's network."""
+    import ssl_ops.methods.base as base
+
+    ck = tmp_path / "pretext.pt"
+    _donor_checkpoint(tiny, ck)
+    train_stage("supervised", tiny("train.epochs=1", "train.steps_per_epoch=1"))
+    params = tiny("pseudo_label.teacher=models/supervised.pt", f"pseudo_label.init={ck}")
+    method = build_method("pseudo_label", params, *load_data(params)[:2])  # the student reads init here
+    reads = []
+    monkeypatch.setattr(base, "load_backbone", lambda *args: reads.append(args))
+    teacher = method._teacher()
+    assert reads == []
+    expected = io.torch_load(MODELS / "supervised.pt")["state_dict"]
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in expected.items())
+
+
 def test_bad_init_checkpoints_are_clear_errors(workdir, tiny, tmp_path):
     data, split, _ = load_data(tiny())
     with pytest.raises(CheckpointError, match="does not exist"):

@@ -76,9 +76,10 @@ class PseudoLabel(JointMethod):
         ctx, p = self.ctx, self.params
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
             torch.manual_seed(ctx.train.seed + 1)
-            # with ``init`` set the teacher starts from it too, frozen as the student is (Rebuffi et al. §4.1's
-            # "with T.L." for both networks): a teacher from scratch would label as the plain one does
-            teacher = self.build_classifier()
+            # a teacher trained here starts from ``init`` too when it is set, frozen as the student is (Rebuffi et
+            # al. §4.1's "with T.L." for both networks): from scratch it would label as the plain one does; one read
+            # from a file gets every weight from it, so it needs only the network
+            teacher = ctx.build_classifier() if p.teacher is not None else self.build_classifier()
         if p.teacher is not None:
             ck = io.torch_load(p.teacher, map_location=ctx.device)
             if ck.get("split_sha256") != ctx.split.sha256 or ck.get("dataset_sha256") != ctx.data.sha256:
