@@ -14,6 +14,7 @@ import yaml
 from dvc.repo import Repo
 
 from conftest import migrated_mlflow_db
+from ssl_ops.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMPAIGN = ROOT / "pipelines" / "fmnist_10pc"
@@ -57,10 +58,22 @@ def campaign(tmp_path) -> Path:
     return tmp_path / "pipelines" / "fmnist_10pc"
 
 
+def _model_of(campaign: Path, cmd: str) -> dict:
+    """The `model` section that a stage command's first `./run.sh WHERE train|pretrain NAME [--set k=v ...]` resolves
+    to: the layers run.sh reads (params.yaml, the campaign's, the recipe), then the command's overrides."""
+    run = re.search(r"\./run\.sh \S+ (?:train|pretrain) (\S+)((?: --set \S+)*)", cmd)
+    assert run, cmd
+    params = load_params(campaign.parents[1] / "params.yaml", overrides=re.findall(r"--set (\S+)", run.group(2)),
+                         presets=[campaign / "params.yaml",
+                                  campaign.parents[1] / "presets" / "fmnist_10pc" / f"{run.group(1)}.yaml"])
+    return params.model.model_dump(exclude={"freeze_blocks"})
+
+
 @pytest.mark.slow
 def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
     """Every stage's preset exists (run.sh refuses a method without one), and the graph orders each transfer method
-    after the pre-training it starts from (read from dvc.yaml: which one is the recipe's choice, made on val)."""
+    after the pre-training it starts from (read from dvc.yaml: which one is the recipe's choice, made on val), whose
+    network its recipe builds."""
     stages = _run(["dvc", "stage", "list", "--name-only"], campaign).stdout.split()
     assert {"method@0-supervised", "method@1-vat", "pretrain@rotation", "from_paws@1-alternating", "from_paws@0-moam",
             "paws@0", "paws_finetune@1", "moam_finetune@0", "report"} <= set(stages)
@@ -83,6 +96,12 @@ def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
     for name, (cmd, path, producer) in starts.items():
         # a start given on the command line is the checkpoint the stage depends on
         assert re.findall(r"--set \S+=(\S*models/pretrain/\S+)", cmd) in ([], [path]), (name, path, cmd)
+        # and the network its recipe builds is the one that checkpoint holds (load_pretrained_backbone refuses any
+        # other, but only once the pre-training has run: up to 40 CPU-minutes later)
+        stage_kind, item = producer.split("@")
+        pretext = item if stage_kind == "pretrain" else stage_kind  # pretrain@<pretext> | paws@<seed>
+        model, made = _model_of(campaign, cmd), _model_of(campaign, f"./run.sh 0 pretrain {pretext}")
+        assert model == made, f"{name} builds {model}, but {producer} makes {made}: align their recipes"
         if "@0" in name:  # one split is enough for the order (a dry run is a dvc process, seconds)
             dry = _run(["dvc", "repro", "--dry", "--force", name], campaign).stdout
             producer, name = f"'{producer}'", f"'{name}'"  # quoted: paws@0 is also inside from_paws@0-moam
