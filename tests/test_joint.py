@@ -14,15 +14,17 @@ from torch import nn
 
 from ssl_ops import io
 from ssl_ops.augment import rot90
+from ssl_ops.backbones import Backbone
 from ssl_ops.ema import EMA, ema_update_
 from ssl_ops.engine import predict_logits
 from ssl_ops.errors import CheckpointError, ParamsError
 from ssl_ops.losses import entropy, kl_div_logits, select_pseudo_labels, softmax_mse, vat_perturbation
 from ssl_ops.methods import METHODS
 from ssl_ops.methods.s4l_rotation import RotationAveraged, rotation_losses
+from ssl_ops.pretexts import PRETEXTS
 from ssl_ops.schedules import sigmoid_rampup
 from ssl_ops.stages import MODELS, build_method, load_data, train_stage
-from ssl_ops.stages.pretrain import pretrain_briefly_for
+from ssl_ops.stages.pretrain import build_pretext, pretrain_briefly_for
 
 from conftest import assert_trains_as_without_the_autocast_cache, killed_and_resumed
 
@@ -193,15 +195,34 @@ def _frozen(backbone) -> list[bool]:
     return [all(not p.requires_grad for p in b.parameters()) for b in backbone.blocks]
 
 
-def test_any_method_starts_from_a_pretrained_backbone(workdir, tiny, tmp_path):
-    ck = tmp_path / "rotation.pt"
+@pytest.mark.parametrize("name", sorted(METHODS) + sorted(PRETEXTS))
+def test_init_is_read_or_refused_by_every_method_and_pretext(workdir, tiny, tmp_path, name):
+    """``<name>.init`` (a field every method and pretext has) starts the backbone from that checkpoint, with
+    ``freeze_blocks`` frozen, or is refused with a clear error where the network comes from elsewhere (a chain's
+    ``previous``, a fine-tuning's ``pretrained``, cluster_transfer's from-scratch target). Never read silently past:
+    the pretexts did, and so did moam_retrain, moam_finetune, simclrv2, paws_finetune and paws_distill."""
+    ck = tmp_path / "donor.pt"
     donor, data, split = _donor_checkpoint(tiny, ck)
-    for name in ("pi_model", "s4l_rotation"):
-        method = build_method(name, tiny(f"{name}.init={ck}", f"{name}.freeze_blocks=2"), data, split)
-        backbone = method.classifier().backbone
-        for k, v in donor.items():
-            assert torch.equal(backbone.state_dict()[k], v), (name, k)
-        assert _frozen(backbone) == [True, True, False]
+    overrides = (f"{name}.init={ck}", f"{name}.freeze_blocks=2")
+    is_pretext = name in PRETEXTS
+    network_from = (PRETEXTS if is_pretext else METHODS)[name].Params.network_from
+    if network_from is not None:
+        with pytest.raises(ParamsError, match=rf"{name}: init is not read: .*'{network_from}'.*set init to null"):
+            tiny(*overrides)
+        return
+    if name == "cluster_transfer":
+        with pytest.raises(ParamsError, match="from scratch"):
+            build_method(name, tiny(*overrides), data, split)
+        return
+    params = tiny(*overrides)
+    built = build_pretext(name, params, data, split) if is_pretext else build_method(name, params, data, split)
+    backbone = built.encoder.backbone if is_pretext else built.classifier().backbone
+    for k, v in donor.items():
+        assert torch.equal(backbone.state_dict()[k], v), (name, k)
+    # every backbone the run trains (not an EMA copy, which trains none of its own) has blocks 0-1 frozen
+    trained = [b for b in built.model.modules()
+               if isinstance(b, Backbone) and any(p.requires_grad for p in b.parameters())]
+    assert trained and all(_frozen(b) == [True, True, False] for b in trained), [_frozen(b) for b in trained]
 
 
 def test_pseudo_labels_trained_teacher_starts_from_init_as_the_student_does(workdir, tiny, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ssl_ops import io
@@ -47,6 +47,9 @@ class MethodParams(Section):
     pre_phases: ClassVar[tuple[PrePhase, ...]] = ()  # phases before the main one (cluster, teacher)
     # params naming the checkpoint the run started from, the first one set wins (Rebuffi et al.'s "with T.L.")
     start_params: ClassVar[tuple[str, ...]] = ("init",)
+    # the param naming the checkpoint this method's whole network continues from (a later step of a chain, a
+    # fine-tuning of a pre-trained head), which `init` would not be read against; None: `init` is read
+    network_from: ClassVar[str | None] = None
 
     epochs: int | None = Field(None, gt=0)
     steps_per_epoch: int | None = Field(None, gt=0)
@@ -59,6 +62,14 @@ class MethodParams(Section):
     init: Path | None = None
     freeze_blocks: int | None = Field(None, ge=0)  # freeze the first K backbone blocks; None: model.freeze_blocks
     sync_bn: bool | None = None  # global BatchNorm under torchrun; None: train.sync_bn
+
+    @model_validator(mode="after")
+    def _init_is_read(self) -> MethodParams:
+        # a set key that nothing reads would train from elsewhere while the run's logged params say `init`
+        if self.init is not None and self.network_from is not None:
+            raise ValueError(f"init is not read: this method's network comes whole from its {self.network_from!r} "
+                             "checkpoint; set init to null")
+        return self
 
     @classmethod
     def starts_from(cls, logged: Callable[[str], str | None]) -> str | None:
@@ -98,13 +109,7 @@ class Method:
     def build_classifier(self) -> nn.Module:
         """A fresh classifier on the device, its backbone loaded from ``params.init`` and frozen as asked."""
         clf = self.ctx.build_classifier()
-        if self.params.init is not None:
-            load_backbone(clf.backbone, self.params.init)
-        if self.params.freeze_blocks is not None:
-            try:
-                clf.backbone.freeze(self.params.freeze_blocks)
-            except ValueError as exc:
-                raise ParamsError(f"{self.name}.freeze_blocks: {exc}") from None
+        prepared_backbone(clf.backbone, self.params, self.name)
         return clf
 
     def after_step(self, step: int) -> None:
@@ -120,6 +125,19 @@ class Method:
 
     def training_step(self, step: int) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+def prepared_backbone(backbone: nn.Module, params: MethodParams, name: str) -> nn.Module:
+    """``backbone`` (in place) with the weights of ``params.init`` loaded and ``params.freeze_blocks`` frozen, each
+    where set (``name``: the method or pretext, for the error)."""
+    if params.init is not None:
+        load_backbone(backbone, params.init)
+    if params.freeze_blocks is not None:
+        try:
+            backbone.freeze(params.freeze_blocks)
+        except ValueError as exc:
+            raise ParamsError(f"{name}.freeze_blocks: {exc}") from None
+    return backbone
 
 
 def load_backbone(backbone: nn.Module, path: Path) -> None:

@@ -27,8 +27,9 @@ from ssl_ops.methods.base import register_method
 
 
 class MeanTeacherRefineParams(AlternatingParams):
+    network_from = "previous"  # the network comes whole from it; no pretext backbone is loaded
     previous: Path = Path("models/mean_teacher.pt")  # the Mean Teacher to refine (`ssl-ops train mean_teacher`)
-    init: Path | None = None  # the network comes whole from `previous`; no pretext backbone is loaded
+    init: Path | None = None
     refine: bool = True  # §4.3: always on here (no random split, soft labels)
 
     @model_validator(mode="after")
@@ -41,9 +42,6 @@ class MeanTeacherRefineParams(AlternatingParams):
         if self.teacher not in (AlternatingParams.model_fields["teacher"].default, self.previous):
             raise ParamsError("mean_teacher_refine.teacher: name the Mean Teacher to refine with "
                               "mean_teacher_refine.previous (alternating.teacher is alternating's key)")
-        if self.init is not None:
-            raise ParamsError("mean_teacher_refine.init: the network comes whole from mean_teacher_refine.previous; "
-                              "set init to null")
         return self
 
 

@@ -19,6 +19,7 @@ from ssl_ops.sections import TrainParams
 
 
 class MoamFinetuneParams(ClassLossParams):
+    network_from = "previous"
     previous: Path = Path("models/moam_retrain.pt")  # step 2's model (`ssl-ops train moam_retrain`)
     lr: float | None = Field(None, gt=0)  # None: lr_scale x train.lr
     lr_scale: float = Field(0.005, gt=0)  # S4L §5: 5e-4 here against step 1's 0.1

@@ -46,6 +46,7 @@ from ssl_ops.methods.pseudo_label import PseudoLabels
 
 
 class MoamRetrainParams(MethodParams):
+    network_from = "previous"
     previous: Path = Path("models/moam.pt")  # step 1's model (`ssl-ops train moam` on this split)
     crops: int = Field(5, ge=1, le=5)  # fixed crops: centre, then the 4 corners (after train.crop_padding)
     flip_crops: bool = False  # also their mirror images (S4L: five crops x four rotations; 20 crops: +0.25%)

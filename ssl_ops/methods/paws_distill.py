@@ -43,6 +43,7 @@ from ssl_ops.methods.paws_finetune import load_paws, paws_classifier
 
 class PawsDistillParams(JointParams):
     start_params = ("pretrained",)
+    network_from = "pretrained"
     pretrained: Path = Path("models/pretrain/paws.pt")  # written by `ssl-ops pretrain paws` on this split
     finetune_from: int = Field(1, ge=0)  # projection-head layers kept in the student (PAWS §5: the first)
     sharpen: float = Field(0.25, gt=0, le=1)  # T of the teacher's targets (PAWS §3 / appendix C: 0.25); 1: none

@@ -25,6 +25,7 @@ from ssl_ops.methods.base import ClassLossParams, Method, register_method
 
 class PawsFinetuneParams(ClassLossParams):
     start_params = ("pretrained",)
+    network_from = "pretrained"
     pretrained: Path = Path("models/pretrain/paws.pt")  # written by `ssl-ops pretrain paws` on this split
     finetune_from: int = Field(1, ge=0)  # projection-head layers kept (PAWS §5: the first); 0: none
     weight_decay: float | None = Field(0.0, ge=0)

@@ -59,6 +59,7 @@ class Simclrv2Params(ClassLossParams):
     # term keeps the paper's hard targets, and eq. (2) has none.
     pre_phases = (PrePhase("teacher_epochs", "teacher", skip_if_set="teacher"),)  # §3: fine-tune, then distil
     start_params = ("pretrained",)
+    network_from = "pretrained"
     pretrained: Path = Path("models/pretrain/simclr.pt")  # written by `ssl-ops pretrain simclr`
     finetune_from: int = Field(1, ge=0)  # projection-head layers kept (SimCLRv2 §2: 1 for few labels); 0: none
     # fine-tuning (§3 "Fine-tuning" paragraph; "LARS (momentum 0.9) throughout" for all three phases)

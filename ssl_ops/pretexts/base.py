@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ssl_ops import probes
 from ssl_ops.engine import RunContext
 from ssl_ops.heads import Encoder, Normalize
-from ssl_ops.methods.base import Method, MethodParams
+from ssl_ops.methods.base import Method, MethodParams, prepared_backbone
 from ssl_ops.plugins import registrar
 
 PRETEXTS: dict[str, type[Pretext]] = {}
@@ -58,7 +58,10 @@ class Pretext(Method):
 
     def __init__(self, ctx: RunContext, params: PretextParams):
         super().__init__(ctx, params)
-        self.encoder = Encoder(Normalize(ctx.data.mean, ctx.data.std), ctx.build_backbone())
+        # `init` and `freeze_blocks` as for a method: a pretext may continue another's backbone (e.g. PAWS from
+        # SimCLR's, the same network)
+        self.encoder = Encoder(Normalize(ctx.data.mean, ctx.data.std), prepared_backbone(ctx.build_backbone(), params,
+                                                                                          self.name))
 
     def build(self, head: nn.Module) -> PretextNet:
         self.model = PretextNet(self.encoder, head).to(self.ctx.device)
