@@ -200,7 +200,9 @@ def test_init_is_read_or_refused_by_every_method_and_pretext(workdir, tiny, tmp_
     """``<name>.init`` (a field every method and pretext has) starts the backbone from that checkpoint, with
     ``freeze_blocks`` frozen, or is refused with a clear error where the network comes from elsewhere (a chain's
     ``previous``, a fine-tuning's ``pretrained``, cluster_transfer's from-scratch target). Never read silently past:
-    the pretexts did, and so did moam_retrain, moam_finetune, simclrv2, paws_finetune and paws_distill."""
+    the pretexts did, and so did moam_retrain, moam_finetune, simclrv2, paws_finetune and paws_distill. Where the
+    network comes from elsewhere, ``freeze_blocks`` alone still freezes it (simclrv2, paws_finetune and paws_distill
+    read past it too)."""
     ck = tmp_path / "donor.pt"
     donor, data, split = _donor_checkpoint(tiny, ck)
     overrides = (f"{name}.init={ck}", f"{name}.freeze_blocks=2")
@@ -209,6 +211,9 @@ def test_init_is_read_or_refused_by_every_method_and_pretext(workdir, tiny, tmp_
     if network_from is not None:
         with pytest.raises(ParamsError, match=rf"{name}: init is not read: .*'{network_from}'.*set init to null"):
             tiny(*overrides)
+        pretrain_briefly_for(name, tiny)  # the checkpoint `network_from` names, where the method looks for it
+        built = build_method(name, tiny(f"{name}.freeze_blocks=2"), data, split)
+        _assert_trains_blocks_2_on(built.model)
         return
     if name == "cluster_transfer":
         with pytest.raises(ParamsError, match="from scratch"):
@@ -219,10 +224,29 @@ def test_init_is_read_or_refused_by_every_method_and_pretext(workdir, tiny, tmp_
     backbone = built.encoder.backbone if is_pretext else built.classifier().backbone
     for k, v in donor.items():
         assert torch.equal(backbone.state_dict()[k], v), (name, k)
-    # every backbone the run trains (not an EMA copy, which trains none of its own) has blocks 0-1 frozen
-    trained = [b for b in built.model.modules()
-               if isinstance(b, Backbone) and any(p.requires_grad for p in b.parameters())]
+    _assert_trains_blocks_2_on(built.model)
+
+
+def _assert_trains_blocks_2_on(model) -> None:
+    """Every backbone ``model`` trains (not an EMA copy, which trains none of its own) has blocks 0-1 frozen."""
+    trained = [b for b in model.modules() if isinstance(b, Backbone) and any(p.requires_grad for p in b.parameters())]
     assert trained and all(_frozen(b) == [True, True, False] for b in trained), [_frozen(b) for b in trained]
+
+
+def test_simclrv2_teacher_fine_tuning_and_student_keep_the_frozen_blocks(workdir, tiny):
+    """With ``distill``, the teacher's fine-tuning phase (SimCLRv2 §3) switched every weight trainable, frozen
+    blocks too; now it trains blocks 2+ only, and the student that starts from the pre-trained backbone
+    (``student_init``) is frozen as the fine-tuned network is. Property: the weights the fine-tuning moves."""
+    pretrain_briefly_for("simclrv2", tiny)
+    params = tiny("simclrv2.distill=true", "simclrv2.freeze_blocks=2", "simclrv2.finetune_lr=0.5")
+    method = build_method("simclrv2", params, *load_data(params)[:2])
+    teacher = method.model["teacher"]
+    before = {k: v.clone() for k, v in teacher.backbone.state_dict().items()}
+    method.fine_tune(teacher, 3, seed=0)
+    after = teacher.backbone.state_dict()
+    moved = {k.split(".")[1] for k, v in before.items() if k.endswith("weight") and not torch.equal(after[k], v)}
+    assert moved == {"2"}, moved  # blocks.<i>.*: only block 2 trains
+    assert _frozen(method.model["student"].backbone) == [True, True, False]
 
 
 def test_pseudo_labels_trained_teacher_starts_from_init_as_the_student_does(workdir, tiny, tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ from ssl_ops.errors import SslOpsError
 from ssl_ops.heads import Encoder, Normalize, PawsEmbedding, ProjectionHead
 from ssl_ops.losses import sharpen, soft_cross_entropy
 from ssl_ops.methods._joint import JointMethod, JointParams
-from ssl_ops.methods.base import register_method
+from ssl_ops.methods.base import prepared_backbone, register_method
 from ssl_ops.methods.paws_finetune import load_paws, paws_classifier
 
 
@@ -85,6 +85,7 @@ class PawsDistill(JointMethod):
         self.model = nn.ModuleDict({
             "net": paws_classifier(self._ck, ctx, params.finetune_from, owner="paws_distill"),
             "teacher": TeacherTargets(len(ctx.split.unlabeled), ctx.num_classes)}).to(ctx.device)
+        prepared_backbone(self.model["net"].backbone, params, self.name)  # freeze_blocks (init is refused)
         self._unlabeled = torch.as_tensor(ctx.split.unlabeled, device=ctx.device)
         self._stats: dict[str, Tensor] | None = None
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ssl_ops import io
 from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError
 from ssl_ops.heads import Classifier, Normalize
-from ssl_ops.methods.base import ClassLossParams, Method, register_method
+from ssl_ops.methods.base import ClassLossParams, Method, prepared_backbone, register_method
 
 
 class PawsFinetuneParams(ClassLossParams):
@@ -81,6 +81,7 @@ class PawsFinetune(Method):
     def __init__(self, ctx, params: PawsFinetuneParams):
         super().__init__(ctx, params)
         self.model = paws_classifier(load_paws(params.pretrained, ctx), ctx, params.finetune_from)
+        prepared_backbone(self.model.backbone, params, self.name)  # freeze_blocks (init is refused)
 
     def training_step(self, step: int) -> dict[str, Tensor]:
         x, y = self.ctx.labeled_batch(self.ctx.train.batch_size)  # crop + flip

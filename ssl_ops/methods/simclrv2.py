@@ -46,7 +46,7 @@ from ssl_ops.errors import CheckpointError, DataIntegrityError, ParamsError
 from ssl_ops.heads import Classifier, Normalize
 from ssl_ops.losses import distillation_with_labels
 from ssl_ops.methods._inner_loop import fit_on_labels
-from ssl_ops.methods.base import ClassLossParams, Method, PrePhase, register_method
+from ssl_ops.methods.base import ClassLossParams, Method, PrePhase, prepared_backbone, register_method
 from ssl_ops.sections import TrainParams
 
 # tau when simclrv2.temperature is null (SimCLRv2 §3: 0.1 self-distillation, 1.0 large-to-small)
@@ -185,6 +185,7 @@ class Simclrv2(Method):
         super().__init__(ctx, params)
         self.ck = load_simclr(params.pretrained, ctx)
         net = fine_tune_network(self.ck, ctx, params.finetune_from)
+        prepared_backbone(net.backbone, params, self.name)  # freeze_blocks (init is refused: `pretrained` is read)
         if not params.distill:
             self.model = net
             return
@@ -204,6 +205,7 @@ class Simclrv2(Method):
         backbone = build_backbone(name, ctx.data.image_shape[0], width=width, image_size=ctx.data.image_shape[-1])
         if p.student_init and (name, width) == (m.backbone, m.width):
             backbone.load_state_dict(self.ck["backbone"])
+            prepared_backbone(backbone, p, self.name)  # a student from the pre-trained backbone keeps its frozen blocks
         student = Classifier(Normalize(ctx.data.mean, ctx.data.std), backbone, ctx.num_classes)
         student.spec_backbone = (name, width)  # what the exported model's spec must name
         return student if p.distill_trust_all else new_classifier_layer(student)
@@ -243,6 +245,7 @@ class Simclrv2(Method):
     def fine_tune(self, net: nn.Module, steps: int, seed: int) -> None:
         """Fine-tuning as in §2 (the teacher phase): CE on labeled crop + flip batches, own RNG stream."""
         net.requires_grad_(True)
+        net.backbone.freeze(net.backbone.frozen_blocks)  # requires_grad_(True) would train the frozen blocks too
         fit_on_labels(net, self.ctx, self.params.fine_tune_params(self.ctx.train), steps, seed,
                       label_smoothing=self.params.label_smoothing)
         net.requires_grad_(False)
