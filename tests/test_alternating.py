@@ -261,8 +261,13 @@ def test_mean_teacher_refine_is_refine_mode_from_its_previous_step(workdir, tiny
     ("mean_teacher_refine.refine=false", "train `alternating`"),
     ("mean_teacher_refine.teacher=models/other.pt", "mean_teacher_refine.previous"),
     ("mean_teacher_refine.init=models/pretrain/rotation.pt", "set init to null"),
+    # §4.3's refinement: soft labels, no split; these were logged and not read
+    ("mean_teacher_refine.labels=hard", r"assigns soft labels .*train `alternating`"),
+    ("mean_teacher_refine.split=true", r"no random split.*train `alternating`"),
+    ("mean_teacher_refine.subset_fraction=0.5", "subset_fraction is not read"),
+    ("mean_teacher_refine.full_set_cycles=2", "full_set_cycles is not read"),
 ])
-def test_mean_teacher_refine_refuses_alternatings_own_start_keys(workdir, tiny, override, match):
+def test_mean_teacher_refine_refuses_alternatings_keys_it_does_not_read(workdir, tiny, override, match):
     with pytest.raises(ParamsError, match=match):
         tiny(override)
 

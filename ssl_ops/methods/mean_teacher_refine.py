@@ -12,14 +12,16 @@ chain (``mean_teacher`` -> ``mean_teacher_refine``, as MOAM's steps are): a camp
 from the RotNet and the refinement on the same split, each with its own checkpoint, preset and report row, and the
 report counts the chain's CPU-minutes. Its Mean Teacher is ``previous`` (the EMA network of ``ssl-ops train
 mean_teacher`` on the same split; Table 1's is "with T.L.", from the RotNet with 2 frozen blocks, which
-``freeze_blocks`` keeps frozen here). Every other key is alternating's.
+``freeze_blocks`` keeps frozen here). Every other key is alternating's, but ``labels`` and ``split`` are fixed to
+§4.3's (soft, none) and the split's keys refused away from their defaults: nothing reads them here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from ssl_ops.errors import ParamsError
 from ssl_ops.methods.alternating import Alternating, AlternatingParams
@@ -31,6 +33,21 @@ class MeanTeacherRefineParams(AlternatingParams):
     previous: Path = Path("models/mean_teacher.pt")  # the Mean Teacher to refine (`ssl-ops train mean_teacher`)
     init: Path | None = None
     refine: bool = True  # §4.3: always on here (no random split, soft labels)
+    # §4.3 "we do not use the dataset random splitting ... and we choose soft labels assignment": fixed here, so
+    # the logged params say what ran (alternating's defaults, hard labels and the split, were logged and not read)
+    labels: Literal["soft"] = "soft"
+    split: Literal[False] = False
+
+    @field_validator("labels", "split", mode="before")
+    @classmethod
+    def _as_in_section_4_3(cls, v, info):
+        if info.field_name == "labels" and v != "soft":
+            raise ValueError("the refinement assigns soft labels (Rebuffi et al. §4.3); for hard labels train "
+                             "`alternating`")
+        if info.field_name == "split" and v is not False:
+            raise ValueError("the refinement trains on the whole unlabeled set every cycle (Rebuffi et al. §4.3: "
+                             "no random split); for the split train `alternating`")
+        return v
 
     @model_validator(mode="after")
     def _refine_from_previous(self) -> MeanTeacherRefineParams:
@@ -38,6 +55,11 @@ class MeanTeacherRefineParams(AlternatingParams):
         if not self.refine:
             raise ParamsError("mean_teacher_refine.refine: this method is the refinement (§4.3); for Algorithm 1 "
                               "from the RotNet, train `alternating`")
+        # the split's keys: with no split nothing reads them (a saved params dump round-trips their defaults)
+        for key in ("subset_fraction", "full_set_cycles"):
+            if getattr(self, key) != AlternatingParams.model_fields[key].default:
+                raise ParamsError(f"mean_teacher_refine.{key} is not read: the refinement has no random split "
+                                  "(Rebuffi et al. §4.3); leave it at its default, or train `alternating`")
         # alternating's key, not read here; a saved params dump round-trips its default
         if self.teacher not in (AlternatingParams.model_fields["teacher"].default, self.previous):
             raise ParamsError("mean_teacher_refine.teacher: name the Mean Teacher to refine with "
