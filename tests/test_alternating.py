@@ -17,6 +17,9 @@ from ssl_ops.stages import build_method, load_data, train_stage
 
 from conftest import assert_trains_as_without_the_autocast_cache
 
+# refine mode as §4.3 runs it: from a Mean Teacher, soft labels, no random split
+REFINE = ("alternating.refine=true", "alternating.labels=soft", "alternating.split=false")
+
 
 @pytest.fixture
 def make(workdir, tiny):
@@ -99,11 +102,11 @@ def test_split_uses_two_thirds_then_all(make):
     assert bool(st.active.all())
 
 
-@pytest.mark.parametrize("switch", ["alternating.split=false", "alternating.refine=true"])
-def test_no_split_trains_on_everything(make, switch, tiny):
-    if "refine" in switch:
+@pytest.mark.parametrize("switches", [("alternating.split=false",), REFINE])
+def test_no_split_trains_on_everything(make, switches, tiny):
+    if REFINE == switches:
         train_stage("mean_teacher", tiny("train.epochs=1", "train.steps_per_epoch=1"))
-    m = make("alternating.cycles=3", switch)
+    m = make("alternating.cycles=3", *switches)
     m.draw_subset(0)
     assert bool(m.model["state"].active.all())
 
@@ -237,7 +240,7 @@ def _refine_method(tiny, name: str, *overrides: str):
 
 def test_refine_starts_from_the_mean_teacher(workdir, tiny):
     train_stage("mean_teacher", tiny("train.epochs=1", "train.steps_per_epoch=1"))
-    m, teacher = _refine_method(tiny, "alternating", "alternating.refine=true")
+    m, teacher = _refine_method(tiny, "alternating", *REFINE)
     assert str(m.teacher_path) == "models/mean_teacher.pt" and teacher
     for key, v in m.model["net"].state_dict().items():
         torch.testing.assert_close(v, teacher[key], rtol=0, atol=0)
@@ -284,7 +287,20 @@ def test_mean_teacher_refine_without_its_mean_teacher_names_previous(workdir, ti
 def test_refine_without_a_teacher_is_a_clear_error(workdir, tiny):
     from ssl_ops.errors import CheckpointError
 
-    params = tiny("alternating.refine=true")
+    params = tiny(*REFINE)
     data, split, _ = load_data(params)
     with pytest.raises(CheckpointError, match="ssl-ops train mean_teacher"):
         build_method("alternating", params, data, split)
+
+
+@pytest.mark.parametrize("overrides, now", [
+    (("alternating.refine=true",), "labels: hard, split: true"),  # params.yaml's labels and split
+    ((*REFINE, "alternating.labels=hard"), "labels: hard, split: false"),
+    ((*REFINE, "alternating.split=true"), "labels: soft, split: true"),
+])
+def test_refine_mode_refuses_params_that_say_otherwise_than_what_runs(workdir, tiny, overrides, now):
+    """Refine mode runs §4.3's soft labels without the split. It used to force both over params.yaml's ``labels:
+    hard`` and ``split: true``, so a run logged what it did not do: now the keys must say it, or it is an error."""
+    with pytest.raises(ParamsError, match=rf"soft labels with no random split: set labels: soft and split: false "
+                                          rf"with it \(now {now}\), or train `mean_teacher_refine`"):
+        tiny(*overrides)

@@ -34,8 +34,9 @@ What the paper says about (8) and (9), the default here:
   blocks; ``false`` keeps the phase-1 classifier as phase 2's starting point (and resets the blocks only).
 
 Refinement mode (§4.3, ``refine: true``): the network (all of it) starts from a trained Mean Teacher
-(``teacher: models/mean_teacher.pt``, its EMA network), step (8) resets N_t to those weights, there is no
-random split and the pseudo-labels are soft.
+(``teacher: models/mean_teacher.pt``, its EMA network) and step (8) resets N_t to those weights. §4.3 also drops
+the random split and assigns soft labels; the params must say so (``labels: soft``, ``split: false``, or an
+error), so that what a run logs is what ran. ``mean_teacher_refine`` is this mode with both fixed.
 
 Ablations (§4.2): ``reinit: false`` skips step (8) (blocks and classifier), ``split: false`` uses the whole
 unlabeled set in every cycle, ``temporal: false`` drops L_temp (then L = L_pseudo).
@@ -54,7 +55,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ssl_ops import augment, io
@@ -88,8 +89,19 @@ class AlternatingParams(MethodParams):
     reinit: bool = True  # ablation switch: false skips step (8)
     split: bool = True  # ablation switch: false trains on the whole unlabeled set every cycle
     temporal: bool = True  # ablation switch: false drops L_temp
-    refine: bool = False  # §4.3: start from a Mean Teacher; no split, soft labels
+    refine: bool = False  # §4.3: start from a Mean Teacher; with labels: soft and split: false
     teacher: Path = Path("models/mean_teacher.pt")  # refine mode only: `ssl-ops train mean_teacher` output
+
+    @model_validator(mode="after")
+    def _refine_says_what_runs(self) -> AlternatingParams:
+        # §4.3's refinement uses soft labels and no split. Refine mode once forced both over these keys, so a run
+        # logged `labels: hard, split: true` while neither ran: now the keys must state it themselves
+        if self.refine and (self.labels != "soft" or self.split):
+            raise ValueError("refine: true is the refinement of Rebuffi et al. §4.3, which assigns soft labels with "
+                             "no random split: set labels: soft and split: false with it (now labels: "
+                             f"{self.labels}, split: {str(self.split).lower()}), or train `mean_teacher_refine`, "
+                             "which fixes both")
+        return self
 
 
 class CycleState(nn.Module):
@@ -174,7 +186,7 @@ class Alternating(Method):
 
     @property
     def soft(self) -> bool:
-        return self.params.refine or self.params.labels == "soft"
+        return self.params.labels == "soft"
 
     @property
     def total_steps(self) -> int:
@@ -189,7 +201,7 @@ class Alternating(Method):
 
     def uses_split(self, cycle: int) -> bool:
         p = self.params
-        return p.split and not p.refine and cycle < p.cycles - p.full_set_cycles
+        return p.split and cycle < p.cycles - p.full_set_cycles
 
     def classifier(self) -> nn.Module:
         return self.model["net"]
