@@ -98,7 +98,8 @@ def _mean_teacher_refine(name: str, dataset: str, lpc: int, top1: float, mt: str
         stages=[ROTNET, SUPERVISED,
                 Stage("train", "mean_teacher", dict(init=ROT[0], freeze_blocks=2), needs=ROT),
                 # §4.3: "we do not use the dataset random splitting ... and we choose soft labels assignment"
-                Stage("train", "alternating", dict(ALTERNATING, refine=True, labels="soft", split=False,
+                # the network comes whole from the Mean Teacher (init: null; it started from the RotNet)
+                Stage("train", "alternating", dict(ALTERNATING, init=None, refine=True, labels="soft", split=False,
                                                    teacher="models/mean_teacher.pt"),
                       needs=(*ROT, "models/mean_teacher.pt"))])
 

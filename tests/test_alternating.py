@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from ssl_ops import io
 from ssl_ops.errors import ParamsError
 from ssl_ops.losses import soft_cross_entropy
+from ssl_ops.methods.alternating import AlternatingParams
 from ssl_ops.stages.pretrain import pretrain_briefly_for
 from ssl_ops.stages import build_method, load_data, train_stage
 
 from conftest import assert_trains_as_without_the_autocast_cache
 
 # refine mode as §4.3 runs it: from a Mean Teacher, soft labels, no random split
-REFINE = ("alternating.refine=true", "alternating.labels=soft", "alternating.split=false")
+REFINE = ("alternating.refine=true", "alternating.labels=soft", "alternating.split=false", "alternating.init=null")
 
 
 @pytest.fixture
@@ -297,10 +298,24 @@ def test_refine_without_a_teacher_is_a_clear_error(workdir, tiny):
     (("alternating.refine=true",), "labels: hard, split: true"),  # params.yaml's labels and split
     ((*REFINE, "alternating.labels=hard"), "labels: hard, split: false"),
     ((*REFINE, "alternating.split=true"), "labels: soft, split: true"),
+    ((*REFINE, "alternating.init=models/pretrain/rotation.pt"), None),  # params.yaml's init, never loaded there
 ])
 def test_refine_mode_refuses_params_that_say_otherwise_than_what_runs(workdir, tiny, overrides, now):
-    """Refine mode runs §4.3's soft labels without the split. It used to force both over params.yaml's ``labels:
-    hard`` and ``split: true``, so a run logged what it did not do: now the keys must say it, or it is an error."""
-    with pytest.raises(ParamsError, match=rf"soft labels with no random split: set labels: soft and split: false "
-                                          rf"with it \(now {now}\), or train `mean_teacher_refine`"):
+    """Refine mode runs §4.3's soft labels without the split, from the Mean Teacher. It used to force both over
+    params.yaml's ``labels: hard`` and ``split: true`` and log its ``init`` unread, so a run logged what it did not
+    do: now the keys must say it, or it is an error."""
+    match = (r"init \(models/pretrain/rotation.pt\) is not read in refine mode: .*Mean Teacher `teacher` names; "
+             r"set init: null" if now is None else
+             rf"soft labels with no random split: set labels: soft and split: false with it \(now {now}\), or "
+             rf"train `mean_teacher_refine`")
+    with pytest.raises(ParamsError, match=match):
         tiny(*overrides)
+
+
+def test_the_report_names_the_mean_teacher_a_refine_run_started_from():
+    from ssl_ops.methods.mean_teacher_refine import MeanTeacherRefineParams
+
+    logged = {"refine": "True", "init": None, "teacher": "models/mt_split0.pt"}
+    assert AlternatingParams.starts_from(logged.get) == "mt_split0.pt"
+    assert AlternatingParams.starts_from({**logged, "refine": "False", "init": "models/pretrain/paws.pt"}.get) == "paws.pt"
+    assert MeanTeacherRefineParams.starts_from(logged.get) is None  # a chained step: the report names `previous`

@@ -36,7 +36,8 @@ What the paper says about (8) and (9), the default here:
 Refinement mode (§4.3, ``refine: true``): the network (all of it) starts from a trained Mean Teacher
 (``teacher: models/mean_teacher.pt``, its EMA network) and step (8) resets N_t to those weights. §4.3 also drops
 the random split and assigns soft labels; the params must say so (``labels: soft``, ``split: false``, or an
-error), so that what a run logs is what ran. ``mean_teacher_refine`` is this mode with both fixed.
+error), and ``init`` must be null, so that what a run logs is what ran. ``mean_teacher_refine`` is this mode
+with these fixed.
 
 Ablations (§4.2): ``reinit: false`` skips step (8) (blocks and classifier), ``split: false`` uses the whole
 unlabeled set in every cycle, ``temporal: false`` drops L_temp (then L = L_pseudo).
@@ -101,7 +102,20 @@ class AlternatingParams(MethodParams):
                              "no random split: set labels: soft and split: false with it (now labels: "
                              f"{self.labels}, split: {str(self.split).lower()}), or train `mean_teacher_refine`, "
                              "which fixes both")
+        # the whole network comes from the Mean Teacher, so a pretext backbone would be logged and never loaded
+        # (mean_teacher_refine refuses init through network_from)
+        if self.refine and self.network_from is None and self.init is not None:
+            raise ValueError(f"init ({self.init}) is not read in refine mode: the network comes whole from the Mean "
+                             "Teacher `teacher` names; set init: null")
         return self
+
+    @classmethod
+    def starts_from(cls, logged):
+        # refine mode starts from its Mean Teacher (`teacher`), not from `init` (null there)
+        if cls.network_from is None and logged("refine") == "True":
+            path = logged("teacher")
+            return None if path is None else Path(path).name
+        return super().starts_from(logged)
 
 
 class CycleState(nn.Module):

@@ -7,13 +7,13 @@ Mean Teacher, and "as the starting features are already competitive, we do not u
 our training procedure and we choose soft labels assignment in l.6 of algorithm 1". Step (8) resets N_t to the
 Mean Teacher's weights, not to the pretext's.
 
-This is ``ssl-ops train alternating --set alternating.refine=true alternating.labels=soft alternating.split=false``
-as a method of its own, the second step of a chain (``mean_teacher`` -> ``mean_teacher_refine``, as MOAM's steps
-are): a campaign can then run both alternating from the RotNet and the refinement on the same split, each with its
-own checkpoint, preset and report row, and the report counts the chain's CPU-minutes. Its Mean Teacher is ``previous`` (the EMA network of ``ssl-ops train
-mean_teacher`` on the same split; Table 1's is "with T.L.", from the RotNet with 2 frozen blocks, which
-``freeze_blocks`` keeps frozen here). Every other key is alternating's, but ``labels`` and ``split`` are fixed to
-§4.3's (soft, none) and the split's keys refused away from their defaults: nothing reads them here.
+This is ``ssl-ops train alternating`` with ``refine: true, labels: soft, split: false, init: null`` as a method of
+its own, the second step of a chain (``mean_teacher`` -> ``mean_teacher_refine``, as MOAM's steps are): a campaign
+can then run both alternating from the RotNet and the refinement on the same split, each with its own checkpoint,
+preset and report row, and the report counts the chain's CPU-minutes. Its Mean Teacher is ``previous`` (the EMA
+network of ``ssl-ops train mean_teacher`` on the same split; Table 1's is "with T.L.", from the RotNet with 2 frozen
+blocks, which ``freeze_blocks`` keeps frozen here). Every other key is alternating's, but ``labels`` and ``split``
+are fixed to §4.3's (soft, none) and the split's keys refused away from their defaults: nothing reads them here.
 """
 
 from __future__ import annotations

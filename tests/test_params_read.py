@@ -1,0 +1,81 @@
+"""Every key of a method's or a pretext's params is read by the run it configures, or refused when set.
+
+A key that nothing reads lets a run log a value it did not run with: mean_teacher_refine logged alternating's hard
+labels and random split while it ran soft labels without one, alternating's refine mode did the same, and
+simclrv2, paws_finetune and paws_distill logged ``freeze_blocks`` and trained every block. The property checked:
+in a short run (``ssl-ops train`` / ``ssl-ops pretrain`` on digits, its pre-phases and evaluation included) the
+method reads each field of its params section, except
+- the fields shared with the ``train`` section, which reach the engine through ``MethodParams.train_params`` (a
+  dump, which the spy below does not see);
+- the keys of a mode (``MODES``): a second run in that mode must read them, so the list cannot go stale;
+- the keys the params refuse away from their defaults (``REFUSED``): setting one must be a ``ParamsError``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ssl_ops.errors import ParamsError
+from ssl_ops.methods import METHODS
+from ssl_ops.params import TrainParams
+from ssl_ops.pretexts import PRETEXTS
+from ssl_ops.stages import train_stage
+from ssl_ops.stages.pretrain import pretrain_briefly_for, pretrain_stage
+
+SHORT = ("train.epochs=1", "train.steps_per_epoch=2")
+
+# keys read only in a mode: the overrides that turn it on, and the keys a run in it must read
+MODES: dict[str, tuple[tuple[str, ...], set[str]]] = {
+    "alternating": (("alternating.refine=true", "alternating.labels=soft", "alternating.split=false",
+                     "alternating.init=null"), {"teacher"}),
+    "cluster_transfer": (("cluster_transfer.source=hog",), {"hog_orientations", "hog_cell", "hog_block", "hog_words"}),
+    "paws": (("paws.supcon_steps=2",), {"supcon_lr", "supcon_classes", "supcon_per_class", "supcon_temperature"}),
+    "simclr": (("simclr.memory=32",), {"ema_decay"}),  # the MoCo key encoder's EMA (SimCLRv2 §2)
+    "simclrv2": (("simclrv2.distill=true",), {  # the teacher's fine-tuning and the student (SimCLRv2 §3)
+        "teacher", "teacher_epochs", "temperature", "alpha", "unlabeled_batch_size", "distill_labeled",
+        "distill_lr", "distill_lr_scale", "distill_optimizer", "distill_trust_all", "distill_warmup_fraction",
+        "distill_weight_decay", "student_backbone", "student_width", "student_init"}),
+}
+# keys a method refuses away from their defaults (nothing would read them): a value each must be refused at
+REFUSED: dict[str, dict[str, str]] = {
+    "mean_teacher_refine": {"init": "models/pretrain/rotation.pt", "teacher": "models/other.pt",
+                            "subset_fraction": "0.5", "full_set_cycles": "2"},
+}
+
+
+def _fields_read(name: str, params, monkeypatch) -> set[str]:
+    """The fields of ``params.<name>`` that a short run of ``name`` reads by attribute (its pre-phases, training,
+    evaluation and outputs). The spy goes on the section's class after validation, so validators do not count."""
+    cls = type(getattr(params, name))
+    fields, read = set(cls.model_fields), set()
+
+    def spy(self, attr: str):
+        if attr in fields:
+            read.add(attr)
+        return object.__getattribute__(self, attr)
+
+    with monkeypatch.context() as m:
+        m.setattr(cls, "__getattribute__", spy)
+        (pretrain_stage if name in PRETEXTS else train_stage)(name, params)
+    return read
+
+
+@pytest.mark.parametrize("name", sorted(METHODS) + sorted(PRETEXTS))
+def test_every_param_is_read_by_the_run_or_refused(workdir, tiny, monkeypatch, name):
+    if name in METHODS:
+        pretrain_briefly_for(name, tiny)  # the checkpoint it starts from, where it looks for it
+    params = tiny(*SHORT)
+    fields = set(type(getattr(params, name)).model_fields)
+    mode_overrides, mode_keys = MODES.get(name, ((), set()))
+    refused = REFUSED.get(name, {})
+    assert (mode_keys | set(refused)) <= fields, "MODES / REFUSED name a key the params do not have"
+    unread = fields - _fields_read(name, params, monkeypatch) - set(TrainParams.model_fields)
+    assert unread == mode_keys | set(refused), f"{name}: read by nothing in this run: {sorted(unread)}"
+    if mode_keys:
+        if name == "alternating":  # refine mode starts from a trained Mean Teacher
+            train_stage("mean_teacher", tiny(*SHORT))
+        missed = mode_keys - _fields_read(name, tiny(*SHORT, *mode_overrides), monkeypatch)
+        assert not missed, f"{name} with {mode_overrides}: read by nothing there either: {sorted(missed)}"
+    for key, value in refused.items():
+        with pytest.raises(ParamsError, match=key):
+            tiny(f"{name}.{key}={value}")
