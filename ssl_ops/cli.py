@@ -108,10 +108,75 @@ def cmd_split(args) -> None:
               f"{len(split.unlabeled)} unlabeled{extra} (seed {split.seed})")
 
 
+def _sources(args) -> list[tuple[str, dict]]:
+    """The layers ``_load`` merged, lowest first: the params file, each preset, the ``--set`` overrides."""
+    from ssl_ops.params import apply_overrides
+
+    def tree(path: str) -> dict:
+        p = Path(path)
+        return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
+
+    return [(args.params, tree(args.params)), *((p, tree(p)) for p in args.presets),
+            ("--set", apply_overrides({}, args.overrides))]
+
+
+def _source_of(sources: list[tuple[str, dict]], *path: str) -> str:
+    """The last layer that sets ``path`` (where its value comes from); "default" when none does."""
+    found = "default"
+    for name, tree in sources:
+        node = tree
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            found = name
+    return found
+
+
+def _dry_run(args, params, name: str) -> None:
+    """What ``ssl-ops train|pretrain name`` would run with, and where each of its keys was set; trains nothing.
+
+    The run logs these same values to MLflow; printing them first lets a user check a preset or a ``--set`` (and
+    the checkpoints the run will read) before spending CPU-minutes on it."""
+    section = getattr(params, name)
+    sources = _sources(args)
+    from ssl_ops.params import TrainParams
+
+    table = Table(title=f"{name}: its params, after {_source_chain(args)}", title_justify="left")
+    for column in (f"{name}.", "value", "set in"):
+        table.add_column(column, overflow="fold")
+    for key in type(section).model_fields:
+        value = getattr(section, key)
+        shown = "null" if value is None else str(value)
+        if value is None and key in TrainParams.model_fields:
+            shown += f" (train.{key})"
+        elif value is None and key == "freeze_blocks":
+            shown += " (model.freeze_blocks)"
+        if isinstance(value, Path) and not value.exists():
+            shown += " [yellow](no such file here)[/yellow]"
+        table.add_row(key, shown, _source_of(sources, name, key))
+    out.print(table)
+    t = section.train_params(params.train)
+    out.print(f"train, with {name}'s overrides: {t.epochs} epochs x {t.steps_per_epoch} steps x batch {t.batch_size} "
+              f"= {t.epochs * t.steps_per_epoch:,} steps; {t.optimizer} lr {t.lr:g} ({t.schedule}, warm-up "
+              f"{t.warmup_epochs:g} epochs), weight decay {t.weight_decay:g}; seed {t.seed}, device {t.device}",
+              highlight=False)
+    out.print(f"data {params.data.name}, split seed {params.split.seed}, model {params.model.backbone} width "
+              f"{params.model.width:g}; MLflow experiment {params.tracking.experiment!r}", highlight=False)
+    out.print("dry run: params valid, nothing trained (drop --dry-run to train)", highlight=False)
+
+
+def _source_chain(args) -> str:
+    return " + ".join([args.params, *args.presets, *(["--set"] if args.overrides else [])])
+
+
 def cmd_train(args) -> None:
     from ssl_ops.stages import train_stage
 
     params = _load(args)
+    if args.dry_run:
+        return _dry_run(args, params, args.method)
     if args.no_progress:
         params.train.progress = False
     _warn_dvc_output(Path("models") / f"{args.method}.pt")
@@ -202,6 +267,8 @@ def cmd_pretrain(args) -> None:
     from ssl_ops.stages.pretrain import model_path, pretrain_stage
 
     params = _load(args)
+    if args.dry_run:
+        return _dry_run(args, params, args.pretext)
     if args.no_progress:
         params.train.progress = False
     _warn_dvc_output(model_path(args.pretext))
@@ -308,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="insist on continuing from checkpoints/<method>/last.pt (other params: an error); without "
                         "it an unfinished checkpoint of the same params is resumed anyway")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the params and print what the run would use, and where each key was set; no run")
     p = add("pretrain", cmd_pretrain,
             "self-supervised pre-training on all train images -> models/pretrain/<pretext>.pt")
     p.add_argument("pretext", choices=sorted(PRETEXTS), help="registered pretext")
@@ -315,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="insist on continuing from checkpoints/pretrain/<pretext>/last.pt (an unfinished "
                         "checkpoint of the same params is resumed anyway)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the params and print what the run would use, and where each key was set; no run")
     p = add("evaluate", cmd_evaluate, "test/val accuracy of a trained method -> metrics/<method>.json")
     p.add_argument("method", choices=sorted(METHODS), help="registered method")
     p = add("report", cmd_report, "mean ± std over seeds per method and label budget, from MLflow -> reports/")

@@ -116,3 +116,31 @@ def test_a_presets_search_space_replaces_the_methods_space_whole(tmp_path):
     assert list(p.tune.spaces["vat"]) == ["vat.entmin_weight"]
     assert list(p.tune.spaces["supervised"]) == ["train.lr"]
     assert (p.tune.seed, p.tune.sampler, p.vat.eps) == (3, "grid", 1.43)
+
+
+@pytest.mark.parametrize("command, name", [("train", "paws_finetune"), ("pretrain", "paws")])
+def test_dry_run_shows_each_key_where_it_was_set_and_trains_nothing(tmp_path, monkeypatch, capsys, command, name):
+    """``--dry-run`` validates, prints the section with the layer that set each key (file, preset, --set, default)
+    and the train settings after the section's overrides, and writes nothing (no model, no MLflow store)."""
+    from ssl_ops.cli import main
+
+    base = _write(tmp_path, {name: {"lr": 0.2, "weight_decay": 0.001}, "train": {"epochs": 7, "batch_size": 32}})
+    preset = tmp_path / "recipe.yaml"
+    preset.write_text(yaml.safe_dump({name: {"lr": 0.3}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    args = [command, name, "--params", base, "--preset", str(preset), "--set", f"{name}.epochs=3", "--dry-run"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+            for line in text.splitlines() if line.count("│") == 4}
+    assert rows["lr"] == ["0.3", str(preset)] and rows["weight_decay"] == ["0.001", base]
+    assert rows["epochs"] == ["3", "--set"] and rows["freeze_blocks"] == ["null (model.freeze_blocks)", "default"]
+    t = getattr(load_params(base, [f"{name}.epochs=3"], [preset]), name).train_params(load_params(base).train)
+    assert t.epochs == 3 and t.batch_size in (32, getattr(load_params(base), name).batch_size)
+    assert f"3 epochs x {t.steps_per_epoch} steps x batch {t.batch_size} = {3 * t.steps_per_epoch:,} steps" in text
+    assert "lr 0.3" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "recipe.yaml"]  # nothing written
+    # a bad value is the same clear error as without --dry-run
+    assert main([*args, "--set", f"{name}.lr=-1"]) == 2
+    assert f"{name}.lr" in capsys.readouterr().err
