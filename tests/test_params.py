@@ -124,17 +124,16 @@ def test_dry_run_shows_each_key_where_it_was_set_and_trains_nothing(tmp_path, mo
     and the train settings after the section's overrides, and writes nothing (no model, no MLflow store)."""
     from ssl_ops.cli import main
 
-    base = _write(tmp_path, {name: {"lr": 0.2, "weight_decay": 0.001}, "train": {"epochs": 7, "batch_size": 32}})
-    preset = tmp_path / "recipe.yaml"
-    preset.write_text(yaml.safe_dump({name: {"lr": 0.3}}))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")
-    args = [command, name, "--params", base, "--preset", str(preset), "--set", f"{name}.epochs=3", "--dry-run"]
+    _write(tmp_path, {name: {"lr": 0.2, "weight_decay": 0.001}, "train": {"epochs": 7, "batch_size": 32}})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({name: {"lr": 0.3}}))
+    monkeypatch.chdir(tmp_path)  # short relative names: the table's columns fit an 80-column console
+    base, preset = "params.yaml", "recipe.yaml"
+    args = [command, name, "--params", base, "--preset", preset, "--set", f"{name}.epochs=3", "--dry-run"]
     assert main(args) == 0
     text = capsys.readouterr().out
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
             for line in text.splitlines() if line.count("│") == 4}
-    assert rows["lr"] == ["0.3", str(preset)] and rows["weight_decay"] == ["0.001", base]
+    assert rows["lr"] == ["0.3", preset] and rows["weight_decay"] == ["0.001", base]
     assert rows["epochs"] == ["3", "--set"] and rows["freeze_blocks"] == ["null (model.freeze_blocks)", "default"]
     t = getattr(load_params(base, [f"{name}.epochs=3"], [preset]), name).train_params(load_params(base).train)
     assert t.epochs == 3 and t.batch_size in (32, getattr(load_params(base), name).batch_size)
