@@ -22,7 +22,10 @@ from ssl_ops.pretexts import PRETEXTS
 from ssl_ops.stages import train_stage
 from ssl_ops.stages.pretrain import pretrain_briefly_for, pretrain_stage
 
-SHORT = ("train.epochs=1", "train.steps_per_epoch=2")
+def _short(name: str) -> tuple[str, ...]:
+    """A run of two steps: the section's own length keys win over train's (params.yaml sets some)."""
+    return ("train.epochs=1", "train.steps_per_epoch=2", f"{name}.epochs=1", f"{name}.steps_per_epoch=2",
+            f"{name}.batch_size=8")
 
 # keys read only in a mode: the overrides that turn it on, and the keys a run in it must read
 MODES: dict[str, tuple[tuple[str, ...], set[str]]] = {
@@ -64,7 +67,7 @@ def _fields_read(name: str, params, monkeypatch) -> set[str]:
 def test_every_param_is_read_by_the_run_or_refused(workdir, tiny, monkeypatch, name):
     if name in METHODS:
         pretrain_briefly_for(name, tiny)  # the checkpoint it starts from, where it looks for it
-    params = tiny(*SHORT)
+    params = tiny(*_short(name))
     fields = set(type(getattr(params, name)).model_fields)
     mode_overrides, mode_keys = MODES.get(name, ((), set()))
     refused = REFUSED.get(name, {})
@@ -73,8 +76,8 @@ def test_every_param_is_read_by_the_run_or_refused(workdir, tiny, monkeypatch, n
     assert unread == mode_keys | set(refused), f"{name}: read by nothing in this run: {sorted(unread)}"
     if mode_keys:
         if name == "alternating":  # refine mode starts from a trained Mean Teacher
-            train_stage("mean_teacher", tiny(*SHORT))
-        missed = mode_keys - _fields_read(name, tiny(*SHORT, *mode_overrides), monkeypatch)
+            train_stage("mean_teacher", tiny(*_short("mean_teacher")))
+        missed = mode_keys - _fields_read(name, tiny(*_short(name), *mode_overrides), monkeypatch)
         assert not missed, f"{name} with {mode_overrides}: read by nothing there either: {sorted(missed)}"
     for key, value in refused.items():
         with pytest.raises(ParamsError, match=key):
