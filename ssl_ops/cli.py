@@ -139,10 +139,10 @@ def _dry_run(args, params, name: str) -> None:
 
     The run logs these same values to MLflow; printing them first lets a user check a preset or a ``--set`` (and
     the checkpoints the run will read) before spending CPU-minutes on it."""
-    section = getattr(params, name)
-    sources = _sources(args)
     from ssl_ops.params import TrainParams
 
+    section = getattr(params, name)
+    sources = _sources(args)
     table = Table(title=f"{name}: its params, after {_source_chain(args)}", title_justify="left")
     for column in (f"{name}.", "value", "set in"):
         table.add_column(column, overflow="fold")

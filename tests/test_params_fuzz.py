@@ -23,8 +23,8 @@ from ssl_ops.params import load_params, params_model
 # valid on its own can be refused: split needs exactly one budget; the threshold pruner needs `lower`; a
 # Jigsaw++ tile must fit its cell (tile_size <= crop_size // 3); mean_teacher_refine inherits alternating's
 # `refine` flag but accepts only true (its validator refuses false with a message naming `alternating`), and with
-# no split it refuses the split's keys away from their defaults; alternating's `refine: true` needs `labels: soft`
-# and `split: false` beside it (params.yaml has hard labels and the split).
+# no split it refuses the split's keys away from their defaults; alternating's `refine: true` needs `labels: soft`,
+# `split: false` and `init: null` beside it (params.yaml has hard labels, the split and a RotNet init).
 COUPLED = {"split.labels_per_class", "split.label_fraction", "tune.pruner.kind", "tune.pruner.lower",
            "jigsaw_pp.tile_size", "jigsaw_pp.crop_size", "mean_teacher_refine.refine", "alternating.refine",
            "mean_teacher_refine.subset_fraction", "mean_teacher_refine.full_set_cycles"}

@@ -22,10 +22,12 @@ from ssl_ops.pretexts import PRETEXTS
 from ssl_ops.stages import train_stage
 from ssl_ops.stages.pretrain import pretrain_briefly_for, pretrain_stage
 
+
 def _short(name: str) -> tuple[str, ...]:
     """A run of two steps: the section's own length keys win over train's (params.yaml sets some)."""
     return ("train.epochs=1", "train.steps_per_epoch=2", f"{name}.epochs=1", f"{name}.steps_per_epoch=2",
             f"{name}.batch_size=8")
+
 
 # keys read only in a mode: the overrides that turn it on, and the keys a run in it must read
 MODES: dict[str, tuple[tuple[str, ...], set[str]]] = {
