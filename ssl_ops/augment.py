@@ -372,12 +372,14 @@ class ExemplarViewParams(Section):
 
 
 def exemplar_views(x: Tensor, generator: torch.Generator, instances: int, crop_scale: tuple[float, float],
-                   hue: float, saturation: float, value: float) -> Tensor:
+                   hue: float, saturation: float, value: float, hflip: bool = True) -> Tensor:
     """``instances`` augmented copies of each image of a uint8 batch -> float (instances * B, C, H, W) in [0, 1],
-    ordered by instance, then image (copy i of image j is row i * B + j)."""
+    ordered by instance, then image (copy i of image j is row i * B + j). ``hflip``: the run's ``train.hflip``
+    (off where a mirrored image is another class, e.g. digits)."""
     xr = x.repeat(instances, 1, 1, 1)
     v = random_resized_crop(xr, x.shape[-1], generator, crop_scale)
-    v = random_hflip(v, generator)
+    if hflip:
+        v = random_hflip(v, generator)
     # HSV jitter: value = brightness; hue and saturation act on colour images only
     return color_jitter(v, generator, brightness=value, contrast=0.0, saturation=saturation, hue=hue)
 

@@ -9,6 +9,8 @@ method reads each field of its params section, except
   dump, which the spy below does not see);
 - the keys of a mode (``MODES``): a second run in that mode must read them, so the list cannot go stale;
 - the keys the params refuse away from their defaults (``REFUSED``): setting one must be a ``ParamsError``.
+The shared ``train`` section, as the method's overrides leave it, is held to the same rule (``_train_unread``):
+exemplar and S4L-Exemplar mirrored their copies whatever ``train.hflip`` said.
 """
 
 from __future__ import annotations
@@ -48,21 +50,38 @@ REFUSED: dict[str, dict[str, str]] = {
 }
 
 
-def _fields_read(name: str, params, monkeypatch) -> set[str]:
-    """The fields of ``params.<name>`` that a short run of ``name`` reads by attribute (its pre-phases, training,
-    evaluation and outputs). The spy goes on the section's class after validation, so validators do not count."""
-    cls = type(getattr(params, name))
-    fields, read = set(cls.model_fields), set()
+# where a method makes its own views (random resized crops) instead of the padded crop of `train.crop_padding`
+OWN_VIEWS = {"exemplar": {"crop_padding"}, "s4l_exemplar": {"crop_padding"}, "paws": {"crop_padding"},
+             "simclr": {"crop_padding"}, "jigsaw_pp": {"crop_padding", "hflip"}}  # Jigsaw++ tiles: never mirrored
 
-    def spy(self, attr: str):
-        if attr in fields:
-            read.add(attr)
-        return object.__getattribute__(self, attr)
+
+def _train_unread(name: str, train: TrainParams) -> set[str]:
+    """The train keys a run of ``name`` with these (merged) train settings has no use for."""
+    return (OWN_VIEWS.get(name, set()) | ({"gamma"} if train.schedule != "step" else set())
+            | ({"nesterov"} if train.optimizer == "lars" else set()))
+
+
+def _fields_read(name: str, params, monkeypatch) -> tuple[set[str], set[str]]:
+    """The fields of ``params.<name>`` and of the train settings that a short run of ``name`` reads by attribute
+    (its pre-phases, training, evaluation and outputs). The spies go on the classes after validation, so
+    validators do not count."""
+    cls = type(getattr(params, name))
+    read: dict[type, set[str]] = {cls: set(), TrainParams: set()}
+
+    def spy_on(model: type):
+        fields = set(model.model_fields)
+
+        def spy(self, attr: str):
+            if attr in fields:
+                read[model].add(attr)
+            return object.__getattribute__(self, attr)
+        return spy
 
     with monkeypatch.context() as m:
-        m.setattr(cls, "__getattribute__", spy)
+        for model in read:
+            m.setattr(model, "__getattribute__", spy_on(model))
         (pretrain_stage if name in PRETEXTS else train_stage)(name, params)
-    return read
+    return read[cls], read[TrainParams]
 
 
 @pytest.mark.parametrize("name", sorted(METHODS) + sorted(PRETEXTS))
@@ -74,12 +93,17 @@ def test_every_param_is_read_by_the_run_or_refused(workdir, tiny, monkeypatch, n
     mode_overrides, mode_keys = MODES.get(name, ((), set()))
     refused = REFUSED.get(name, {})
     assert (mode_keys | set(refused)) <= fields, "MODES / REFUSED name a key the params do not have"
-    unread = fields - _fields_read(name, params, monkeypatch) - set(TrainParams.model_fields)
+    section_read, train_read = _fields_read(name, params, monkeypatch)
+    unread = fields - section_read - set(TrainParams.model_fields)
     assert unread == mode_keys | set(refused), f"{name}: read by nothing in this run: {sorted(unread)}"
+    train = getattr(params, name).train_params(params.train)
+    # amp: read on CUDA only (CI has none)
+    train_unread = set(TrainParams.model_fields) - train_read - {"amp"}
+    assert train_unread == _train_unread(name, train), f"{name}: train keys read by nothing: {sorted(train_unread)}"
     if mode_keys:
         if name == "alternating":  # refine mode starts from a trained Mean Teacher
             train_stage("mean_teacher", tiny(*_short("mean_teacher")))
-        missed = mode_keys - _fields_read(name, tiny(*_short(name), *mode_overrides), monkeypatch)
+        missed = mode_keys - _fields_read(name, tiny(*_short(name), *mode_overrides), monkeypatch)[0]
         assert not missed, f"{name} with {mode_overrides}: read by nothing there either: {sorted(missed)}"
     for key, value in refused.items():
         with pytest.raises(ParamsError, match=key):

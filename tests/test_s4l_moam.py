@@ -38,6 +38,18 @@ def _method(tiny, name, *extra):
 # S4L-Exemplar
 
 
+@pytest.mark.parametrize("hflip", [True, False])
+def test_exemplar_views_flip_only_where_train_hflip_is_on(hflip):
+    """The copies are mirrored at random with ``train.hflip`` and never without it (it was read past: a dataset
+    where a mirrored image is another class still got mirrored copies). Each image brightens from left to right,
+    and so does any crop of it: a copy that darkens from left to right is a mirrored one."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.arange(12, dtype=torch.uint8) * 20).view(1, 1, 1, 12).expand(2, 1, 12, 12).contiguous()
+    views = exemplar_views(x, g, 8, (0.2, 1.0), hue=0.0, saturation=0.0, value=0.0, hflip=hflip)
+    mirrored = views[..., 0].mean((1, 2)) > views[..., -1].mean((1, 2))
+    assert bool(mirrored.any()) == hflip and not bool(mirrored.all())  # 16 copies: both kinds, where it flips
+
+
 def test_exemplar_views_are_8_copies_of_each_image_labelled_by_it():
     b, g = 5, torch.Generator().manual_seed(0)
     # image j is constant at 40 j: any crop and flip of it stays constant, so each view names its source
@@ -78,7 +90,7 @@ def test_s4l_exemplar_class_loss_on_all_copies_of_the_labeled_images(workdir, ti
     import ssl_ops.methods.s4l_exemplar as mod
 
     seen, make_views = {}, mod.exemplar_views
-    monkeypatch.setattr(mod, "exemplar_views", lambda *a: seen.setdefault("views", make_views(*a)))
+    monkeypatch.setattr(mod, "exemplar_views", lambda *a, **k: seen.setdefault("views", make_views(*a, **k)))
     m = _method(tiny, "s4l_exemplar", "train.batch_size=4", "s4l_exemplar.unlabeled_batch_size=2",
                 f"s4l_exemplar.class_on_views={str(on_views).lower()}")
     draws, sample = [], m.ctx.store.sample

@@ -52,7 +52,8 @@ class S4LExemplar(JointMethod):
         # raw labeled images: their exemplar views are made like the unlabeled ones'
         xl, y = ctx.store.sample(ctx.pools["labeled"], ctx.train.batch_size, ctx.generator)
         images = torch.cat([xl, ctx.unlabeled_batch(self.unlabeled_batch_size)])
-        views = exemplar_views(images, ctx.generator, p.instances, p.crop_scale, p.hue, p.saturation, p.value)
+        views = exemplar_views(images, ctx.generator, p.instances, p.crop_scale, p.hue, p.saturation, p.value,
+                               hflip=ctx.train.hflip)
         labels = instance_labels(len(images), p.instances, images.device)
         net = self.model["net"]
         if p.class_on_views:  # copy i of image j is row i * len(images) + j: labeled where j < len(xl)

@@ -1,7 +1,7 @@
 """Exemplar (Dosovitskiy et al. 2014, in the form of S4L §3.1).
 
 Each image of the batch is a class of its own: ``instances`` (8) heavily augmented copies of it (Inception
-random resized crop, horizontal flip, HSV colour jitter) are embedded by a linear head on the backbone,
+random resized crop, horizontal flip unless ``train.hflip`` is off, HSV colour jitter) are embedded by a linear head on the backbone,
 and a batch-hard triplet loss with a soft margin (Hermans et al. 2017) pulls copies of one image together
 and pushes other images away. :func:`exemplar_views` and :func:`instance_labels` are shared with the
 semi-supervised S4L-Exemplar (``ssl_ops.methods.s4l_exemplar``).
@@ -9,7 +9,6 @@ semi-supervised S4L-Exemplar (``ssl_ops.methods.s4l_exemplar``).
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -39,7 +38,8 @@ class Exemplar(Pretext):
 
     def views(self, x: Tensor) -> Tensor:
         p = self.params
-        return exemplar_views(x, self.ctx.generator, p.instances, p.crop_scale, p.hue, p.saturation, p.value)
+        return exemplar_views(x, self.ctx.generator, p.instances, p.crop_scale, p.hue, p.saturation, p.value,
+                              hflip=self.ctx.train.hflip)
 
     def training_step(self, step: int) -> dict[str, Tensor]:
         b = self.ctx.train.batch_size
