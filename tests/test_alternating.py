@@ -317,5 +317,6 @@ def test_the_report_names_the_mean_teacher_a_refine_run_started_from():
 
     logged = {"refine": "True", "init": None, "teacher": "models/mt_split0.pt"}
     assert AlternatingParams.starts_from(logged.get) == "mt_split0.pt"
-    assert AlternatingParams.starts_from({**logged, "refine": "False", "init": "models/pretrain/paws.pt"}.get) == "paws.pt"
+    from_init = {**logged, "refine": "False", "init": "models/pretrain/paws.pt"}
+    assert AlternatingParams.starts_from(from_init.get) == "paws.pt"
     assert MeanTeacherRefineParams.starts_from(logged.get) is None  # a chained step: the report names `previous`

@@ -1,9 +1,9 @@
 """Exemplar (Dosovitskiy et al. 2014, in the form of S4L §3.1).
 
 Each image of the batch is a class of its own: ``instances`` (8) heavily augmented copies of it (Inception
-random resized crop, horizontal flip unless ``train.hflip`` is off, HSV colour jitter) are embedded by a linear head on the backbone,
-and a batch-hard triplet loss with a soft margin (Hermans et al. 2017) pulls copies of one image together
-and pushes other images away. :func:`exemplar_views` and :func:`instance_labels` are shared with the
+random resized crop, horizontal flip unless ``train.hflip`` is off, HSV colour jitter) are embedded by a linear
+head on the backbone, and a batch-hard triplet loss with a soft margin (Hermans et al. 2017) pulls copies of one
+image together and pushes other images away. :func:`exemplar_views` and :func:`instance_labels` are shared with the
 semi-supervised S4L-Exemplar (``ssl_ops.methods.s4l_exemplar``).
 """
 
