@@ -299,15 +299,23 @@ def test_refine_without_a_teacher_is_a_clear_error(workdir, tiny):
     ((*REFINE, "alternating.labels=hard"), "labels: hard, split: false"),
     ((*REFINE, "alternating.split=true"), "labels: soft, split: true"),
     ((*REFINE, "alternating.init=models/pretrain/rotation.pt"), None),  # params.yaml's init, never loaded there
+    ((*REFINE, "alternating.subset_fraction=0.5"), "subset_fraction"),  # step (7)'s keys, read only with the split
+    (("alternating.split=false", "alternating.full_set_cycles=2"), "full_set_cycles"),
 ])
 def test_refine_mode_refuses_params_that_say_otherwise_than_what_runs(workdir, tiny, overrides, now):
     """Refine mode runs §4.3's soft labels without the split, from the Mean Teacher. It used to force both over
     params.yaml's ``labels: hard`` and ``split: true`` and log its ``init`` unread, so a run logged what it did not
-    do: now the keys must say it, or it is an error."""
-    match = (r"init \(models/pretrain/rotation.pt\) is not read in refine mode: .*Mean Teacher `teacher` names; "
-             r"set init: null" if now is None else
-             rf"soft labels with no random split: set labels: soft and split: false with it \(now {now}\), or "
-             rf"train `mean_teacher_refine`")
+    do: now the keys must say it, or it is an error. Step (7)'s keys, read only with the split, are refused away
+    from their defaults without it (in refine mode, as mean_teacher_refine did, and in the ``split: false``
+    ablation)."""
+    if now is None:
+        match = (r"init \(models/pretrain/rotation.pt\) is not read in refine mode: .*Mean Teacher `teacher` names; "
+                 r"set init: null")
+    elif now in ("subset_fraction", "full_set_cycles"):
+        match = rf"{now} is not read without the random split \(split: false.*leave it at its default \((0.666667|1)\)"
+    else:
+        match = (rf"soft labels with no random split: set labels: soft and split: false with it \(now {now}\), or "
+                 rf"train `mean_teacher_refine`")
     with pytest.raises(ParamsError, match=match):
         tiny(*overrides)
 

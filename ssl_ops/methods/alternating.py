@@ -107,6 +107,13 @@ class AlternatingParams(MethodParams):
         if self.refine and self.network_from is None and self.init is not None:
             raise ValueError(f"init ({self.init}) is not read in refine mode: the network comes whole from the Mean "
                              "Teacher `teacher` names; set init: null")
+        # step (7)'s keys are read only with the split; a saved params dump round-trips their defaults
+        if not self.split:
+            for key in ("subset_fraction", "full_set_cycles"):
+                default = AlternatingParams.model_fields[key].default
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key} is not read without the random split (split: false, as in the "
+                                     f"refinement of §4.3): leave it at its default ({default:g})")
         return self
 
     @classmethod

@@ -55,11 +55,6 @@ class MeanTeacherRefineParams(AlternatingParams):
         if not self.refine:
             raise ParamsError("mean_teacher_refine.refine: this method is the refinement (§4.3); for Algorithm 1 "
                               "from the RotNet, train `alternating`")
-        # the split's keys: with no split nothing reads them (a saved params dump round-trips their defaults)
-        for key in ("subset_fraction", "full_set_cycles"):
-            if getattr(self, key) != AlternatingParams.model_fields[key].default:
-                raise ParamsError(f"mean_teacher_refine.{key} is not read: the refinement has no random split "
-                                  "(Rebuffi et al. §4.3); leave it at its default, or train `alternating`")
         # alternating's key, not read here; a saved params dump round-trips its default
         if self.teacher not in (AlternatingParams.model_fields["teacher"].default, self.previous):
             raise ParamsError("mean_teacher_refine.teacher: name the Mean Teacher to refine with "
