@@ -139,23 +139,26 @@ def _dry_run(args, params, name: str) -> None:
 
     The run logs these same values to MLflow; printing them first lets a user check a preset or a ``--set`` (and
     the checkpoints the run will read) before spending CPU-minutes on it."""
+    from rich.markup import escape
+
     from ssl_ops.params import TrainParams
 
     section = getattr(params, name)
     sources = _sources(args)
-    table = Table(title=f"{name}: its params, after {_source_chain(args)}", title_justify="left")
+    chain = " + ".join(layer for layer, tree in sources if tree or layer != "--set")
+    table = Table(title=f"{name}: its params, after {escape(chain)}", title_justify="left")
     for column in (f"{name}.", "value", "set in"):
         table.add_column(column, overflow="fold")
     for key in type(section).model_fields:
         value = getattr(section, key)
-        shown = "null" if value is None else str(value)
+        shown = "null" if value is None else escape(str(value))  # a value in [...] is not rich markup
         if value is None and key in TrainParams.model_fields:
             shown += f" (train.{key})"
         elif value is None and key == "freeze_blocks":
             shown += " (model.freeze_blocks)"
         if isinstance(value, Path) and not value.exists():
             shown += " [yellow](no such file here)[/yellow]"
-        table.add_row(key, shown, _source_of(sources, name, key))
+        table.add_row(key, shown, escape(_source_of(sources, name, key)))
     out.print(table)
     t = section.train_params(params.train)
     out.print(f"train, with {name}'s overrides: {t.epochs} epochs x {t.steps_per_epoch} steps x batch {t.batch_size} "
@@ -165,10 +168,6 @@ def _dry_run(args, params, name: str) -> None:
     out.print(f"data {params.data.name}, split seed {params.split.seed}, model {params.model.backbone} width "
               f"{params.model.width:g}; MLflow experiment {params.tracking.experiment!r}", highlight=False)
     out.print("dry run: params valid, nothing trained (drop --dry-run to train)", highlight=False)
-
-
-def _source_chain(args) -> str:
-    return " + ".join([args.params, *args.presets, *(["--set"] if args.overrides else [])])
 
 
 def cmd_train(args) -> None:
