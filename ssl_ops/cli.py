@@ -70,9 +70,9 @@ def _warn_dvc_output(path: Path) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from ssl_ops.stages import prepare_stage
-
     import numpy as np
+
+    from ssl_ops.stages import prepare_stage
 
     params = _load(args)
     path = prepare_stage(params)
@@ -217,7 +217,7 @@ def cmd_report(args) -> None:
         out.print(f"Runs are on the tracking server {uri}")
 
 
-def cmd_results(args) -> None:
+def cmd_results(args) -> int | None:
     from ssl_ops import results, tracking
     from ssl_ops.methods import METHODS
 
@@ -229,6 +229,8 @@ def cmd_results(args) -> None:
     def store_history(run_id: str, key: str) -> list[tuple[int, float]]:
         return tracking.metric_history(params.tracking, run_id, key)
 
+    if args.compare:
+        return _compare_to_ledger(args, results, runs, store_history, experiment)
     history, source = store_history, f"experiment `{experiment}`"
     if args.ledger:  # the committed record of the campaign's runs: the store's runs join it, the report reads it
         ledger = Path(args.ledger)
@@ -260,6 +262,53 @@ def cmd_results(args) -> None:
     if missing := results.missing_rows(rows, expected):
         out.print(f"not measured yet: {', '.join(missing)}", highlight=False)
     out.print(f"written {out_path} (+ .json, .png, _curves.png, _losses.png)")
+
+
+def _compare_to_ledger(args, results, runs, history, experiment: str) -> int:
+    """``ssl-ops results --ledger DIR --compare``: each re-run in the store beside the ledger's record of it; exit
+    status 1 when any differs. Writes nothing: the report's ledger update would replace the records compared with."""
+    from rich.markup import escape
+
+    def _value(x: float | None) -> str:
+        return "—" if x is None else f"{x:.6g}"
+
+    if not args.ledger:
+        raise SslOpsError("--compare sets the store's runs beside a ledger: name it with --ledger DIR "
+                          "(the campaign's is pipelines/fmnist_10pc/runs)")
+    if args.tolerance < 0:
+        raise SslOpsError(f"--tolerance {args.tolerance}: give a difference >= 0 (0: bit for bit)")
+    ledger = Path(args.ledger)
+    if not ledger.is_dir():
+        raise SslOpsError(f"ledger {ledger} is not a folder: name the one `ssl-ops results --ledger` writes")
+    compared = results.compare_to_ledger(runs, history, results.read_ledger(ledger), args.tolerance)
+    if not compared:
+        raise SslOpsError(f"experiment {experiment!r} holds no evaluated run or pre-training besides the ledger's "
+                          f"own records: re-run a stage first (e.g. `dvc repro -f -s <stage>`), then compare")
+    table = Table(title=f"store runs of experiment {experiment} against the ledger {ledger}"
+                        + (f" (tolerance {args.tolerance:g})" if args.tolerance else " (bit for bit)"))
+    for col in ("record", "ledger commit", "store commit", "verdict"):
+        table.add_column(col)
+    for c in compared:
+        if c.ledger_commit is None:
+            verdict = "[yellow]new: the ledger holds no such record[/yellow]"
+        elif c.same:
+            verdict = "[green]same[/green]"
+        else:
+            parts = [f"{key} {_value(a)} → {_value(b)}" for key, a, b in c.metrics[:4]]
+            if len(c.metrics) > 4:
+                parts.append(f"{len(c.metrics) - 4} more metrics")
+            parts += [f"curve {key} off by {gap:.3g}" for key, gap in c.curves[:3]]
+            if c.params:  # a changed recipe: the numbers are not expected to agree
+                parts.append(f"params differ: {', '.join(c.params[:4])}" + (" …" if len(c.params) > 4 else ""))
+            verdict = "[red]differs[/red]: " + escape("; ".join(parts))
+        if c.machine_differs:
+            verdict += " (another machine)"
+        table.add_row(c.name, c.ledger_commit or "", c.store_commit, verdict)
+    out.print(table)
+    differ = [c.name for c in compared if c.ledger_commit is not None and not c.same]
+    out.print(f"{len(compared) - len(differ)} of {len(compared)} the same as the ledger"
+              + (f"; differ: {', '.join(differ)}" if differ else ""), highlight=False)
+    return 1 if differ else 0
 
 
 def cmd_pretrain(args) -> None:
@@ -400,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "added to it and the report is made from it, so a clone without the MLflow store rebuilds it")
     p.add_argument("--all-methods", action="store_true",
                    help="name every registered method (and PAWS-NN) that has no evaluated run yet")
+    p.add_argument("--compare", action="store_true",
+                   help="with --ledger: set each run of the store beside the ledger's record of the same row and "
+                        "split (did a re-run reproduce it?); writes nothing, exit status 1 if any differs")
+    p.add_argument("--tolerance", type=float, default=0.0, metavar="X",
+                   help="with --compare: the largest difference of a metric or curve point still counted the same "
+                        "(default 0: bit for bit; e.g. 0.005 = half a point of top-1 on another machine)")
     p = add("promote", cmd_promote, "register a run's model (alias challenger); make it champion if it wins on val")
     p.add_argument("method", help="method whose models/<method>.json names the run (unless --run-id)")
     p.add_argument("--run-id", help="MLflow run to promote (default: the one in models/<method>.json)")
@@ -429,14 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        code = args.fn(args)  # None, or the exit status of a check (results --compare)
     except SslOpsError as exc:
         err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted; the last finished epoch's checkpoint is kept: run the same command again to resume")
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -309,11 +309,17 @@ def _curve_keys(run: dict[str, Any]) -> set[str]:
     return keys | set(loss_keys(run))
 
 
-def ledger_record(run: dict[str, Any], history: Callable[[str, str], list]) -> dict[str, Any]:
-    """What the report reads of ``run``: the params of the sections it looks at (``split``, ``train``, ``model`` and
-    the method's or pretext's own: budget, chain), every metric and tag, and the per-epoch curves it plots."""
+def _record_sections(run: dict[str, Any]) -> tuple[str, ...]:
+    """The params a ledger record keeps, by prefix: ``split``, ``train``, ``model`` and the method's or pretext's own
+    section (its budget, its chain, what it started from)."""
     section = run["tags"].get("method") or run["tags"].get("pretext")
-    keep = ("split.", "train.", "model.", f"{section}.")
+    return "split.", "train.", "model.", f"{section}."
+
+
+def ledger_record(run: dict[str, Any], history: Callable[[str, str], list]) -> dict[str, Any]:
+    """What the report reads of ``run``: the params of the sections it looks at (:func:`_record_sections`), every
+    metric and tag, and the per-epoch curves it plots."""
+    keep = _record_sections(run)
     curves = {key: [list(point) for point in history(run["run_id"], key)] for key in sorted(_curve_keys(run))}
     return {"run_id": run["run_id"], "name": run.get("name"), "status": run["status"],
             "start_time": run["start_time"], "params": {k: v for k, v in run["params"].items() if k.startswith(keep)},
@@ -346,6 +352,67 @@ def ledger_history(records: list[dict[str, Any]]) -> Callable[[str, str], list[t
     """``history(run_id, key)`` over ledger records, as :func:`ssl_ops.tracking.metric_history` over a store."""
     by_id = {r["run_id"]: r.get("history", {}) for r in records}
     return lambda run_id, key: [(int(step), float(v)) for step, v in by_id.get(run_id, {}).get(key, [])]
+
+
+# what a run measured of its own cost and of the machine's load, not what it computed: these differ between two runs
+# of the same code on the same inputs; every other metric, param and curve of a ledger record should not
+COST_METRICS = frozenset({"cpu_seconds", "train_seconds", "images_per_second", "loadavg_1m", "loadavg_mean"})
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """A run of the store set beside the ledger's record of the same (row, split) or pre-training, as ``ssl-ops
+    results --ledger DIR --compare`` prints it: did re-running a stage give what the ledger holds?"""
+
+    name: str  # the ledger file it is compared with: "<method>-seed<S>" or "pretrain-<pretext>-seed<S>"
+    store_commit: str
+    ledger_commit: str | None  # None: the ledger holds no record of this name (a new row or split)
+    machine_differs: bool = False  # bit-for-bit equality is only to be expected on the same kind of machine
+    params: tuple[str, ...] = ()  # keys of the record's sections whose logged values differ
+    metrics: tuple[tuple[str, float | None, float | None], ...] = ()  # (key, ledger value, store value), results only
+    curves: tuple[tuple[str, float], ...] = ()  # (key, largest absolute difference; inf: other epochs logged)
+
+    @property
+    def same(self) -> bool:
+        return self.ledger_commit is not None and not (self.params or self.metrics or self.curves)
+
+
+def _curve_gap(a: list, b: list) -> float:
+    """The largest absolute difference between two per-epoch curves; inf when they logged different epochs."""
+    if [int(step) for step, _ in a] != [int(step) for step, _ in b]:
+        return float("inf")
+    return max((abs(float(x) - float(y)) for (_, x), (_, y) in zip(a, b)), default=0.0)
+
+
+def compare_to_ledger(runs: list[dict[str, Any]], history: Callable[[str, str], list],
+                      records: list[dict[str, Any]], tolerance: float = 0.0) -> list[Reproduction]:
+    """Each run of ``runs`` (the store) that the ledger would hold (the latest per ledger name) and that is not the
+    ledger's own record, set beside that record: the params of the record's sections that differ, every metric but
+    :data:`COST_METRICS` that differs by more than ``tolerance``, and every curve the record holds that does. Reads
+    and writes no file: run it before the report, whose ledger update replaces the records it compares with."""
+    held = {_ledger_name(r): r for r in records}
+    out = []
+    for name, run in sorted(newest(runs, _ledger_name, _start).items()):
+        old = held.get(name)
+        commit = _short_commit(run["tags"].get("git_commit", "unknown"))
+        if old is None:
+            out.append(Reproduction(name, commit, None))
+            continue
+        if old["run_id"] == run["run_id"]:
+            continue  # the ledger's record is this very run: nothing was re-run
+        keys = set(old["params"]) | {k for k in run["params"] if k.startswith(_record_sections(run))}
+        params = tuple(sorted(k for k in keys if run["params"].get(k) != old["params"].get(k)))
+        metrics = []
+        for key in sorted((set(old["metrics"]) | set(run["metrics"])) - COST_METRICS):
+            a, b = old["metrics"].get(key), run["metrics"].get(key)
+            if a is None or b is None or abs(a - b) > tolerance:
+                metrics.append((key, a, b))
+        curves = [(key, gap) for key, curve in sorted(old.get("history", {}).items())
+                  if (gap := _curve_gap(curve, history(run["run_id"], key))) > tolerance]
+        out.append(Reproduction(name, commit, _short_commit(old["tags"].get("git_commit", "unknown")),
+                                run["tags"].get("machine", "") != old["tags"].get("machine", ""),
+                                params, tuple(metrics), tuple(curves)))
+    return out
 
 
 def _short(path: str) -> str:

@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_trains_as_without_the_autocast_cache
 
 from ssl_ops import io
 from ssl_ops.errors import ParamsError
 from ssl_ops.losses import soft_cross_entropy
 from ssl_ops.methods.alternating import AlternatingParams
-from ssl_ops.stages.pretrain import pretrain_briefly_for
 from ssl_ops.stages import build_method, load_data, train_stage
-
-from conftest import assert_trains_as_without_the_autocast_cache
+from ssl_ops.stages.pretrain import pretrain_briefly_for
 
 # refine mode as §4.3 runs it: from a Mean Teacher, soft labels, no random split
 REFINE = ("alternating.refine=true", "alternating.labels=soft", "alternating.split=false", "alternating.init=null")

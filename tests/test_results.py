@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -324,3 +326,73 @@ def test_training_losses_are_plotted_and_kept_in_the_ledger(tmp_path):
     assert results.update_ledger(ledger, runs, history) == 1
     assert "loss_vat" in json.loads((ledger / "vat-seed0.json").read_text())["history"]
     assert results.update_ledger(ledger, runs, history) == 0
+
+
+def test_compare_sets_each_rerun_beside_its_ledger_record(tmp_path):
+    """`ssl-ops results --ledger runs --compare`: a re-run of a stage is checked against the committed record of the
+    same (row, split), metric by metric (its cost and the machine's load left out) and epoch by epoch."""
+    def history(run_id, key):
+        return {"val_top1": [(1, 0.5), (2, 0.6)], "loss": [(1, 2.0), (2, 1.0)]}.get(key, [])
+
+    ledger = tmp_path / "runs"
+    first = [_run("v0", 0, 1, method="vat", test_top1=0.75, loss=1.0, cpu_seconds=60.0, loadavg_mean=1.0),
+             _run("v1", 1, 1, method="vat", test_top1=0.73, loss=1.0, cpu_seconds=60.0),
+             _run("p0", 0, 1, pretext="paws", paws_nn_top1=0.8, cpu_seconds=300.0)]
+    first[0]["params"]["vat.eps"] = "1.5"
+    results.update_ledger(ledger, first, history)
+    records = results.read_ledger(ledger)
+    assert results.compare_to_ledger(first, history, records) == []  # the ledger's own runs: nothing re-ran
+
+    same = _run("v0b", 0, 2, method="vat", test_top1=0.75, loss=1.0, cpu_seconds=99.0, loadavg_mean=2.0)
+    same["params"]["vat.eps"] = "1.5"
+    moved = _run("v1b", 1, 2, method="vat", test_top1=0.7301, loss=1.0, cpu_seconds=60.0)
+    moved["params"]["vat.eps"] = "2.0"  # a changed recipe: named, since its numbers need not agree
+    new = _run("s0", 0, 2, method="supervised", test_top1=0.7)
+    paws = _run("p0b", 0, 2, pretext="paws", paws_nn_top1=0.8, cpu_seconds=300.0)
+    paws["tags"]["machine"] = "another CPU"
+
+    def rerun_history(run_id, key):
+        if run_id == "p0b" and key == "paws_nn_val_top1":
+            return [(1, 0.5), (3, 0.6)]  # other epochs logged: no number can say how far apart
+        return [(1, 0.5), (2, 0.6 + (0.02 if run_id == "v1b" else 0))] if key == "val_top1" else history(run_id, key)
+
+    got = {c.name: c for c in results.compare_to_ledger([*first, same, moved, new, paws], rerun_history, records)}
+    assert sorted(got) == ["pretrain-paws-seed0", "supervised-seed0", "vat-seed0", "vat-seed1"]
+    assert got["vat-seed0"].same and got["vat-seed0"].ledger_commit == "abcdef1234"
+    assert got["supervised-seed0"].ledger_commit is None and not got["supervised-seed0"].same
+    c = got["vat-seed1"]
+    assert not c.same and c.params == ("vat.eps",) and c.metrics == (("test_top1", 0.73, 0.7301),)
+    assert [key for key, _ in c.curves] == ["val_top1"] and c.curves[0][1] == pytest.approx(0.02)
+    p = got["pretrain-paws-seed0"]
+    assert p.machine_differs and p.curves == (("paws_nn_val_top1", float("inf")),) and not p.metrics
+
+    loose = {c.name: c for c in results.compare_to_ledger([moved], rerun_history, records, tolerance=0.03)}
+    assert loose["vat-seed1"].metrics == () and loose["vat-seed1"].curves == () and not loose["vat-seed1"].same
+    assert results.compare_to_ledger([moved], rerun_history, records, tolerance=0.0001)[0].metrics == ()
+
+
+def test_compare_exits_1_when_a_rerun_differs_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from ssl_ops import tracking
+    from ssl_ops.cli import main
+
+    ledger = tmp_path / "runs"
+    results.update_ledger(ledger, [_run("v0", 0, 1, method="vat", test_top1=0.75)], lambda *a: [])
+    before = {p.name: p.read_bytes() for p in ledger.iterdir()}
+    store = [_run("v0b", 0, 2, method="vat", test_top1=0.75)]
+    monkeypatch.setattr(tracking, "search_runs", lambda cfg, experiment: store)
+    monkeypatch.setattr(tracking, "metric_history", lambda cfg, run_id, key: [])
+    monkeypatch.chdir(tmp_path)
+    args = ["results", "--params", str(Path(__file__).parents[1] / "params.yaml"), "--ledger", "runs", "--compare"]
+    assert main(args) == 0
+    assert "1 of 1 the same as the ledger" in capsys.readouterr().out
+    store[0]["metrics"]["test_top1"] = 0.74
+    assert main(args) == 1
+    assert "differ: vat-seed0" in capsys.readouterr().out
+    assert main([*args, "--tolerance", "0.02"]) == 0
+    assert {p.name: p.read_bytes() for p in ledger.iterdir()} == before and sorted(os.listdir(tmp_path)) == ["runs"]
+
+    assert main([a for a in args if a not in ("--ledger", "runs")]) == 2  # no ledger named
+    assert "--ledger DIR" in capsys.readouterr().err
+    store[0] = _run("v0", 0, 1, method="vat", test_top1=0.75)  # the ledger's own run: nothing re-ran
+    assert main(args) == 2
+    assert "re-run a stage first" in capsys.readouterr().err

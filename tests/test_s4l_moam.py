@@ -16,13 +16,12 @@ from pydantic import ValidationError
 from torch import nn
 
 from ssl_ops import io
-from ssl_ops.augment import rot90
+from ssl_ops.augment import exemplar_views, instance_labels, rot90
 from ssl_ops.errors import CheckpointError, SslOpsError
 from ssl_ops.methods._moam import fixed_crops, tta_predict, tta_probs
 from ssl_ops.methods.moam import MoamParams, moam_loss
 from ssl_ops.methods.s4l_rotation import rotation_losses
 from ssl_ops.params import PipelineParams
-from ssl_ops.augment import exemplar_views, instance_labels
 from ssl_ops.stages import MODELS, build_method, load_data, train_stage
 
 STEPS = ("train.epochs=1", "train.steps_per_epoch=2")
