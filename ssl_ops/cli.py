@@ -287,24 +287,32 @@ def _compare_to_ledger(args, results, runs, history, experiment: str) -> int:
     table = Table(title=f"store runs of experiment {experiment} against the ledger {ledger}"
                         + (f" (tolerance {args.tolerance:g})" if args.tolerance else " (bit for bit)"))
     for col in ("record", "ledger commit", "store commit", "verdict"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col != "verdict")
+    details = []  # every difference in full, below the table (a cell would cut them to the console's width)
     for c in compared:
         if c.ledger_commit is None:
             verdict = "[yellow]new: the ledger holds no such record[/yellow]"
         elif c.same:
             verdict = "[green]same[/green]"
         else:
-            parts = [f"{key} {_value(a)} → {_value(b)}" for key, a, b in c.metrics[:4]]
-            if len(c.metrics) > 4:
-                parts.append(f"{len(c.metrics) - 4} more metrics")
-            parts += [f"curve {key} off by {gap:.3g}" for key, gap in c.curves[:3]]
-            if c.params:  # a changed recipe: the numbers are not expected to agree
-                parts.append(f"params differ: {', '.join(c.params[:4])}" + (" …" if len(c.params) > 4 else ""))
-            verdict = "[red]differs[/red]: " + escape("; ".join(parts))
+            counts = [f"{len(x)} {what}" for x, what in ((c.metrics, "metrics"), (c.curves, "curves"),
+                                                         (c.params, "params")) if x]
+            verdict = f"[red]differs[/red]: {', '.join(counts)}"
+            lines = [f"metric {key}: {_value(a)} → {_value(b)}" for key, a, b in c.metrics]
+            lines += [f"curve {key}: off by up to {gap:.3g}" if gap != float("inf") else
+                      f"curve {key}: other epochs logged" for key, gap in c.curves]
+            # a changed recipe: its numbers need not agree (the ledger's run logged a value it did not run, or the
+            # recipe moved since)
+            lines += [f"param {key}: {a} → {b}" for key, a, b in c.params]
+            details.append((c.name, lines))
         if c.machine_differs:
             verdict += " (another machine)"
         table.add_row(c.name, c.ledger_commit or "", c.store_commit, verdict)
     out.print(table)
+    for name, lines in details:
+        out.print(f"[bold]{name}[/bold] (ledger → store):", highlight=False)
+        for line in lines:
+            out.print(f"  {escape(line)}", highlight=False)
     differ = [c.name for c in compared if c.ledger_commit is not None and not c.same]
     out.print(f"{len(compared) - len(differ)} of {len(compared)} the same as the ledger"
               + (f"; differ: {', '.join(differ)}" if differ else ""), highlight=False)

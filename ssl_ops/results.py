@@ -368,7 +368,7 @@ class Reproduction:
     store_commit: str
     ledger_commit: str | None  # None: the ledger holds no record of this name (a new row or split)
     machine_differs: bool = False  # bit-for-bit equality is only to be expected on the same kind of machine
-    params: tuple[str, ...] = ()  # keys of the record's sections whose logged values differ
+    params: tuple[tuple[str, str | None, str | None], ...] = ()  # (key, ledger value, store value) as logged
     metrics: tuple[tuple[str, float | None, float | None], ...] = ()  # (key, ledger value, store value), results only
     curves: tuple[tuple[str, float], ...] = ()  # (key, largest absolute difference; inf: other epochs logged)
 
@@ -401,7 +401,8 @@ def compare_to_ledger(runs: list[dict[str, Any]], history: Callable[[str, str], 
         if old["run_id"] == run["run_id"]:
             continue  # the ledger's record is this very run: nothing was re-run
         keys = set(old["params"]) | {k for k in run["params"] if k.startswith(_record_sections(run))}
-        params = tuple(sorted(k for k in keys if run["params"].get(k) != old["params"].get(k)))
+        params = tuple((k, old["params"].get(k), run["params"].get(k)) for k in sorted(keys)
+                       if run["params"].get(k) != old["params"].get(k))
         metrics = []
         for key in sorted((set(old["metrics"]) | set(run["metrics"])) - COST_METRICS):
             a, b = old["metrics"].get(key), run["metrics"].get(key)

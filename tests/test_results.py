@@ -361,7 +361,7 @@ def test_compare_sets_each_rerun_beside_its_ledger_record(tmp_path):
     assert got["vat-seed0"].same and got["vat-seed0"].ledger_commit == "abcdef1234"
     assert got["supervised-seed0"].ledger_commit is None and not got["supervised-seed0"].same
     c = got["vat-seed1"]
-    assert not c.same and c.params == ("vat.eps",) and c.metrics == (("test_top1", 0.73, 0.7301),)
+    assert not c.same and c.params == (("vat.eps", None, "2.0"),) and c.metrics == (("test_top1", 0.73, 0.7301),)
     assert [key for key, _ in c.curves] == ["val_top1"] and c.curves[0][1] == pytest.approx(0.02)
     p = got["pretrain-paws-seed0"]
     assert p.machine_differs and p.curves == (("paws_nn_val_top1", float("inf")),) and not p.metrics
@@ -387,7 +387,8 @@ def test_compare_exits_1_when_a_rerun_differs_and_writes_nothing(tmp_path, monke
     assert "1 of 1 the same as the ledger" in capsys.readouterr().out
     store[0]["metrics"]["test_top1"] = 0.74
     assert main(args) == 1
-    assert "differ: vat-seed0" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "differ: vat-seed0" in text and "metric test_top1: 0.75 → 0.74" in text
     assert main([*args, "--tolerance", "0.02"]) == 0
     assert {p.name: p.read_bytes() for p in ledger.iterdir()} == before and sorted(os.listdir(tmp_path)) == ["runs"]
 
