@@ -222,6 +222,8 @@ def cmd_results(args) -> int | None:
     from ssl_ops.methods import METHODS
 
     params = _load(args)
+    if args.tolerance and not args.compare:
+        raise SslOpsError("--tolerance only applies to --compare: add --compare (and --ledger DIR), or drop it")
     experiment = args.experiment or params.tracking.experiment
     out_path = Path(args.out or f"reports/results_{experiment}.md")
     runs = tracking.search_runs(params.tracking, experiment)

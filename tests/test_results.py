@@ -394,6 +394,8 @@ def test_compare_exits_1_when_a_rerun_differs_and_writes_nothing(tmp_path, monke
 
     assert main([a for a in args if a not in ("--ledger", "runs")]) == 2  # no ledger named
     assert "--ledger DIR" in capsys.readouterr().err
+    assert main([a for a in args if a != "--compare"] + ["--tolerance", "0.01"]) == 2  # a check's option alone
+    assert "only applies to --compare" in capsys.readouterr().err
     store[0] = _run("v0", 0, 1, method="vat", test_top1=0.75)  # the ledger's own run: nothing re-ran
     assert main(args) == 2
     assert "re-run a stage first" in capsys.readouterr().err
