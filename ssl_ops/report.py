@@ -142,8 +142,8 @@ def _schedule_section(dataset: str, schedule: str, cells: dict[str, dict[str, Ce
     budgets = [b for b in budgets if b in cells]
     methods = _method_order(cells)
     lines = [f"## {dataset}, {schedule}", "",
-             "Test top-1, mean ± sample std over seeds (n = seeds); in brackets the difference of the means to "
-             f"`{BASELINE}` at the same budget.", "",
+             ("Test top-1, mean ± sample std over seeds (n = seeds); in brackets the difference of the means to "
+              f"`{BASELINE}` at the same budget."), "",
              "| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
     for m in methods:
         row = []
@@ -174,12 +174,12 @@ def render_summary(rows: list[RunRow], replaced: int, source: str) -> str:
              + (f" ({replaced} older duplicate runs of the same configuration and seeds left out)" if replaced else "")
              + f"; (split, train) seeds: {', '.join(f'({a}, {b})' for a, b in seeds)}; git commits: "
              + ", ".join(f"`{c[:12]}`" for c in sorted({r.git_commit for r in rows})) + ".", "",
-             "Test accuracy is reported, never used for selection (val, 5 images per class, is the split's "
-             "held-out set). Wall times come from whatever machine and load the runs had.", ""]
+             ("Test accuracy is reported, never used for selection (val, 5 images per class, is the split's "
+              "held-out set). Wall times come from whatever machine and load the runs had."), ""]
     for (dataset, schedule), cells in sorted(aggregate(rows).items()):
         lines += _schedule_section(dataset, schedule, cells, budgets)
-    lines += ["Plots: `accuracy_vs_labels.png`, `accuracy_vs_time.png` (this folder) and `dvc plots show` "
-              "(data in `plots/`).", ""]
+    lines += [("Plots: `accuracy_vs_labels.png`, `accuracy_vs_time.png` (this folder) and `dvc plots show` "
+               "(data in `plots/`)."), ""]
     return "\n".join(lines)
 
 

@@ -122,9 +122,10 @@ def parse(run: dict[str, Any]) -> Run | None:
     p, m, tags = run["params"], run["metrics"], run["tags"]
     if run["status"] != "FINISHED" or "split.seed" not in p:
         return None
-    common = dict(run_id=run["run_id"], seed=int(p["split.seed"]), cpu_seconds=m.get("cpu_seconds"),
-                  presets=tags.get("presets", ""), git_commit=tags.get("git_commit", "unknown"),
-                  load=m.get("loadavg_mean"), start_time=run["start_time"] or 0, machine=tags.get("machine", ""))
+    common = {"run_id": run["run_id"], "seed": int(p["split.seed"]), "cpu_seconds": m.get("cpu_seconds"),
+              "presets": tags.get("presets", ""), "git_commit": tags.get("git_commit", "unknown"),
+              "load": m.get("loadavg_mean"), "start_time": run["start_time"] or 0,
+              "machine": tags.get("machine", "")}
     if tags.get("method") and "test_top1" in m:
         return Run(row=tags["method"], test_top1=m["test_top1"], val_top1=m.get("val_top1"),
                    max_class_fraction=m.get("test_max_class_fraction"), curve_key="val_top1",
@@ -484,23 +485,23 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
     seeds = sorted({s for r in rows for s in r.seeds})
     lines = [
         "# Results: test top-1 per method over labeled splits", "",
-        f"From MLflow ({source}); labeled splits (split seed = train seed): {', '.join(map(str, seeds)) or '—'}. "
-        "Test top-1 is mean ± sample std over the splits (%); the test set is only reported, recipes were chosen "
-        f"on val splits (each recipe's header says which). **Δ** is the mean paired difference to `{BASELINE}` on "
-        "the same splits. "
-        "**CPU-min** is the mean process CPU time of the training steps (user + sys, teacher phases included; "
-        "not evaluation; a step of a chain also gives the whole chain's, as MOAM's last step counts for MOAM); "
-        "a transfer method also needs its pre-training (table below). **max class** is the "
-        f"worst split's share of test images given the commonest predicted class (> {COLLAPSE:.0%}: collapsed). "
-        "**steps x batch** is the training's optimiser steps x batch size; a phase the run trains before its main "
-        "one comes first, by name (cluster_transfer's cluster classification, a teacher trained in the run).",
+        (f"From MLflow ({source}); labeled splits (split seed = train seed): {', '.join(map(str, seeds)) or '—'}. "
+         "Test top-1 is mean ± sample std over the splits (%); the test set is only reported, recipes were chosen "
+         f"on val splits (each recipe's header says which). **Δ** is the mean paired difference to `{BASELINE}` on "
+         "the same splits. "
+         "**CPU-min** is the mean process CPU time of the training steps (user + sys, teacher phases included; "
+         "not evaluation; a step of a chain also gives the whole chain's, as MOAM's last step counts for MOAM); "
+         "a transfer method also needs its pre-training (table below). **max class** is the "
+         f"worst split's share of test images given the commonest predicted class (> {COLLAPSE:.0%}: collapsed). "
+         "**steps x batch** is the training's optimiser steps x batch size; a phase the run trains before its main "
+         "one comes first, by name (cluster_transfer's cluster classification, a teacher trained in the run)."),
         "",
     ]
     if (line := best_line(rows)) is not None:
         lines += [line, ""]
     keys = machine_keys(rows, pretrainings)
-    lines += ["| method | splits | test top-1 | Δ vs supervised | val top-1 | CPU-min | max class | recipe | commit "
-              "| load | machine | steps x batch |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
+    lines += [("| method | splits | test top-1 | Δ vs supervised | val top-1 | CPU-min | max class | recipe | commit "
+               "| load | machine | steps x batch |"), "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
     for r in rows:
         test = f"{_pct(r.mean)}" + (f" ± {_pct(r.std)}" if r.std is not None else "")
         flag = " collapsed" if r.collapsed else ""
@@ -516,12 +517,12 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
     if missing:
         lines += ["", f"Not measured yet (no evaluated run in the sources above): {', '.join(missing)}."]
     if pretrainings:
-        lines += ["", "Pre-trainings (label-free ones run once and serve every split; PAWS reads the labels and runs "
-                  "per split). Probes on the frozen backbone, fit on the split's labeled images: k-NN and "
-                  "logistic regression (test top-1); k-NN val top-1 is the last epoch's val monitor, whose curve is "
-                  "in the curves figure:", "",
-                  "| pretext | splits | CPU-min | k-NN test top-1 | linear probe | k-NN val top-1 | commit | load "
-                  "| machine | steps x batch |", "|---|---|---:|---:|---:|---:|---|---:|---|---|"]
+        lines += ["", ("Pre-trainings (label-free ones run once and serve every split; PAWS reads the labels and runs "
+                   "per split). Probes on the frozen backbone, fit on the split's labeled images: k-NN and "
+                   "logistic regression (test top-1); k-NN val top-1 is the last epoch's val monitor, whose curve is "
+                   "in the curves figure:"), "",
+                  ("| pretext | splits | CPU-min | k-NN test top-1 | linear probe | k-NN val top-1 | commit | load "
+                   "| machine | steps x batch |"), "|---|---|---:|---:|---:|---:|---|---:|---|---|"]
         for p in pretrainings:
             lines.append(f"| {p.pretext} | {','.join(map(str, p.seeds))} | "
                          f"{'—' if p.cpu_minutes is None else f'{p.cpu_minutes:.2f}'} | {_pct(p.knn_top1)} | "
@@ -534,9 +535,9 @@ def render(rows: list[Row], pretrainings: list[Pretraining], source: str, png: s
     lines += ["", f"![test top-1 per method and against CPU-minutes]({png})", "",
               f"![val top-1 per epoch: has each curve flattened?]({curves})", ""]
     if losses is not None:
-        lines += ["Training losses per epoch (the objective and each of its terms, unweighted as logged; line: mean "
-                  "over the splits, band: their range). A term near zero while val top-1 stands still is what the "
-                  "network fitted instead of generalising, e.g. the cross-entropy `loss_sup` on the labeled images:",
+        lines += [("Training losses per epoch (the objective and each of its terms, unweighted as logged; line: mean "
+                   "over the splits, band: their range). A term near zero while val top-1 stands still is what the "
+                   "network fitted instead of generalising, e.g. the cross-entropy `loss_sup` on the labeled images:"),
                   "", f"![training losses per epoch]({losses})", ""]
     return "\n".join(lines)
 
