@@ -274,6 +274,9 @@ def _compare_to_ledger(args, results, runs, history, experiment: str) -> int:
     def _value(x: float | None) -> str:
         return "—" if x is None else f"{x:.6g}"
 
+    def _num(x: float | None) -> str:
+        return "—" if x is None else f"{x:.1f}"
+
     if not args.ledger:
         raise SslOpsError("--compare sets the store's runs beside a ledger: name it with --ledger DIR "
                           "(the campaign's is pipelines/fmnist_10pc/runs)")
@@ -288,8 +291,10 @@ def _compare_to_ledger(args, results, runs, history, experiment: str) -> int:
                           f"own records: re-run a stage first (e.g. `dvc repro -f -s <stage>`), then compare")
     table = Table(title=f"store runs of experiment {experiment} against the ledger {ledger}"
                         + (f" (tolerance {args.tolerance:g})" if args.tolerance else " (bit for bit)"))
-    for col in ("record", "ledger commit", "store commit", "verdict"):
-        table.add_column(col, no_wrap=col != "verdict")
+    # on a narrow console every column wraps rather than lose its end (a commit's -dirty, a record's seed)
+    for col in ("record", "ledger commit", "store commit", "CPU-min ledger → store", "load", "verdict"):
+        table.add_column(col, overflow="fold", min_width=7 if col == "verdict" else None,
+                         justify="right" if col in ("CPU-min ledger → store", "load") else "left")
     details = []  # every difference in full, below the table (a cell would cut them to the console's width)
     for c in compared:
         if c.ledger_commit is None:
@@ -309,15 +314,20 @@ def _compare_to_ledger(args, results, runs, history, experiment: str) -> int:
             details.append((c.name, lines))
         if c.machine_differs:
             verdict += " (another machine)"
-        table.add_row(c.name, c.ledger_commit or "", c.store_commit, verdict)
+        (cpu_a, cpu_b), (load_a, load_b) = c.cpu_minutes, c.load
+        cpu = f"{_num(cpu_a)} → {_num(cpu_b)}" + (f" ({c.cpu_ratio:.2f}x)" if c.cpu_ratio is not None else "")
+        table.add_row(c.name, c.ledger_commit or "", c.store_commit, cpu, f"{_num(load_a)} → {_num(load_b)}", verdict)
     out.print(table)
     for name, lines in details:
         out.print(f"[bold]{name}[/bold] (ledger → store):", highlight=False)
         for line in lines:
             out.print(f"  {escape(line)}", highlight=False)
     differ = [c.name for c in compared if c.ledger_commit is not None and not c.same]
+    ratios = [c.cpu_ratio for c in compared if c.cpu_ratio is not None]
     out.print(f"{len(compared) - len(differ)} of {len(compared)} the same as the ledger"
-              + (f"; differ: {', '.join(differ)}" if differ else ""), highlight=False)
+              + (f"; differ: {', '.join(differ)}" if differ else "")
+              + (f"; CPU-minutes {min(ratios):.2f}-{max(ratios):.2f}x the ledger's" if ratios else ""),
+              highlight=False)
     return 1 if differ else 0
 
 

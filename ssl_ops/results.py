@@ -372,6 +372,16 @@ class Reproduction:
     params: tuple[tuple[str, str | None, str | None], ...] = ()  # (key, ledger value, store value) as logged
     metrics: tuple[tuple[str, float | None, float | None], ...] = ()  # (key, ledger value, store value), results only
     curves: tuple[tuple[str, float], ...] = ()  # (key, largest absolute difference; inf: other epochs logged)
+    # not compared, shown: the budget is in CPU-minutes (issue 17), and a run's cost moves with the machine and the
+    # company it ran in (its load), so a re-run says what it cost beside what the ledger's run cost
+    cpu_minutes: tuple[float | None, float | None] = (None, None)  # (ledger, store)
+    load: tuple[float | None, float | None] = (None, None)  # mean 1-minute load average during the run
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """The re-run's CPU-minutes over the ledger run's; None when either is not logged."""
+        a, b = self.cpu_minutes
+        return b / a if a and b is not None else None
 
     @property
     def same(self) -> bool:
@@ -396,8 +406,10 @@ def compare_to_ledger(runs: list[dict[str, Any]], history: Callable[[str, str], 
     for name, run in sorted(newest(runs, _ledger_name, _start).items()):
         old = held.get(name)
         commit = _short_commit(run["tags"].get("git_commit", "unknown"))
+        cost = {"cpu_minutes": (_cpu_minutes(old), _cpu_minutes(run)),
+                "load": ((old or {}).get("metrics", {}).get("loadavg_mean"), run["metrics"].get("loadavg_mean"))}
         if old is None:
-            out.append(Reproduction(name, commit, None))
+            out.append(Reproduction(name, commit, None, **cost))
             continue
         if old["run_id"] == run["run_id"]:
             continue  # the ledger's record is this very run: nothing was re-run
@@ -413,8 +425,13 @@ def compare_to_ledger(runs: list[dict[str, Any]], history: Callable[[str, str], 
                   if (gap := _curve_gap(curve, history(run["run_id"], key))) > tolerance]
         out.append(Reproduction(name, commit, _short_commit(old["tags"].get("git_commit", "unknown")),
                                 run["tags"].get("machine", "") != old["tags"].get("machine", ""),
-                                params, tuple(metrics), tuple(curves)))
+                                params, tuple(metrics), tuple(curves), **cost))
     return out
+
+
+def _cpu_minutes(run: dict[str, Any] | None) -> float | None:
+    seconds = (run or {}).get("metrics", {}).get("cpu_seconds")
+    return None if seconds is None else seconds / 60
 
 
 def _short(path: str) -> str:

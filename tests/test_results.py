@@ -359,7 +359,11 @@ def test_compare_sets_each_rerun_beside_its_ledger_record(tmp_path):
     got = {c.name: c for c in results.compare_to_ledger([*first, same, moved, new, paws], rerun_history, records)}
     assert sorted(got) == ["pretrain-paws-seed0", "supervised-seed0", "vat-seed0", "vat-seed1"]
     assert got["vat-seed0"].same and got["vat-seed0"].ledger_commit == "abcdef1234"
+    # its cost is not compared (99 CPU-s against 60 is still "same"), but shown: 1.65 times the ledger run's
+    assert got["vat-seed0"].cpu_minutes == (1.0, 1.65) and got["vat-seed0"].cpu_ratio == pytest.approx(1.65)
+    assert got["vat-seed0"].load == (1.0, 2.0)
     assert got["supervised-seed0"].ledger_commit is None and not got["supervised-seed0"].same
+    assert got["supervised-seed0"].cpu_minutes == (None, None) and got["supervised-seed0"].cpu_ratio is None
     c = got["vat-seed1"]
     assert not c.same and c.params == (("vat.eps", None, "2.0"),) and c.metrics == (("test_top1", 0.73, 0.7301),)
     assert [key for key, _ in c.curves] == ["val_top1"] and c.curves[0][1] == pytest.approx(0.02)
@@ -376,15 +380,17 @@ def test_compare_exits_1_when_a_rerun_differs_and_writes_nothing(tmp_path, monke
     from ssl_ops.cli import main
 
     ledger = tmp_path / "runs"
-    results.update_ledger(ledger, [_run("v0", 0, 1, method="vat", test_top1=0.75)], lambda *a: [])
+    results.update_ledger(ledger, [_run("v0", 0, 1, method="vat", test_top1=0.75, cpu_seconds=60.0)], lambda *a: [])
     before = {p.name: p.read_bytes() for p in ledger.iterdir()}
-    store = [_run("v0b", 0, 2, method="vat", test_top1=0.75)]
+    store = [_run("v0b", 0, 2, method="vat", test_top1=0.75, cpu_seconds=90.0)]
     monkeypatch.setattr(tracking, "search_runs", lambda cfg, experiment: store)
     monkeypatch.setattr(tracking, "metric_history", lambda cfg, run_id, key: [])
     monkeypatch.chdir(tmp_path)
     args = ["results", "--params", str(Path(__file__).parents[1] / "params.yaml"), "--ledger", "runs", "--compare"]
     assert main(args) == 0
-    assert "1 of 1 the same as the ledger" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "1 of 1 the same as the ledger; CPU-minutes 1.50-1.50x the ledger's" in text
+    assert "1.0 → 1.5" in text and "(1.50x)" in text  # the cost column: ledger → store CPU-minutes (may wrap)
     store[0]["metrics"]["test_top1"] = 0.74
     assert main(args) == 1
     text = capsys.readouterr().out
