@@ -407,7 +407,7 @@ def compare_to_ledger(runs: list[dict[str, Any]], history: Callable[[str, str], 
         old = held.get(name)
         commit = _short_commit(run["tags"].get("git_commit", "unknown"))
         cost = {"cpu_minutes": (_cpu_minutes(old), _cpu_minutes(run)),
-                "load": ((old or {}).get("metrics", {}).get("loadavg_mean"), run["metrics"].get("loadavg_mean"))}
+                "load": (_metric(old, "loadavg_mean"), _metric(run, "loadavg_mean"))}
         if old is None:
             out.append(Reproduction(name, commit, None, **cost))
             continue
@@ -429,8 +429,13 @@ def compare_to_ledger(runs: list[dict[str, Any]], history: Callable[[str, str], 
     return out
 
 
+def _metric(run: dict[str, Any] | None, key: str) -> float | None:
+    """A logged metric of a store run or ledger record; None when there is no run or it did not log ``key``."""
+    return (run or {}).get("metrics", {}).get(key)
+
+
 def _cpu_minutes(run: dict[str, Any] | None) -> float | None:
-    seconds = (run or {}).get("metrics", {}).get("cpu_seconds")
+    seconds = _metric(run, "cpu_seconds")
     return None if seconds is None else seconds / 60
 
 
