@@ -15,6 +15,8 @@ exemplar and S4L-Exemplar mirrored their copies whatever ``train.hflip`` said.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from ssl_ops.errors import ParamsError
@@ -65,10 +67,15 @@ def _train_unread(name: str, train: TrainParams) -> set[str]:
             | ({"nesterov"} if train.optimizer == "lars" else set()))
 
 
-def _fields_read(name: str, params, monkeypatch) -> tuple[set[str], set[str]]:
+# the functions that may read the precision keys: ``engine.use_amp`` reads ``train.amp`` on CUDA and ``amp_cpu`` on
+# the CPU (tests/test_engine.py checks both), so a run whose every read of ``amp_cpu`` is there reads ``amp`` on CUDA
+AMP_READERS = {"use_amp", "check_amp_cpu"}
+
+
+def _fields_read(name: str, params, monkeypatch, amp_readers: set[str] | None = None) -> tuple[set[str], set[str]]:
     """The fields of ``params.<name>`` and of the train settings that a short run of ``name`` reads by attribute
     (its pre-phases, training, evaluation and outputs). The spies go on the classes after validation, so
-    validators do not count."""
+    validators do not count. ``amp_readers`` collects the names of the functions that read ``train.amp_cpu``."""
     cls = type(getattr(params, name))
     read: dict[type, set[str]] = {cls: set(), TrainParams: set()}
 
@@ -78,6 +85,8 @@ def _fields_read(name: str, params, monkeypatch) -> tuple[set[str], set[str]]:
         def spy(self, attr: str):
             if attr in fields:
                 read[model].add(attr)
+                if amp_readers is not None and model is TrainParams and attr == "amp_cpu":
+                    amp_readers.add(sys._getframe(1).f_code.co_name)
             return object.__getattribute__(self, attr)
         return spy
 
@@ -97,11 +106,14 @@ def test_every_param_is_read_by_the_run_or_refused(workdir, tiny, monkeypatch, n
     mode_overrides, mode_keys, unread_in_mode = MODES.get(name, ((), set(), set()))
     refused = REFUSED.get(name, {})
     assert (mode_keys | set(refused)) <= fields, "MODES / REFUSED name a key the params do not have"
-    section_read, train_read = _fields_read(name, params, monkeypatch)
+    amp_readers: set[str] = set()
+    section_read, train_read = _fields_read(name, params, monkeypatch, amp_readers)
     unread = fields - section_read - set(TrainParams.model_fields)
     assert unread == mode_keys | set(refused), f"{name}: read by nothing in this run: {sorted(unread)}"
     train = getattr(params, name).train_params(params.train)
-    # amp: read on CUDA only (CI has none)
+    # amp: read on CUDA only (CI has none), by use_amp; so every read of amp_cpu must go through use_amp as well, or a
+    # method could pick its precision on its own and ignore train.amp on CUDA
+    assert amp_readers and amp_readers <= AMP_READERS, f"{name}: train.amp_cpu read outside use_amp: {amp_readers}"
     train_unread = set(TrainParams.model_fields) - train_read - {"amp"}
     assert train_unread == _train_unread(name, train), f"{name}: train keys read by nothing: {sorted(train_unread)}"
     if mode_keys:
