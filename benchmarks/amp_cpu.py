@@ -18,7 +18,6 @@ import contextlib
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 

@@ -9,7 +9,6 @@ The table text says what each test asserts; a row whose tests did not all pass i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

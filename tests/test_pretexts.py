@@ -142,7 +142,7 @@ def test_unknown_pretext_and_mismatched_backbone_are_clear_errors(workdir, tiny)
         tiny("pipeline.pretexts=[rotation, rotnet]")
     with pytest.raises(ParamsError, match="tile_size"):
         tiny("jigsaw_pp.tile_size=30")
-    res = pretrain_stage("rotation", tiny(*_small("rotation", 1, 1, 4)))
+    pretrain_stage("rotation", tiny(*_small("rotation", 1, 1, 4)))
     other = tiny("model.width=0.5")
     from ssl_ops.engine import make_context
     from ssl_ops.stages import load_data
