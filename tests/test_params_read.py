@@ -16,6 +16,8 @@ exemplar and S4L-Exemplar mirrored their copies whatever ``train.hflip`` said.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -23,7 +25,7 @@ from ssl_ops.errors import ParamsError
 from ssl_ops.methods import METHODS
 from ssl_ops.params import TrainParams
 from ssl_ops.pretexts import PRETEXTS
-from ssl_ops.stages import train_stage
+from ssl_ops.stages import evaluate_stage, train_stage
 from ssl_ops.stages.pretrain import pretrain_briefly_for, pretrain_stage
 
 
@@ -72,12 +74,12 @@ def _train_unread(name: str, train: TrainParams) -> set[str]:
 AMP_READERS = {"use_amp", "check_amp_cpu"}
 
 
-def _fields_read(name: str, params, monkeypatch, amp_readers: set[str] | None = None) -> tuple[set[str], set[str]]:
-    """The fields of ``params.<name>`` and of the train settings that a short run of ``name`` reads by attribute
-    (its pre-phases, training, evaluation and outputs). The spies go on the classes after validation, so
-    validators do not count. ``amp_readers`` collects the names of the functions that read ``train.amp_cpu``."""
-    cls = type(getattr(params, name))
-    read: dict[type, set[str]] = {cls: set(), TrainParams: set()}
+@contextmanager
+def _spy_reads(monkeypatch, models: list[type], amp_readers: set[str] | None = None) -> Iterator[dict[type, set[str]]]:
+    """While open, the names of the fields of ``models`` read by attribute, per model; ``amp_readers`` collects the
+    names of the functions that read ``train.amp_cpu``. The spies go on the classes, so set them after validation:
+    validators do not count."""
+    read: dict[type, set[str]] = {model: set() for model in models}
 
     def spy_on(model: type):
         fields = set(model.model_fields)
@@ -93,6 +95,14 @@ def _fields_read(name: str, params, monkeypatch, amp_readers: set[str] | None = 
     with monkeypatch.context() as m:
         for model in read:
             m.setattr(model, "__getattribute__", spy_on(model))
+        yield read
+
+
+def _fields_read(name: str, params, monkeypatch, amp_readers: set[str] | None = None) -> tuple[set[str], set[str]]:
+    """The fields of ``params.<name>`` and of the train settings that a short run of ``name`` reads by attribute
+    (its pre-phases, training, evaluation and outputs). ``amp_readers``: as ``_spy_reads``'s."""
+    cls = type(getattr(params, name))
+    with _spy_reads(monkeypatch, [cls, TrainParams], amp_readers) as read:
         (pretrain_stage if name in PRETEXTS else train_stage)(name, params)
     return read[cls], read[TrainParams]
 
@@ -127,3 +137,16 @@ def test_every_param_is_read_by_the_run_or_refused(workdir, tiny, monkeypatch, n
     for key, value in refused.items():
         with pytest.raises(ParamsError, match=key):
             tiny(f"{name}.{key}={value}")
+
+
+def test_evaluate_reads_the_precision_through_use_amp(workdir, tiny, monkeypatch):
+    """``ssl-ops evaluate`` picks its precision as training does, through ``engine.use_amp``: a read of
+    ``train.amp_cpu`` anywhere else would ignore ``train.amp`` on CUDA. The runs above cover training only; the
+    evaluation path is the same for every method (``Method.classifier`` then ``predict_logits``)."""
+    params = tiny(*_short("supervised"))
+    train_stage("supervised", params)
+    amp_readers: set[str] = set()
+    with _spy_reads(monkeypatch, [TrainParams], amp_readers):
+        metrics = evaluate_stage("supervised", params)
+    assert 0 <= metrics["test_top1"] <= 1
+    assert amp_readers and amp_readers <= AMP_READERS, f"evaluate: train.amp_cpu read outside use_amp: {amp_readers}"
