@@ -141,8 +141,8 @@ def test_every_param_is_read_by_the_run_or_refused(workdir, tiny, monkeypatch, n
 
 def test_evaluate_reads_the_precision_through_use_amp(workdir, tiny, monkeypatch):
     """``ssl-ops evaluate`` picks its precision as training does, through ``engine.use_amp``: a read of
-    ``train.amp_cpu`` anywhere else would ignore ``train.amp`` on CUDA. The runs above cover training only; the
-    evaluation path is the same for every method (``Method.classifier`` then ``predict_logits``)."""
+    ``train.amp_cpu`` anywhere else would ignore ``train.amp`` on CUDA. The runs above are ``ssl-ops train`` and
+    ``ssl-ops pretrain``; this path is the same for every method (``Method.classifier`` then ``predict_logits``)."""
     params = tiny(*_short("supervised"))
     train_stage("supervised", params)
     amp_readers: set[str] = set()
