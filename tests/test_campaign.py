@@ -75,8 +75,8 @@ def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
     after the pre-training it starts from (read from dvc.yaml: which one is the recipe's choice, made on val), whose
     network its recipe builds."""
     stages = _run(["dvc", "stage", "list", "--name-only"], campaign).stdout.split()
-    assert {"method@0-supervised", "method@1-vat", "pretrain@rotation", "from_paws@1-alternating",
-            "from_paws_freeze1@0-moam", "paws@0", "paws_finetune@1", "moam_finetune@0", "report"} <= set(stages)
+    assert {"method@0-supervised", "method@1-vat", "pretrain@rotation", "from_paws@1-alternating", "from_paws@0-moam",
+            "paws@0", "paws_finetune@1", "moam_finetune@0", "report"} <= set(stages)
     # the graph as DVC resolves it (matrix and foreach expanded): a shared start is models/pretrain/<pretext>.pt
     # (stage pretrain@<pretext>, run in the campaign folder); a per-split one, seed<S>/models/pretrain/paws.pt (stage
     # paws@<S>, run in seed<S>/, where run.sh names it models/pretrain/paws.pt)
@@ -90,10 +90,9 @@ def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
                 elif path.parts[0].startswith("seed") and path.parts[1:3] == ("models", "pretrain"):
                     starts[stage.name] = (stage.cmd, Path(*path.parts[1:]).as_posix(),
                                           f"{path.stem}@{path.parts[0].removeprefix('seed')}")
-    from_paws = ("alternating", "mean_teacher", "s4l_rotation", "s4l_exemplar")
-    # from_paws_freeze1: one block frozen (search/from_paws_freeze.yaml, search/moam_freeze1.yaml)
+    from_paws = ("alternating", "mean_teacher", "s4l_rotation", "s4l_exemplar", "moam")
     transfer = {*(f"from_paws@{seed}-{m}" for seed in (0, 1) for m in from_paws), "simclrv2@0", "paws_distill@1",
-                "from_paws_freeze1@1-pseudo_label", "from_paws_freeze1@0-moam"}
+                "from_paws_freeze1@1-pseudo_label"}  # one block frozen: search/from_paws_freeze.yaml
     assert transfer <= set(starts), sorted(starts)
     for name, (cmd, path, producer) in starts.items():
         # a start given on the command line is the checkpoint the stage depends on
@@ -106,7 +105,7 @@ def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
         assert model == made, f"{name} builds {model}, but {producer} makes {made}: align their recipes"
         if "@0" in name:  # one split is enough for the order (a dry run is a dvc process, seconds)
             dry = _run(["dvc", "repro", "--dry", "--force", name], campaign).stdout
-            producer, name = f"'{producer}'", f"'{name}'"  # quoted: paws@0 is also inside from_paws@0-s4l_rotation
+            producer, name = f"'{producer}'", f"'{name}'"  # quoted: paws@0 is also inside from_paws@0-moam
             assert producer in dry and dry.index(producer) < dry.index(name), (name, dry)
     (campaign.parents[1] / "presets" / "fmnist_10pc" / "pi_model.yaml").unlink()
     missing = _run(["./run.sh", "0", "train", "pi_model"], campaign, check=False)
