@@ -49,6 +49,8 @@ def test_rows_against_hand_values():
     assert sup.load == pytest.approx(2.0) and sup.max_class_fraction == pytest.approx(0.3) and not sup.collapsed
     # vat on splits 0 and 1: (0.75 - 0.70 + 0.73 - 0.72) / 2 = 0.03, paired on the same splits
     assert vat.delta == pytest.approx(0.03) and vat.mean == pytest.approx(0.74) and vat.cpu_minutes == pytest.approx(15)
+    # issue 17's budget is per split: the costliest split's run (180 s, 1200 s), not the mean
+    assert sup.max_cpu_minutes == pytest.approx(3.0) and vat.max_cpu_minutes == pytest.approx(20.0)
     assert moam.collapsed and moam.std is None
     assert rows["paws_nn"].mean == pytest.approx(0.80) and rows["paws_nn"].delta == pytest.approx(0.10)
     ordered = [r.name for r in results.rows_of([r for r in map(results.parse, RUNS) if r])]
@@ -62,7 +64,7 @@ def test_write_outputs_and_names_the_best_uncollapsed(tmp_path):
     assert len(rows) == 4
     md = out.read_text()
     assert "Best method: **paws_nn**, 80.00 % (+10.00 points over supervised)" in md
-    assert ("| supervised | 0,1,2 | 72.00 ± 2.00 | — | 62.00 | 2.00 | 0.30 | "
+    assert ("| supervised | 0,1,2 | 72.00 ± 2.00 | — | 62.00 | 2.00 (max 3.00) | 0.30 | "
             "presets/fmnist_10pc/supervised.yaml |") in md
     assert "| moam | 0 | 10.00 | -60.00 |" in md and "0.90 collapsed" in md
     # the pre-trainings table: CPU-min, k-NN and linear test probes, last val k-NN, commit, load, budget
@@ -219,6 +221,29 @@ def test_a_chain_is_costed_by_its_last_step(tmp_path):
     broken = {r.name: r for r in results.rows_of([results.parse(r) for r in runs if r["run_id"] != "r"])}
     assert broken["moam_finetune"].chain_cpu_minutes is None
     assert broken["moam_finetune"].cost_minutes is None  # an unknown chain: no point rather than a wrong one
+
+
+def test_a_chain_is_capped_per_split(tmp_path):
+    """Issue 17's 20 CPU-minute budget is per split, so the report gives the costliest split's whole chain, the
+    same split's run of every step: split 0's chain 5 + 2 + 1 = 8 minutes, split 1's 7 + 1 + 1 = 9. The sum of each
+    step's costliest run (7 + 2 + 1 = 10) would over-state it, the mean chain (8.5) under-state it."""
+    runs = []
+    for seed, cpu in ((0, (300.0, 120.0, 60.0)), (1, (420.0, 60.0, 60.0))):
+        runs += [_run(f"m{seed}", seed, 1, method="moam", test_top1=0.7, cpu_seconds=cpu[0]),
+                 _run(f"r{seed}", seed, 2, method="moam_retrain", test_top1=0.71, cpu_seconds=cpu[1]),
+                 _run(f"f{seed}", seed, 3, method="moam_finetune", test_top1=0.72, cpu_seconds=cpu[2])]
+        runs[-2]["params"]["moam_retrain.previous"] = "models/moam.pt"
+        runs[-1]["params"]["moam_finetune.previous"] = "models/moam_retrain.pt"
+    rows = {r.name: r for r in results.rows_of([results.parse(r) for r in runs])}
+    assert rows["moam_finetune"].chain_cpu_minutes == pytest.approx(8.5)
+    assert rows["moam_finetune"].max_cpu_minutes == pytest.approx(9.0)
+    assert rows["moam_retrain"].max_cpu_minutes == pytest.approx(8.0)  # 5 + 2 (split 0) against 7 + 1 (split 1)
+    assert rows["moam"].max_cpu_minutes == pytest.approx(7.0)  # a first step: its own costliest run
+    results.write(runs, lambda run_id, key: [], tmp_path / "r.md", source="x")
+    assert "| 1.00 (chain 8.50, max 9.00) |" in (tmp_path / "r.md").read_text()
+    # a step missing on one split: that split's chain is unknown, so no maximum rather than a wrong one
+    partial = {r.name: r for r in results.rows_of([results.parse(r) for r in runs if r["run_id"] != "r1"])}
+    assert partial["moam_finetune"].max_cpu_minutes is None
 
 
 def test_a_transfer_row_names_the_checkpoint_it_started_from(tmp_path):
