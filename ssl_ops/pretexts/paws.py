@@ -71,6 +71,9 @@ class PawsParams(PretextParams):
     small_scale: tuple[float, float] = (0.2, 0.5)
     strength: float = Field(0.5, ge=0)  # colour distortion strength (appendix C: 0.5); jitter needs colour
     gray_p: float = Field(0.2, ge=0, le=1)
+    # SimCLR's Gaussian blur, per image with this probability: PAWS §5 (ImageNet) applies it, appendix C (CIFAR-10)
+    # does not; 0 draws nothing, so runs without it are unchanged
+    blur_p: float = Field(0.0, ge=0, le=1)
     head_layers: int = Field(3, ge=1, le=4)  # projection head (PAWS: 3 layers)
     proj_dim: int = Field(128, gt=0)  # output width (appendix C: 128)
     prediction_head: bool = False  # 2-layer prediction head on h (ImageNet recipe; appendix C: off)
@@ -157,7 +160,7 @@ class Paws(Pretext):
             v = augment.random_hflip(v, g)
         s = p.strength
         v = augment.color_jitter(v, g, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8)
-        return augment.random_grayscale(v, g, p.gray_p)
+        return augment.random_gaussian_blur(augment.random_grayscale(v, g, p.gray_p), g, p.blur_p)
 
     def views(self, x: Tensor, support: Tensor) -> tuple[Tensor, Tensor | None]:
         """(2 large views of ``x`` then the support views, one batch; the small crops or None), float in [0, 1]."""
