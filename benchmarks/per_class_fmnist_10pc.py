@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
            "top1": {r: {s: float((p == y_test).mean()) for s, p in preds[r].items()} for r in rows},
            "per_class_top1": {r: per_class[r].tolist() for r in rows},
            "confusions": {r: top_confusions(cms[r], 6) for r in rows},
+           "predicted_share": {r: (cms[r].sum(0) / cms[r].sum()).tolist() for r in rows},
            "confusion_matrices": {r: cms[r].tolist() for r in rows},
            "representation_ceiling": ceiling}
     lines = _markdown(out, per_class)
@@ -184,6 +185,12 @@ def _markdown(out: dict, per_class: dict[str, np.ndarray]) -> list[str]:
             top = np.argsort(shares)[::-1][:3]
             lines.append(f"- {r}: {mean[ref] - mean[r]:.2f} points, of which " + ", ".join(
                 f"{classes[c]} {100 * shares[c]:.0f} %" for c in top) + f" ({100 * shares[top].sum():.0f} % together)")
+    lines += ["", ("Share of the predictions per class, least and most predicted (a balanced test set: 10 % each; a "
+                   "lopsided share would point to a class prior a correction could fix):"), ""]
+    for r in rows:
+        pred_share = out["predicted_share"][r]
+        lo, hi = int(np.argmin(pred_share)), int(np.argmax(pred_share))
+        lines.append(f"- {r}: {classes[lo]} {100 * pred_share[lo]:.1f} % - {classes[hi]} {100 * pred_share[hi]:.1f} %")
     lines += ["", "Largest confusions (true -> predicted, share of the true class's test images):", ""]
     for r in rows:
         lines.append(f"- {r}: " + ", ".join(f"{classes[i]} -> {classes[j]} {100 * s:.0f} %"
