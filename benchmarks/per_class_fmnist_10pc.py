@@ -13,7 +13,7 @@ named). Every recomputed test top-1 is checked against the report's (the referen
 script stops if one differs. "Representation ceiling": PAWS-NN's rule and a logistic regression applied to the
 penultimate features of the all-label convnet_deep, fit on the split's 100 labeled images only: what a
 representation as good as full supervision's gives from 10 labels per class. Trains nothing; the test set is only
-read, nothing is chosen on it. ~2 CPU-min on 1 thread. Writes reports/per_class_fmnist_10pc.md, .json and .png.
+read, nothing is chosen on it. ~3.4 CPU-min, 1 thread. Writes reports/per_class_fmnist_10pc.md, .json and .png.
 """
 
 from __future__ import annotations
