@@ -110,15 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
     y_test, n_cls = np.asarray(data.test_y), data.num_classes
     rows = ["supervised", "paws_nn", best["name"], *REFERENCES]
     preds: dict[str, dict[int, np.ndarray]] = {r: {} for r in rows}
+    # each row's training budget: the campaign rows' from the report, the references' from their checkpoints
+    budgets = {r["name"]: f"{', '.join(r['budgets'])} (max {r['max_cpu_minutes']:.1f} CPU-min)"
+               for r in report["rows"] if r["name"] in rows}
     ceiling, missing = [], []
     for seed in args.splits:
         folder = CAMPAIGN / f"seed{seed}"
         for name in ("supervised", best["name"]):
             preds[name][seed] = _test_predictions(_trained(folder, name), len(y_test))
         split, embed, tau = campaign_paws(seed, data)
-        f_lab, y_lab = probes.extract_features(embed, train, split.labeled, 512)
-        f_test, _ = probes.extract_features(embed, test, np.arange(len(y_test)), 512)
-        preds["paws_nn"][seed] = probes.paws_nn_from_features(f_lab, y_lab, f_test, tau, n_cls).argmax(1).numpy()
+        probs, _ = probes.paws_nn_probs(embed, train, split.labeled, test, np.arange(len(y_test)), tau, 512, n_cls)
+        preds["paws_nn"][seed] = probs.argmax(1).numpy()
         for label, net in REFERENCES.items():
             ref_dir = CAMPAIGN / f"tuning/alllab-{net}-s{seed}"
             if not (ref_dir / "models" / "supervised.pt").exists():
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             method = _trained(ref_dir, "supervised")
             preds[label][seed] = _test_predictions(method, len(y_test))
+            t = method.ctx.train
+            budgets[label] = f"{t.epochs * t.steps_per_epoch} x {t.batch_size}"
             _same_top1(f"{label}@{seed}", preds[label][seed], y_test,
                        json.loads((ref_dir / "metrics" / "supervised.json").read_text())["test_top1"], "its metrics")
             if net == "convnet_deep":
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     cms = {r: sum(confusion_matrix(y_test, p, labels=range(n_cls)) for p in preds[r].values()) for r in rows}
     per_class = {r: class_recall(cms[r]) for r in rows}
     out = {"environment": environment(), "splits": args.splits, "classes": data.classes, "best": best["name"],
-           "missing_references": missing,
+           "missing_references": missing, "budgets": {r: budgets[r] for r in rows},
            "top1": {r: {s: float((p == y_test).mean()) for s, p in preds[r].items()} for r in rows},
            "per_class_top1": {r: per_class[r].tolist() for r in rows},
            "confusions": {r: top_confusions(cms[r], 6) for r in rows},
@@ -170,6 +174,8 @@ def _markdown(out: dict, per_class: dict[str, np.ndarray]) -> list[str]:
               f"best row (**{best}**), and the same recipe trained on every training label "
               "(presets/fmnist_10pc/search/all_labels_reference.yaml). Every recomputed top-1 equals the "
               "report's (the references': their runs' metrics) on every split."), ""]
+    lines += ["Training budget (steps x batch) per row: " + "; ".join(f"{r} {out['budgets'][r]}" for r in rows)
+              + ". Their val curves per epoch: the figures of results_fmnist_10pc.md.", ""]
     if out["missing_references"]:
         lines += ["Left out (no checkpoint on this machine): " + ", ".join(out["missing_references"]), ""]
     lines += ["| class | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
