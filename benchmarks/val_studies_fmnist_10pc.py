@@ -1,0 +1,172 @@
+"""Every val study of the Fashion-MNIST 10-labels/class campaign asked on several labeled splits, in one table per
+study: each point's val images per split, their sum (what the campaign's adoption rule compares), CPU-minutes per run
+and whether its val curve had flattened. The numbers the notes (reports/results_fmnist_10pc_notes.md, "Searches on
+val") and the presets' headers quote for such a study come from here, not from hand-run queries.
+
+    python -m benchmarks.val_studies_fmnist_10pc [--splits 0 1 2] [--val-size 50] [--study PREFIX ...]
+
+Reads the Optuna journals ``pipelines/fmnist_10pc/seed<S>/tuning/*.journal`` that the campaign's studies write
+(``./run.sh S tune METHOD ... --study <prefix>-s<S> --storage journal:tuning/<name>.journal``: one study per split,
+named with the split's suffix) and, per trial, its objective (val top-1 at the last epoch), its per-epoch val curve
+(Optuna's intermediate values) and its CPU seconds. Points are matched across splits by their searched values. Studies
+run before the campaign moved to journals (their numbers live in the notes only) and studies of one split are not
+listed. Trains nothing, reads no test number. Writes reports/val_studies_fmnist_10pc.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import optuna
+
+from benchmarks.common import environment
+from benchmarks.paws_label_spreading import CAMPAIGN, REPO
+from ssl_ops import io
+from ssl_ops.errors import SslOpsError
+from ssl_ops.tuning import make_storage, trial_values
+
+OUT = REPO / "reports" / "val_studies_fmnist_10pc"
+FLAT_WINDOW = 10  # epochs: the mean of the last FLAT_WINDOW against the FLAT_WINDOW before them
+
+
+def images(value: float, val_size: int, where: str) -> int:
+    """A val top-1 as the number of val images it counts; refuses a ``val_size`` that does not divide it."""
+    n = value * val_size
+    if abs(n - round(n)) > 0.01:  # float32 metrics: 0.84 arrives as 0.8399999737739563
+        raise SslOpsError(f"{where}: val top-1 {value!r} x {val_size} val images is not a whole number of images; "
+                          "pass the split's val size with --val-size (5 per class x 10 classes = 50 in the campaign)")
+    return round(n)
+
+
+def flatness(curve: list[float], window: int = FLAT_WINDOW) -> float | None:
+    """Mean val top-1 (points) over the last ``window`` epochs minus the mean over the ``window`` before them; None
+    when the curve is shorter than two windows. Near 0: the curve had flattened by the end."""
+    if len(curve) < 2 * window:
+        return None
+    return 100 * (statistics.fmean(curve[-window:]) - statistics.fmean(curve[-2 * window:-window]))
+
+
+def split_trials(storage: optuna.storages.BaseStorage, split: int) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    """{study prefix: trials} of the studies in ``storage`` named ``<prefix>-s<split>``."""
+    suffix = f"-s{split}"
+    return {name.removesuffix(suffix): optuna.load_study(study_name=name, storage=storage).trials
+            for name in optuna.get_all_study_names(storage) if name.endswith(suffix)}
+
+
+def point_key(params: dict) -> str:
+    return json.dumps(trial_values(params), sort_keys=True)
+
+
+def collect(campaign: Path, splits: list[int], val_size: int) -> dict[str, dict]:
+    """{study prefix: {"journal", "points": {values as JSON: {"values", "runs": {split: run}}}, "other": [...]}}.
+    A run: val images, CPU-minutes, epochs, flatness. Trials not COMPLETE are counted in "other" by state."""
+    studies: dict[str, dict] = {}
+    for split in splits:
+        for journal in sorted((campaign / f"seed{split}" / "tuning").glob("*.journal")):
+            storage, _ = make_storage(f"journal:{journal}")
+            for prefix, trials in split_trials(storage, split).items():
+                study = studies.setdefault(prefix, {"journal": journal.name, "points": {}, "other": {}, "start": None})
+                for t in trials:
+                    if t.state != optuna.trial.TrialState.COMPLETE:
+                        study["other"][t.state.name] = study["other"].get(t.state.name, 0) + 1
+                        continue
+                    curve = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
+                    cpu = t.user_attrs.get("cpu_seconds")
+                    point = study["points"].setdefault(point_key(t.params), {"values": trial_values(t.params),
+                                                                             "runs": {}})
+                    if split in point["runs"]:
+                        raise SslOpsError(f"{journal}: study {prefix}-s{split} has point {point['values']} twice "
+                                          f"(trials {point['runs'][split]['trial']} and {t.number}); a grid study asks "
+                                          "each point once: delete the stray trial's study or name the rerun apart")
+                    point["runs"][split] = {
+                        "trial": t.number, "images": images(t.value, val_size, f"{journal} {prefix}-s{split} "
+                                                                                f"trial {t.number}"),
+                        "cpu_min": None if cpu is None else cpu / 60, "epochs": len(curve),
+                        "flatness": flatness(curve), "curve": curve}
+                    started = t.datetime_start.isoformat(timespec="minutes") if t.datetime_start else None
+                    if started and (study["start"] is None or started < study["start"]):
+                        study["start"] = started
+    return studies
+
+
+def _range(xs: list[float], spec: str) -> str:
+    """``lo to hi`` in format ``spec``, one value where they print alike, ``-`` for none."""
+    if not xs:
+        return "-"
+    lo, hi = (format(round(x, 1) + 0.0, spec) for x in (min(xs), max(xs)))  # + 0.0: no "-0.0"
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def table(study: dict, splits: list[int], val_size: int) -> list[str]:
+    """One markdown row per point, best total first (a point missing a split has no total and goes last)."""
+    head = ["point", *(f"split {s}" for s in splits), f"sum (of {val_size * len(splits)})", "CPU-min per run",
+            f"last {FLAT_WINDOW} vs {FLAT_WINDOW} before (points)"]
+    rows = []
+    for point in study["points"].values():
+        runs = point["runs"]
+        total = sum(r["images"] for r in runs.values()) if all(s in runs for s in splits) else None
+        cells = [", ".join(f"{k}={json.dumps(v)}" for k, v in point["values"].items()) or "(the preset as is)",
+                 *(str(runs[s]["images"]) if s in runs else "-" for s in splits),
+                 "-" if total is None else f"**{total}**",
+                 _range([r["cpu_min"] for r in runs.values() if r["cpu_min"] is not None], ".1f"),
+                 _range([r["flatness"] for r in runs.values() if r["flatness"] is not None], "+.1f")]
+        rows.append((total is None, -(total or 0), cells))
+    return (["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+            + ["| " + " | ".join(c) + " |" for *_, c in sorted(rows, key=lambda r: r[:2])])
+
+
+def render(studies: dict[str, dict], splits: list[int], val_size: int, env: dict) -> str:
+    lines = ["# Val studies of the Fashion-MNIST 10-labels/class campaign, across labeled splits", "",
+             (f"`python -m benchmarks.val_studies_fmnist_10pc`; git `{env['git_commit']}`, {env['date']}, "
+              f"{env['machine']}. Read from the Optuna journals `pipelines/fmnist_10pc/seed<S>/tuning/*.journal`; "
+              "nothing trained, no test number read."), "",
+             (f"Each cell: val images right at the last epoch, of {val_size} per split (val top-1 x {val_size}). "
+              "The campaign's rule, fixed before each study in its search preset, compares the sum with the recipe's "
+              "own runs at the time (named in the preset's header and in the notes' \"Searches on val\"): a point "
+              "replaces the recipe only with two images more. CPU-min: process CPU time of the whole trial (1 "
+              "thread: data, training, val monitor), a few % above the MLflow run's `cpu_seconds` (its training "
+              "epochs only), which the notes quote. "
+              f"Flatness: mean val top-1 over the last {FLAT_WINDOW} epochs minus the {FLAT_WINDOW} before, in "
+              f"points (one image of {val_size} = {100 / val_size:g} points)."), ""]
+    for prefix, study in sorted(studies.items(), key=lambda kv: (kv[1]["start"] or "", kv[0])):
+        other = ", ".join(f"{n} {state}" for state, n in sorted(study["other"].items()))
+        lines += [f"## `{prefix}-s{{{','.join(map(str, splits))}}}`", "",
+                  f"Journal `{study['journal']}`, first trial {study['start'] or '?'}"
+                  + (f"; not complete, left out: {other} (a stopped worker's trial stays RUNNING in a journal)"
+                     if other else "") + ".", "",
+                  *table(study, splits, val_size), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--campaign", type=Path, default=CAMPAIGN, help="the campaign folder (default: %(default)s)")
+    ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--val-size", type=int, default=50, help="val images per split (default: %(default)s)")
+    ap.add_argument("--study", nargs="*", default=None, help="study prefixes to list (default: every one found)")
+    ap.add_argument("--out", type=Path, default=OUT, help="output path without suffix (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if not any((args.campaign / f"seed{s}" / "tuning").is_dir() for s in args.splits):
+        raise SystemExit(f"no seed<S>/tuning/ folder under {args.campaign} for splits {args.splits}: the campaign's "
+                         "studies have not run on this machine (see presets/fmnist_10pc/search/*.yaml for their "
+                         "commands)")
+    studies = collect(args.campaign, args.splits, args.val_size)
+    studies = {k: v for k, v in studies.items() if len({s for p in v["points"].values() for s in p["runs"]}) > 1}
+    if args.study is not None:
+        missing = sorted(set(args.study) - set(studies))
+        if missing:
+            raise SystemExit(f"no study {missing} on two or more splits; found: {', '.join(sorted(studies))}")
+        studies = {k: studies[k] for k in args.study}
+    env = environment()
+    io.write_text(f"{args.out}.md", render(studies, args.splits, args.val_size, env))
+    io.write_json(f"{args.out}.json", {"environment": env, "splits": args.splits, "val_size": args.val_size,
+                                       "studies": studies})
+    print(f"{len(studies)} studies -> {args.out}.md, .json")
+    return studies
+
+
+if __name__ == "__main__":
+    main()
