@@ -10,7 +10,8 @@ Reads the Optuna journals ``pipelines/fmnist_10pc/seed<S>/tuning/*.journal`` tha
 named with the split's suffix) and, per trial, its objective (val top-1 at the last epoch), its per-epoch val curve
 (Optuna's intermediate values) and its CPU seconds. Points are matched across splits by their searched values. Studies
 run before the campaign moved to journals (their numbers live in the notes only) and studies of one split are not
-listed. Trains nothing, reads no test number. Writes reports/val_studies_fmnist_10pc.md and .json.
+listed. Trains nothing, reads no test number. Writes reports/val_studies_fmnist_10pc.md, .json and .png (each
+point's val curve summed over the splits, one panel per study).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from benchmarks.common import environment
 from benchmarks.paws_label_spreading import CAMPAIGN, REPO
 from ssl_ops import io
 from ssl_ops.errors import SslOpsError
+from ssl_ops.report import save_png
 from ssl_ops.tuning import make_storage, trial_values
 
 OUT = REPO / "reports" / "val_studies_fmnist_10pc"
@@ -42,8 +44,8 @@ def images(value: float, val_size: int, where: str) -> int:
 
 
 def flatness(curve: list[float], window: int = FLAT_WINDOW) -> float | None:
-    """Mean val top-1 (points) over the last ``window`` epochs minus the mean over the ``window`` before them; None
-    when the curve is shorter than two windows. Near 0: the curve had flattened by the end."""
+    """Mean val top-1 (points) over the last ``window`` scored epochs minus the mean over the ``window`` before them;
+    None when the curve is shorter than two windows. Near 0: the curve had flattened by the end."""
     if len(curve) < 2 * window:
         return None
     return 100 * (statistics.fmean(curve[-window:]) - statistics.fmean(curve[-2 * window:-window]))
@@ -73,7 +75,8 @@ def collect(campaign: Path, splits: list[int], val_size: int) -> dict[str, dict]
                     if t.state != optuna.trial.TrialState.COMPLETE:
                         study["other"][t.state.name] = study["other"].get(t.state.name, 0) + 1
                         continue
-                    curve = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
+                    epochs = sorted(t.intermediate_values)  # the epochs with a val score (some methods skip some)
+                    curve = [t.intermediate_values[k] for k in epochs]
                     cpu = t.user_attrs.get("cpu_seconds")
                     point = study["points"].setdefault(point_key(t.params), {"values": trial_values(t.params),
                                                                              "runs": {}})
@@ -84,8 +87,8 @@ def collect(campaign: Path, splits: list[int], val_size: int) -> dict[str, dict]
                     point["runs"][split] = {
                         "trial": t.number, "images": images(t.value, val_size, f"{journal} {prefix}-s{split} "
                                                                                 f"trial {t.number}"),
-                        "cpu_min": None if cpu is None else cpu / 60, "epochs": len(curve),
-                        "flatness": flatness(curve), "curve": curve}
+                        "cpu_min": None if cpu is None else cpu / 60, "epochs": epochs[-1] if epochs else 0,
+                        "flatness": flatness(curve), "curve_epochs": epochs, "curve": curve}
                     started = t.datetime_start.isoformat(timespec="minutes") if t.datetime_start else None
                     if started and (study["start"] is None or started < study["start"]):
                         study["start"] = started
@@ -118,7 +121,46 @@ def table(study: dict, splits: list[int], val_size: int) -> list[str]:
             + ["| " + " | ".join(c) + " |" for *_, c in sorted(rows, key=lambda r: r[:2])])
 
 
-def render(studies: dict[str, dict], splits: list[int], val_size: int, env: dict) -> str:
+def summed_curve(point: dict, splits: list[int], val_size: int) -> tuple[list[int], list[float]] | None:
+    """(epochs, val images right summed over ``splits``) at the epochs every split scored: the quantity the rule
+    compares, at every epoch. None when a split is missing."""
+    runs = point["runs"]
+    if not all(s in runs for s in splits):
+        return None
+    per_split = [dict(zip(runs[s]["curve_epochs"], runs[s]["curve"])) for s in splits]
+    epochs = sorted(set.intersection(*(set(c) for c in per_split)))
+    return epochs, [sum(c[e] for c in per_split) * val_size for e in epochs]
+
+
+def plot(studies: dict[str, dict], splits: list[int], val_size: int, path: Path) -> None:
+    """One panel per study: each point's val images summed over the splits, per epoch (a study with no point on
+    every split has no panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
+    studies = {k: v for k, v in studies.items()
+               if any(summed_curve(p, splits, val_size) for p in v["points"].values())}
+    cols = 4
+    rows = max(1, -(-len(studies) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(studies):]:
+        ax.axis("off")
+    for ax, (prefix, study) in zip(axes.flat, studies.items()):
+        for point in study["points"].values():
+            summed = summed_curve(point, splits, val_size)
+            if summed:
+                label = ", ".join(f"{k.split('.')[-1]}={json.dumps(v)}" for k, v in point["values"].items())
+                ax.plot(*summed, lw=1, label=label)
+        ax.set_title(prefix, fontsize=8)
+        ax.set(xlabel="epoch", ylabel=f"val images right (of {val_size * len(splits)})")
+        ax.legend(fontsize=6)
+    save_png(fig, path)
+
+
+def render(studies: dict[str, dict], splits: list[int], val_size: int, env: dict, figure: str | None = None) -> str:
+    """The markdown report, studies in the order given (main: by their first trial)."""
     lines = ["# Val studies of the Fashion-MNIST 10-labels/class campaign, across labeled splits", "",
              (f"`python -m benchmarks.val_studies_fmnist_10pc`; git `{env['git_commit']}`, {env['date']}, "
               f"{env['machine']}. Read from the Optuna journals `pipelines/fmnist_10pc/seed<S>/tuning/*.journal`; "
@@ -129,9 +171,13 @@ def render(studies: dict[str, dict], splits: list[int], val_size: int, env: dict
               "replaces the recipe only with two images more. CPU-min: process CPU time of the whole trial (1 "
               "thread: data, training, val monitor), a few % above the MLflow run's `cpu_seconds` (its training "
               "epochs only), which the notes quote. "
-              f"Flatness: mean val top-1 over the last {FLAT_WINDOW} epochs minus the {FLAT_WINDOW} before, in "
+              f"Flatness: mean val top-1 over the last {FLAT_WINDOW} scored epochs minus the {FLAT_WINDOW} before, in "
               f"points (one image of {val_size} = {100 / val_size:g} points)."), ""]
-    for prefix, study in sorted(studies.items(), key=lambda kv: (kv[1]["start"] or "", kv[0])):
+    if figure:
+        lines += [f"![each point's val curve, summed over the splits]({figure})", "",
+                  ("The figure: each point's val images right per epoch, summed over the splits (a study with no "
+                   "point on every split has no panel)."), ""]
+    for prefix, study in studies.items():
         other = ", ".join(f"{n} {state}" for state, n in sorted(study["other"].items()))
         lines += [f"## `{prefix}-s{{{','.join(map(str, splits))}}}`", "",
                   f"Journal `{study['journal']}`, first trial {study['start'] or '?'}"
@@ -160,11 +206,13 @@ def main(argv: list[str] | None = None) -> dict:
         if missing:
             raise SystemExit(f"no study {missing} on two or more splits; found: {', '.join(sorted(studies))}")
         studies = {k: studies[k] for k in args.study}
+    studies = dict(sorted(studies.items(), key=lambda kv: (kv[1]["start"] or "", kv[0])))  # the order they ran
     env = environment()
-    io.write_text(f"{args.out}.md", render(studies, args.splits, args.val_size, env))
+    plot(studies, args.splits, args.val_size, Path(f"{args.out}.png"))
+    io.write_text(f"{args.out}.md", render(studies, args.splits, args.val_size, env, f"{args.out.name}.png"))
     io.write_json(f"{args.out}.json", {"environment": env, "splits": args.splits, "val_size": args.val_size,
                                        "studies": studies})
-    print(f"{len(studies)} studies -> {args.out}.md, .json")
+    print(f"{len(studies)} studies -> {args.out}.md, .json, .png")
     return studies
 
 

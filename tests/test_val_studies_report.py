@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from benchmarks.val_studies_fmnist_10pc import collect, flatness, images, main
+from benchmarks.val_studies_fmnist_10pc import collect, flatness, images, main, summed_curve
 from ssl_ops.errors import SslOpsError
 from ssl_ops.tuning import make_storage
 
@@ -14,14 +14,15 @@ DIST = {"paws.small_crops": optuna.distributions.CategoricalDistribution([0, 2])
         "paws.large_scale": optuna.distributions.CategoricalDistribution(["[0.5, 1.0]", "[0.9, 1.0]"])}
 
 
-def add(campaign, split, journal, study, values, curve, cpu_seconds=600.0, state="COMPLETE"):
+def add(campaign, split, journal, study, values, curve, cpu_seconds=600.0, state="COMPLETE", epochs=None):
     storage, _ = make_storage(f"journal:{campaign / f'seed{split}' / 'tuning' / journal}")
     s = optuna.create_study(study_name=f"{study}-s{split}", storage=storage, direction="maximize",
                             load_if_exists=True)
     complete = state == "COMPLETE"
     s.add_trial(optuna.trial.create_trial(
         params=values, distributions={k: DIST[k] for k in values}, value=curve[-1] if complete else None,
-        intermediate_values=dict(enumerate(curve, start=1)), user_attrs={"cpu_seconds": cpu_seconds},
+        intermediate_values=dict(zip(epochs or range(1, len(curve) + 1), curve)),
+        user_attrs={"cpu_seconds": cpu_seconds},
         state=getattr(optuna.trial.TrialState, state)))
 
 
@@ -61,6 +62,7 @@ def test_report_ranks_points_by_sum_decodes_list_values_and_skips_one_split_stud
     out = tmp_path / "report"
     studies = main(["--campaign", str(tmp_path), "--out", str(out)])
     assert list(studies) == ["crops"]
+    assert out.with_suffix(".png").stat().st_size > 0
     md = out.with_suffix(".md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| paws.")]
     # narrow: 40 + 42 + 39 = 121 before wide: 37 + 43 + 35 = 115; the JSON text of a list choice read back as a list
@@ -75,3 +77,16 @@ def test_the_same_point_twice_in_one_split_is_an_error_not_a_silent_overwrite(tm
         add(tmp_path, 0, "d.journal", "dup", {"paws.small_crops": 0}, [0.8] * 20)
     with pytest.raises(SslOpsError, match="twice"):
         collect(tmp_path, [0], 50)
+
+
+def test_summed_curve_adds_the_splits_at_the_epochs_every_split_scored(tmp_path):
+    point = {"paws.small_crops": 0}
+    add(tmp_path, 0, "s.journal", "sparse", point, [0.5, 0.6, 0.7], epochs=[1, 3, 4])  # no val score at epoch 2
+    add(tmp_path, 1, "s.journal", "sparse", point, [0.4, 0.5, 0.6, 0.8], epochs=[1, 2, 3, 4])
+    study = collect(tmp_path, [0, 1], 50)["sparse"]
+    (p,) = study["points"].values()
+    assert p["runs"][0]["epochs"] == 4  # the last scored epoch, not the count of scores
+    epochs, summed = summed_curve(p, [0, 1], 50)
+    assert epochs == [1, 3, 4]
+    assert summed == pytest.approx([45.0, 60.0, 75.0])  # (0.5 + 0.4) x 50, (0.6 + 0.6) x 50, (0.7 + 0.8) x 50
+    assert summed_curve(p, [0, 1, 2], 50) is None  # split 2 never ran
