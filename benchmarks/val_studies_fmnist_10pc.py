@@ -1,7 +1,7 @@
 """Every val study of the Fashion-MNIST 10-labels/class campaign asked on several labeled splits, in one table per
 study: each point's val images per split, their sum (what the campaign's adoption rule compares), CPU-minutes per run
-and whether its val curve had flattened. The numbers the notes (reports/results_fmnist_10pc_notes.md, "Searches on
-val") and the presets' headers quote for such a study come from here, not from hand-run queries.
+and whether its val curve had flattened: the val numbers that the notes (reports/results_fmnist_10pc_notes.md,
+"Searches on val") and the presets' headers quote for such a study, regenerated from what the study stored.
 
     python -m benchmarks.val_studies_fmnist_10pc [--splits 0 1 2] [--val-size 50] [--study PREFIX ...]
 
@@ -63,8 +63,9 @@ def point_key(params: dict) -> str:
 
 
 def collect(campaign: Path, splits: list[int], val_size: int) -> dict[str, dict]:
-    """{study prefix: {"journal", "points": {values as JSON: {"values", "runs": {split: run}}}, "other": [...]}}.
-    A run: val images, CPU-minutes, epochs, flatness. Trials not COMPLETE are counted in "other" by state."""
+    """{study prefix: {"journal", "start", "points": {values as JSON: {"values", "runs": {split: run}}}, "other":
+    {state: count}}}. A run: val images, CPU-minutes, last epoch, flatness, val curve. Trials not COMPLETE are only
+    counted, in "other"."""
     studies: dict[str, dict] = {}
     for split in splits:
         for journal in sorted((campaign / f"seed{split}" / "tuning").glob("*.journal")):
@@ -156,7 +157,7 @@ def plot(studies: dict[str, dict], splits: list[int], val_size: int, path: Path)
         ax.set_title(prefix, fontsize=8)
         ax.set(xlabel="epoch", ylabel=f"val images right (of {val_size * len(splits)})")
         ax.legend(fontsize=6)
-    save_png(fig, path)
+    save_png(fig, path, dpi=80)  # 14 panels: small enough for git, legible
 
 
 def render(studies: dict[str, dict], splits: list[int], val_size: int, env: dict, figure: str | None = None) -> str:
@@ -199,7 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"no seed<S>/tuning/ folder under {args.campaign} for splits {args.splits}: the campaign's "
                          "studies have not run on this machine (see presets/fmnist_10pc/search/*.yaml for their "
                          "commands)")
-    studies = collect(args.campaign, args.splits, args.val_size)
+    try:
+        studies = collect(args.campaign, args.splits, args.val_size)
+    except SslOpsError as e:  # a wrong --val-size or a doubled point: the message says what to do
+        raise SystemExit(f"error: {e}") from None
     studies = {k: v for k, v in studies.items() if len({s for p in v["points"].values() for s in p["runs"]}) > 1}
     if args.study is not None:
         missing = sorted(set(args.study) - set(studies))
