@@ -100,14 +100,14 @@ def _range(xs: list[float], spec: str) -> str:
     """``lo to hi`` in format ``spec``, one value where they print alike, ``-`` for none."""
     if not xs:
         return "-"
-    lo, hi = (format(round(x, 1) + 0.0, spec) for x in (min(xs), max(xs)))  # + 0.0: no "-0.0"
+    lo, hi = (format(x if spec == "d" else round(x, 1) + 0.0, spec) for x in (min(xs), max(xs)))  # no "-0.0"
     return lo if lo == hi else f"{lo} to {hi}"
 
 
 def table(study: dict, splits: list[int], val_size: int) -> list[str]:
     """One markdown row per point, best total first (a point missing a split has no total and goes last)."""
     head = ["point", *(f"split {s}" for s in splits), f"sum (of {val_size * len(splits)})", "CPU-min per run",
-            f"last {FLAT_WINDOW} vs {FLAT_WINDOW} before (points)"]
+            f"last {FLAT_WINDOW} vs {FLAT_WINDOW} before (points)", "epochs"]
     rows = []
     for point in study["points"].values():
         runs = point["runs"]
@@ -116,7 +116,8 @@ def table(study: dict, splits: list[int], val_size: int) -> list[str]:
                  *(str(runs[s]["images"]) if s in runs else "-" for s in splits),
                  "-" if total is None else f"**{total}**",
                  _range([r["cpu_min"] for r in runs.values() if r["cpu_min"] is not None], ".1f"),
-                 _range([r["flatness"] for r in runs.values() if r["flatness"] is not None], "+.1f")]
+                 _range([r["flatness"] for r in runs.values() if r["flatness"] is not None], "+.1f"),
+                 _range([r["epochs"] for r in runs.values()], "d")]
         rows.append((total is None, -(total or 0), cells))
     return (["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
             + ["| " + " | ".join(c) + " |" for *_, c in sorted(rows, key=lambda r: r[:2])])
@@ -171,7 +172,9 @@ def render(studies: dict[str, dict], splits: list[int], val_size: int, env: dict
               "own runs at the time (named in the preset's header and in the notes' \"Searches on val\"): a point "
               "replaces the recipe only with two images more. CPU-min: process CPU time of the whole trial (1 "
               "thread: data, training, val monitor), a few % above the MLflow run's `cpu_seconds` (its training "
-              "epochs only), which the notes quote. "
+              "epochs only), which the notes quote; the runs ran two at a time, 1 thread each (each study's preset "
+              "gives its load). Epochs: the last scored epoch (the budget, in the method's epochs: steps per epoch "
+              "and batch are in the preset). "
               f"Flatness: mean val top-1 over the last {FLAT_WINDOW} scored epochs minus the {FLAT_WINDOW} before, in "
               f"points (one image of {val_size} = {100 / val_size:g} points)."), ""]
     if figure:

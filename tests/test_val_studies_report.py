@@ -68,6 +68,7 @@ def test_report_ranks_points_by_sum_decodes_list_values_and_skips_one_split_stud
     # narrow: 40 + 42 + 39 = 121 before wide: 37 + 43 + 35 = 115; the JSON text of a list choice read back as a list
     assert rows[0].startswith("| paws.large_scale=[0.9, 1.0] | 40 | 42 | 39 | **121** | 10.0 | +0.0 |")
     assert rows[1].startswith("| paws.large_scale=[0.5, 1.0] | 37 | 43 | 35 | **115** |")
+    assert all(r.endswith("| 20 |") for r in rows)  # the budget: every run's last scored epoch
     with pytest.raises(SystemExit, match="--val-size"):  # 0.74 x 40 = 29.6 images: a clear exit, no traceback
         main(["--campaign", str(tmp_path), "--out", str(out), "--val-size", "40"])
     with pytest.raises(SystemExit, match="one-split-only"):
