@@ -58,10 +58,6 @@ def split_trials(storage: optuna.storages.BaseStorage, split: int) -> dict[str, 
             for name in optuna.get_all_study_names(storage) if name.endswith(suffix)}
 
 
-def point_key(params: dict) -> str:
-    return json.dumps(trial_values(params), sort_keys=True)
-
-
 def collect(campaign: Path, splits: list[int], val_size: int) -> dict[str, dict]:
     """{study prefix: {"journal", "start", "points": {values as JSON: {"values", "runs": {split: run}}}, "other":
     {state: count}}}. A run: val images, CPU-minutes, last epoch, flatness, val curve. Trials not COMPLETE are only
@@ -79,8 +75,9 @@ def collect(campaign: Path, splits: list[int], val_size: int) -> dict[str, dict]
                     epochs = sorted(t.intermediate_values)  # the epochs with a val score (some methods skip some)
                     curve = [t.intermediate_values[k] for k in epochs]
                     cpu = t.user_attrs.get("cpu_seconds")
-                    point = study["points"].setdefault(point_key(t.params), {"values": trial_values(t.params),
-                                                                             "runs": {}})
+                    values = trial_values(t.params)  # a list choice back from its JSON text
+                    point = study["points"].setdefault(json.dumps(values, sort_keys=True),
+                                                       {"values": values, "runs": {}})
                     if split in point["runs"]:
                         raise SslOpsError(f"{journal}: study {prefix}-s{split} has point {point['values']} twice "
                                           f"(trials {point['runs'][split]['trial']} and {t.number}); a grid study asks "
@@ -100,7 +97,8 @@ def _range(xs: list[float], spec: str) -> str:
     """``lo to hi`` in format ``spec``, one value where they print alike, ``-`` for none."""
     if not xs:
         return "-"
-    lo, hi = (format(x if spec == "d" else round(x, 1) + 0.0, spec) for x in (min(xs), max(xs)))  # no "-0.0"
+    lo, hi = (format(x if isinstance(x, int) else round(x, 1) + 0.0, spec)  # + 0.0: no "-0.0"
+              for x in (min(xs), max(xs)))
     return lo if lo == hi else f"{lo} to {hi}"
 
 
@@ -142,19 +140,20 @@ def plot(studies: dict[str, dict], splits: list[int], val_size: int, path: Path)
     matplotlib.use("Agg")  # files only
     import matplotlib.pyplot as plt
 
-    studies = {k: v for k, v in studies.items()
-               if any(summed_curve(p, splits, val_size) for p in v["points"].values())}
+    panels = {}  # study prefix: [(label, (epochs, summed images))], the points on every split only
+    for prefix, study in studies.items():
+        lines = [(", ".join(f"{k.split('.')[-1]}={json.dumps(v)}" for k, v in point["values"].items()), summed)
+                 for point in study["points"].values() if (summed := summed_curve(point, splits, val_size))]
+        if lines:
+            panels[prefix] = lines
     cols = 4
-    rows = max(1, -(-len(studies) // cols))
+    rows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(studies):]:
+    for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, (prefix, study) in zip(axes.flat, studies.items()):
-        for point in study["points"].values():
-            summed = summed_curve(point, splits, val_size)
-            if summed:
-                label = ", ".join(f"{k.split('.')[-1]}={json.dumps(v)}" for k, v in point["values"].items())
-                ax.plot(*summed, lw=1, label=label)
+    for ax, (prefix, lines) in zip(axes.flat, panels.items()):
+        for label, summed in lines:
+            ax.plot(*summed, lw=1, label=label)
         ax.set_title(prefix, fontsize=8)
         ax.set(xlabel="epoch", ylabel=f"val images right (of {val_size * len(splits)})")
         ax.legend(fontsize=6)
