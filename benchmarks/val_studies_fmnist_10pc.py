@@ -8,9 +8,10 @@ and whether its val curve had flattened: the val numbers that the notes (reports
 Reads the Optuna journals ``pipelines/fmnist_10pc/seed<S>/tuning/*.journal`` that the campaign's studies write
 (``./run.sh S tune METHOD ... --study <prefix>-s<S> --storage journal:tuning/<name>.journal``: one study per split,
 named with the split's suffix) and, per trial, its objective (val top-1 at the last epoch), its per-epoch val curve
-(Optuna's intermediate values) and its CPU seconds. Points are matched across splits by their searched values. Studies
-run before the campaign moved to journals (their numbers live in the notes only) and studies of one split are not
-listed. Trains nothing, reads no test number. Writes reports/val_studies_fmnist_10pc.md, .json and .png (each
+(Optuna's intermediate values) and its CPU seconds. A trial run at several training seeds (``ssl-ops tune
+--repeats R``) counts the mean of its seeds' val images, lists each seed's, and its curve is its first seed's.
+Points are matched across splits by their searched values. Studies run before the campaign moved to journals (their
+numbers live in the notes only) and studies of one split are not listed. Trains nothing, reads no test number. Writes reports/val_studies_fmnist_10pc.md, .json and .png (each
 point's val curve summed over the splits, one panel per study).
 """
 
@@ -74,6 +75,9 @@ def collect(campaign: Path, splits: list[int], val_size: int) -> dict[str, dict]
                         continue
                     epochs = sorted(t.intermediate_values)  # the epochs with a val score (some methods skip some)
                     curve = [t.intermediate_values[k] for k in epochs]
+                    where = f"{journal} {prefix}-s{split} trial {t.number}"
+                    # --repeats: each seed's last-epoch val, the trial's value being their mean
+                    per_seed = [images(v, val_size, where) for v in t.user_attrs.get("val_per_seed", [t.value])]
                     cpu = t.user_attrs.get("cpu_seconds")
                     values = trial_values(t.params)  # a list choice back from its JSON text
                     point = study["points"].setdefault(json.dumps(values, sort_keys=True),
@@ -83,9 +87,10 @@ def collect(campaign: Path, splits: list[int], val_size: int) -> dict[str, dict]
                                           f"(trials {point['runs'][split]['trial']} and {t.number}); a grid study asks "
                                           "each point once: delete the stray trial's study or name the rerun apart")
                     point["runs"][split] = {
-                        "trial": t.number, "images": images(t.value, val_size, f"{journal} {prefix}-s{split} "
-                                                                                f"trial {t.number}"),
-                        "cpu_min": None if cpu is None else cpu / 60, "epochs": epochs[-1] if epochs else 0,
+                        "trial": t.number, "images": per_seed[0] if len(per_seed) == 1 else statistics.fmean(per_seed),
+                        "per_seed": per_seed,
+                        "cpu_min": None if cpu is None else cpu / 60 / len(per_seed),
+                        "epochs": epochs[-1] if epochs else 0,
                         "flatness": flatness(curve), "curve_epochs": epochs, "curve": curve}
                     started = t.datetime_start.isoformat(timespec="minutes") if t.datetime_start else None
                     if started and (study["start"] is None or started < study["start"]):
@@ -102,6 +107,12 @@ def _range(xs: list[float], spec: str) -> str:
     return lo if lo == hi else f"{lo} to {hi}"
 
 
+def _images(run: dict) -> str:
+    """A run's val images; for several training seeds their mean and each seed's: ``40.3 (40 / 41 / 40)``."""
+    seeds = run.get("per_seed", [run["images"]])
+    return str(run["images"]) if len(seeds) == 1 else f"{run['images']:.1f} ({' / '.join(map(str, seeds))})"
+
+
 def table(study: dict, splits: list[int], val_size: int) -> list[str]:
     """One markdown row per point, best total first (a point missing a split has no total and goes last)."""
     head = ["point", *(f"split {s}" for s in splits), f"sum (of {val_size * len(splits)})", "CPU-min per run",
@@ -111,8 +122,8 @@ def table(study: dict, splits: list[int], val_size: int) -> list[str]:
         runs = point["runs"]
         total = sum(r["images"] for r in runs.values()) if all(s in runs for s in splits) else None
         cells = [", ".join(f"{k}={json.dumps(v)}" for k, v in point["values"].items()) or "(the preset as is)",
-                 *(str(runs[s]["images"]) if s in runs else "-" for s in splits),
-                 "-" if total is None else f"**{total}**",
+                 *(_images(runs[s]) if s in runs else "-" for s in splits),
+                 "-" if total is None else f"**{total:g}**" if isinstance(total, int) else f"**{total:.1f}**",
                  _range([r["cpu_min"] for r in runs.values() if r["cpu_min"] is not None], ".1f"),
                  _range([r["flatness"] for r in runs.values() if r["flatness"] is not None], "+.1f"),
                  _range([r["epochs"] for r in runs.values()], "d")]

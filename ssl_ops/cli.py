@@ -395,12 +395,12 @@ def _some(names: list[str], k: int = 5) -> str:
 
 
 def cmd_tune(args) -> None:
-    from ssl_ops.tuning import apply_best, nest, run_study, top_trials_table, trial_values
+    from ssl_ops.tuning import apply_best, nest, run_study, seeds_note, top_trials_table, trial_values
 
     params = _load(args)
     try:
         res = run_study(args.method, params, trials=args.trials, timeout=args.timeout, storage=args.storage,
-                        study_name=args.study)
+                        study_name=args.study, repeats=args.repeats)
     except KeyboardInterrupt:
         err.print("interrupted: the running trial is marked FAIL (interrupted); the finished trials are kept in the "
                   "study. Run the same command again to resume it.")
@@ -412,7 +412,7 @@ def cmd_tune(args) -> None:
             raise SslOpsError("--apply: the study has no complete trial to apply")
         return
     best = res.study.best_trial
-    out.print(f"best: trial {best.number}, val top-1 {best.value:.2%} -> {res.best_file} "
+    out.print(f"best: trial {best.number}, val top-1 {best.value:.2%}{seeds_note(best)} -> {res.best_file} "
               f"(this call: {res.wall_seconds:.1f}s; plots in {res.plots[0].parent if res.plots else '-'})")
     if args.apply:
         diff = apply_best(args.params, nest(trial_values(best.params)))
@@ -497,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, metavar="URL",
                    help="sqlite:///tuning/optuna.db (default), postgresql://..., or journal:PATH for parallel workers")
     p.add_argument("--study", default=None, metavar="NAME", help="study name (default: <method>-<dataset>)")
+    p.add_argument("--repeats", type=int, default=1, metavar="R",
+                   help="train each trial at R training seeds (train.seed, +1000, ...) and score the mean val "
+                        "(default 1); a tiny val set plus one seed cannot tell apart points a few images apart")
     p.add_argument("--apply", action="store_true", help="write the best values into the params file (shows the diff)")
     return parser
 

@@ -30,6 +30,11 @@ bad values) is FAIL with its reason and the study goes on; Ctrl-C marks the runn
 ("interrupted") and exits; the next call resumes the study. A worker killed outright is detected by the RDB
 storage's heartbeat: the next call fails its trial and retries it once from its checkpoint (:func:`make_storage`).
 
+Noise: ``--repeats R`` trains each trial at R training seeds (``train.seed``, ``+ REPEAT_STRIDE``, ...; the labeled
+split stays) and scores the mean of their last-epoch val metrics, one nested MLflow run per seed. One run per point
+cannot resolve small gains: on Fashion-MNIST 10 labels/class the PAWS recipe alone, reseeded, spans 6 of 150 val
+images (reports/results_fmnist_10pc_notes.md, forty-second session).
+
 Outputs: ``tuning/<method>.best.yaml`` (the best values in the shape of params sections), study plots under
 ``tuning/<study>/plots/`` (also in the parent run), and ``--apply`` edits params.yaml (only the changed values,
 comments kept, the diff printed); nothing else edits params.yaml.
@@ -60,6 +65,9 @@ from ssl_ops.pretexts import PRETEXTS
 from ssl_ops.stages import pretrain_stage, train_stage
 
 TUNING = Path("tuning")
+# --repeats R: repeat k of a trial trains at train.seed + k * REPEAT_STRIDE; a wide stride keeps the repeats of one
+# split clear of the campaign's other splits, whose train.seed is their split seed (0, 1, 2, ...)
+REPEAT_STRIDE = 1000
 DEFAULT_STORAGE = f"sqlite:///{TUNING}/optuna.db"
 console = Console(stderr=True, soft_wrap=True)
 
@@ -246,6 +254,7 @@ class Objective:
     study_name: str
     parent_run_id: str
     keep_checkpoints: bool = False
+    repeats: int = 1
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -253,13 +262,12 @@ class Objective:
         """What a trial maximises: a method's val top-1, or a pretext's own val monitor (PAWS-NN, k-NN)."""
         return val_metric(self.method)
 
-    def checkpoint(self, number: int) -> Path:
-        return TUNING / self.study_name / f"trial-{number}.pt"
+    def checkpoint(self, number: int, repeat: int = 0) -> Path:
+        return TUNING / self.study_name / (f"trial-{number}.pt" if repeat == 0 else f"trial-{number}-r{repeat}.pt")
 
     def __call__(self, trial: optuna.Trial) -> float:
         values = {k: suggest(trial, k, s) for k, s in search_space(self.base, self.method).items()}
         tags = {"optuna.study": self.study_name, "optuna.trial_number": str(trial.number)}
-        before = tracking.last_run_id()
 
         def epoch_end(epoch: int, metrics: dict[str, float]) -> None:
             trial.report(metrics[self.metric], epoch)
@@ -267,46 +275,75 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.metric} {metrics[self.metric]:.4f}")
 
         # a retry of a trial whose worker died continues from that trial's last epoch checkpoint
-        # (train_stage resumes a matching unfinished checkpoint by itself)
+        # (train_stage resumes a matching unfinished checkpoint by itself); with --repeats, the seed that was
+        # running resumes and the finished ones train again (their checkpoints were deleted)
         retried = _retried_trial(trial)
-        ckpt = self.checkpoint(trial.number if retried is None else retried)
+        number = trial.number if retried is None else retried
         if retried is not None:
             tags["optuna.retry_of_trial"] = str(retried)
             trial.set_user_attr("retry_of_trial", retried)
         cpu0 = time.process_time()  # the issue's budgets count CPU seconds (user + sys), teacher phases included
+        runs: list[str] = []  # this trial's MLflow runs, one per seed, tagged with its state when it ends
+        scores: list[float] = []
+        seeds: list[int] = []
+        train_seconds = 0.0
         try:
             params = with_overrides(self.base, [*(as_override(k, v) for k, v in values.items()),
                                                 "train.progress=false"], source=f"trial {trial.number}")
-            if self.metric == "val_top1":
-                res = train_stage(self.method, params, epoch_end=epoch_end, write_outputs=False, run_tags=tags,
-                                  nested=True, checkpoint=ckpt)
-            else:  # a pretext: no outputs, no test probes (pretrain_stage(probe=False))
-                res = pretrain_stage(self.method, params, epoch_end=epoch_end, write_outputs=False, run_tags=tags,
-                                     nested=True, checkpoint=ckpt, probe=False)
+            seeds = [params.train.seed + REPEAT_STRIDE * k for k in range(self.repeats)]
+            for k, seed in enumerate(seeds):
+                ckpt = self.checkpoint(number, k)
+                before = tracking.last_run_id()
+                try:
+                    res = self._run(params if k == 0 else with_overrides(params, [f"train.seed={seed}"]),
+                                    # the pruner sees the first seed's curve: Optuna takes one value per step
+                                    epoch_end if k == 0 else None,
+                                    {**tags, **({"optuna.repeat": str(k)} if self.repeats > 1 else {})}, ckpt)
+                except BaseException:
+                    if (started := tracking.last_run_id()) and started not in (before, self.parent_run_id):
+                        runs.append(started)
+                    raise
+                finally:
+                    if not self.keep_checkpoints:
+                        ckpt.unlink(missing_ok=True)
+                runs.append(res.run_id)
+                scores.append(res.metrics[self.metric])
+                train_seconds += res.metrics["train_seconds"]
         except optuna.TrialPruned as exc:
-            self._finish(before, {"optuna.state": "PRUNED", "optuna.prune_reason": str(exc)}, "FINISHED")
+            self._finish(runs, {"optuna.state": "PRUNED", "optuna.prune_reason": str(exc)}, "FINISHED")
             raise
         except (Exception, KeyboardInterrupt) as exc:  # Optuna marks the trial FAIL; we record why
             reason = ("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
                       else f"{type(exc).__name__}: {exc}")
+            if len(seeds) > 1:
+                reason = f"train.seed {seeds[len(scores)]} (repeat {len(scores)} of {len(seeds)}): {reason}"
             trial.set_user_attr("fail_reason", reason[:2000])
             self.failures.append(reason)
-            self._finish(before, {"optuna.state": "FAIL", "optuna.fail_reason": reason})
+            self._finish(runs, {"optuna.state": "FAIL", "optuna.fail_reason": reason})
             raise
-        finally:
-            if not self.keep_checkpoints:
-                ckpt.unlink(missing_ok=True)
-        trial.set_user_attr("mlflow_run_id", res.run_id)
-        trial.set_user_attr("train_seconds", res.metrics["train_seconds"])
+        trial.set_user_attr("mlflow_run_id", runs[0])
+        trial.set_user_attr("train_seconds", train_seconds)  # all seeds together, as cpu_seconds
         trial.set_user_attr("cpu_seconds", time.process_time() - cpu0)
-        self._finish(before, {"optuna.state": "COMPLETE", **({} if retried is None else {
+        if self.repeats > 1:
+            trial.set_user_attr("mlflow_run_ids", runs)
+            trial.set_user_attr("train_seeds", seeds)
+            trial.set_user_attr("val_per_seed", scores)
+        self._finish(runs, {"optuna.state": "COMPLETE", **({} if retried is None else {
             "optuna.trial_number": str(trial.number), "optuna.retry_of_trial": str(retried)})})
-        return res.metrics[self.metric]
+        return sum(scores) / len(scores)
 
-    def _finish(self, before: str | None, tags: dict[str, str], status: str | None = None) -> None:
-        """Tag the trial's MLflow run, if train_stage got as far as starting one."""
-        run_id = tracking.last_run_id()
-        if run_id and run_id not in (before, self.parent_run_id):
+    def _run(self, params: BaseParams, epoch_end, tags: dict[str, str], ckpt: Path):
+        """One training run of the trial, as ``ssl-ops train`` (a pretext: ``ssl-ops pretrain``) would run it."""
+        if self.metric == "val_top1":
+            return train_stage(self.method, params, epoch_end=epoch_end, write_outputs=False, run_tags=tags,
+                               nested=True, checkpoint=ckpt)
+        # a pretext: no outputs, no test probes (pretrain_stage(probe=False))
+        return pretrain_stage(self.method, params, epoch_end=epoch_end, write_outputs=False, run_tags=tags,
+                              nested=True, checkpoint=ckpt, probe=False)
+
+    def _finish(self, runs: list[str], tags: dict[str, str], status: str | None = None) -> None:
+        """Tag the trial's MLflow runs (those train_stage got as far as starting) with the trial's outcome."""
+        for run_id in runs:
             tracking.finish_run(self.base.tracking, run_id, tags, status)
 
 
@@ -344,13 +381,17 @@ def _trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
 
 
 def run_study(method: str, params: BaseParams, *, trials: int | None = 20, timeout: float | None = None,
-              storage: str | None = None, study_name: str | None = None, quiet: bool = False) -> StudyResult:
-    """Run ``trials`` more trials (this process) of the study, then write the best file and the plots."""
+              storage: str | None = None, study_name: str | None = None, quiet: bool = False,
+              repeats: int = 1) -> StudyResult:
+    """Run ``trials`` more trials (this process) of the study, then write the best file and the plots; with
+    ``repeats`` > 1 each trial trains at that many training seeds and scores their mean (:class:`Objective`)."""
     if params.split.val_per_class == 0:
         raise TuningError("tuning scores trials on the validation split, but split.val_per_class is 0; set it to "
                           "1-5 (S4L §7: a few images per class rank hyper-parameters well)")
     if trials is not None and trials < 0:
         raise TuningError(f"--trials must be >= 0, got {trials}")
+    if repeats < 1:
+        raise TuningError(f"--repeats must be >= 1 (training seeds per trial), got {repeats}")
     search_space(params, method)
     name = study_name or f"{method}-{params.data.name}"
     store, url = make_storage(storage, params.tune)
@@ -358,13 +399,17 @@ def run_study(method: str, params: BaseParams, *, trials: int | None = 20, timeo
     study = optuna.create_study(storage=store, study_name=name, direction="maximize", load_if_exists=True)
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise TuningError(f"study {name!r} in {url} does not maximise; it is not an ssl-ops study")
-    _check_comparable(study, fixed_params(params, method), url)
+    fixed = fixed_params(params, method)
+    if repeats > 1:  # absent for one seed, so the studies from before --repeats resume as they were
+        fixed["tune.repeats"] = repeats
+    _check_comparable(study, fixed, url)
     study.sampler = make_sampler(params.tune, len(study.trials), search_space(params, method))
     study.pruner = make_pruner(params.tune.pruner, getattr(params, method).train_params(params.train).epochs)
     if not quiet:
         counts = _counts(study)
         console.print(f"study [bold]{name}[/bold] in {url}: {sum(counts.values())} earlier trials "
-                      f"({', '.join(f'{n} {s}' for s, n in counts.items()) or 'new'}); running {trials} more")
+                      f"({', '.join(f'{n} {s}' for s, n in counts.items()) or 'new'}); running {trials} more"
+                      + (f", each at {repeats} training seeds" if repeats > 1 else ""))
 
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent and not tracking.run_exists(params.tracking, parent):
@@ -375,7 +420,8 @@ def run_study(method: str, params: BaseParams, *, trials: int | None = 20, timeo
                             tags=tags, run_id=parent) as parent_id:
         if parent is None:
             study.set_user_attr("mlflow_parent_run_id", parent_id)
-        objective = Objective(method, params, name, parent_id, keep_checkpoints=params.tune.keep_checkpoints)
+        objective = Objective(method, params, name, parent_id, keep_checkpoints=params.tune.keep_checkpoints,
+                              repeats=repeats)
         callbacks = [] if quiet else [_trial_line]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -421,11 +467,19 @@ def write_best(study: optuna.Study, method: str, storage_url: str) -> Path:
     """tuning/<method>.best.yaml: the best trial's values, nested like params.yaml sections."""
     best = study.best_trial
     header = (f"# Best trial of Optuna study {study.study_name!r} ({storage_url}): trial {best.number}, "
-              f"val top-1 {best.value:.4f}\n# on the split's validation set (never test). Apply to params.yaml "
-              f"with: ssl-ops tune {method} --study {study.study_name} --trials 0 --apply\n")
+              f"val top-1 {best.value:.4f}{seeds_note(best)}\n# on the split's validation set (never test). Apply "
+              f"to params.yaml with: ssl-ops tune {method} --study {study.study_name} --trials 0 --apply\n")
     path = best_path(method)
     io.write_text(path, header + yaml.safe_dump(nest(trial_values(best.params)), sort_keys=True))
     return path
+
+
+def seeds_note(t: optuna.trial.FrozenTrial) -> str:
+    """' (mean of train.seed 0: 0.8, 1000: 0.84)' for a trial scored over several training seeds (--repeats)."""
+    scores, seeds = t.user_attrs.get("val_per_seed"), t.user_attrs.get("train_seeds")
+    if not scores or not seeds:
+        return ""
+    return " (mean of train.seed " + ", ".join(f"{s}: {v:.4g}" for s, v in zip(seeds, scores)) + ")"
 
 
 def top_trials_table(study: optuna.Study, n: int = 10) -> Table:
@@ -440,13 +494,16 @@ def top_trials_table(study: optuna.Study, n: int = 10) -> Table:
 
     trials = sorted((t for t in study.trials if t.state.name in rank),
                     key=lambda t: (rank[t.state.name], -score(t)))[:n]
+    # --repeats: a column of each seed's val top-1, whose spread says how far apart two means must be to differ
+    per_seed = any(t.user_attrs.get("val_per_seed") for t in trials)
     table = Table(title=f"top trials of {study.study_name} ({len(study.trials)} in all)")
-    for col in ("trial", "state", "val top-1", "epochs", "seconds", *keys):
+    for col in ("trial", "state", "val top-1", *(["per seed"] if per_seed else []), "epochs", "seconds", *keys):
         table.add_column(col, justify="right")
     for t in trials:
         val = score(t)
         secs = t.duration.total_seconds() if t.duration else float("nan")
-        table.add_row(str(t.number), t.state.name, "-" if val == -math.inf else f"{val:.2%}",
+        seeds = [" ".join(f"{v:.0%}" for v in t.user_attrs.get("val_per_seed", [])) or "-"] if per_seed else []
+        table.add_row(str(t.number), t.state.name, "-" if val == -math.inf else f"{val:.2%}", *seeds,
                       str(t.last_step or "-"), f"{secs:.1f}",
                       *(f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, "-"))
                         for k in keys))

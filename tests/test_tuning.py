@@ -329,3 +329,84 @@ def test_two_workers_share_one_study(workdir, mlflow_uri):
     assert len(ran[0]) == len(ran[1]) == 3 and ran[0].isdisjoint(ran[1]) and ran[0] | ran[1] == set(range(6))
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # different seeds: no repeated points
     assert sorted(_trial_runs(mlflow_uri, "par")) == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --repeats: several training seeds per trial (a tiny val set and one seed cannot rank close points)
+
+
+def _runs_of(uri: str, study: str) -> list[mlflow.entities.Run]:
+    return mlflow.MlflowClient(uri).search_runs(
+        [mlflow.get_experiment_by_name("ssl-ops").experiment_id], f"tags.`optuna.study` = '{study}'")
+
+
+def test_repeats_score_the_mean_of_each_seeds_run(workdir, mlflow_uri):
+    """Each trial trains at train.seed and train.seed + REPEAT_STRIDE, one nested MLflow run each; its value is the
+    mean of the two runs' last-epoch val top-1; the pruner saw the first seed's curve."""
+    params = _params(workdir, "train.seed=3")
+    res = run_study("supervised", params, trials=2, study_name="rep", repeats=2)
+    client = mlflow.MlflowClient(mlflow_uri)
+    runs = {r.info.run_id: r for r in _runs_of(mlflow_uri, "rep") if "optuna.trial_number" in r.data.tags}
+    assert len(runs) == 4
+    for t in res.study.trials:
+        assert t.state.name == "COMPLETE"
+        assert t.user_attrs["train_seeds"] == [3, 3 + tuning.REPEAT_STRIDE]
+        ids, scores = t.user_attrs["mlflow_run_ids"], t.user_attrs["val_per_seed"]
+        assert t.user_attrs["mlflow_run_id"] == ids[0] and len(set(ids)) == 2
+        assert t.value == pytest.approx(sum(scores) / 2)
+        for k, run_id in enumerate(ids):
+            run = runs[run_id]
+            assert run.data.tags["optuna.trial_number"] == str(t.number) and run.data.tags["optuna.repeat"] == str(k)
+            assert run.data.tags["optuna.state"] == "COMPLETE" and run.info.status == "FINISHED"
+            assert int(run.data.params["train.seed"]) == t.user_attrs["train_seeds"][k]
+            assert float(run.data.params["train.lr"]) == t.params["train.lr"]  # both seeds train the trial's point
+            curve = sorted(client.get_metric_history(run_id, "val_top1"), key=lambda m: m.step)
+            assert curve[-1].value == scores[k]
+            if k == 0:
+                assert [m.value for m in curve] == [t.intermediate_values[s] for s in (1, 2)]
+    assert not list(Path("tuning/rep").glob("trial-*.pt"))  # every seed's checkpoint removed (keep_checkpoints: false)
+    best = res.study.best_trial
+    header = Path("tuning/supervised.best.yaml").read_text().splitlines()[0]
+    assert f"mean of train.seed 3: {best.user_attrs['val_per_seed'][0]:.4g}, 1003: " in header
+    table = tuning.top_trials_table(res.study)
+    assert [c.header for c in table.columns][:4] == ["trial", "state", "val top-1", "per seed"]
+
+    # the study is scored over 2 seeds: resuming it with another count is refused (its means would not compare)
+    with pytest.raises(TuningError, match=r"tune.repeats: 2 -> None"):
+        run_study("supervised", params, trials=0, study_name="rep")
+    with pytest.raises(TuningError, match="--repeats must be >= 1"):
+        run_study("supervised", params, trials=1, study_name="rep0", repeats=0)
+
+
+def test_repeat_that_fails_fails_the_trial_and_tags_every_run(workdir, mlflow_uri, monkeypatch):
+    """The second seed's run dies after its first epoch: the trial is FAIL with the seed in its reason, and both its
+    runs (the finished first seed's and the dead one's) carry the trial's state."""
+    real = tuning.train_stage
+
+    def dies_at_second_seed(name, params, **kw):
+        if params.train.seed == tuning.REPEAT_STRIDE:
+            def boom(epoch, metrics):
+                raise RuntimeError("worker lost")
+            kw["epoch_end"] = boom
+        return real(name, params, **kw)
+
+    monkeypatch.setattr(tuning, "train_stage", dies_at_second_seed)
+    with pytest.raises(TuningError, match=r"train.seed 1000 \(repeat 1 of 2\): RuntimeError: worker lost"):
+        run_study("supervised", _params(workdir), trials=1, study_name="rep-fail", repeats=2)
+    (t,) = _trials("rep-fail")
+    assert t.state.name == "FAIL" and "val_per_seed" not in t.user_attrs
+    runs = [r for r in _runs_of(mlflow_uri, "rep-fail") if "optuna.trial_number" in r.data.tags]
+    assert sorted(r.data.tags["optuna.repeat"] for r in runs) == ["0", "1"]
+    assert all(r.data.tags["optuna.state"] == "FAIL" and "worker lost" in r.data.tags["optuna.fail_reason"]
+               for r in runs)
+    assert not list(Path("tuning/rep-fail").glob("trial-*.pt"))
+
+
+def test_cli_repeats_prints_each_seed(workdir, mlflow_uri, capsys):
+    _write_params(workdir / "params.yaml", {"train.lr": {"type": "categorical", "choices": [0.05]}})
+    sets = [x for s in TINY for x in ("--set", s)]
+    assert main(["tune", "supervised", "--trials", "1", "--repeats", "2", "--study", "rep-cli", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "per seed" in out and "(mean of train.seed 0: " in out and ", 1000: " in out
+    assert main(["tune", "supervised", "--trials", "1", "--repeats", "0", "--study", "rep-cli0", *sets]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err

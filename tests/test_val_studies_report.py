@@ -14,15 +14,18 @@ DIST = {"paws.small_crops": optuna.distributions.CategoricalDistribution([0, 2])
         "paws.large_scale": optuna.distributions.CategoricalDistribution(["[0.5, 1.0]", "[0.9, 1.0]"])}
 
 
-def add(campaign, split, journal, study, values, curve, cpu_seconds=600.0, state="COMPLETE", epochs=None):
+def add(campaign, split, journal, study, values, curve, cpu_seconds=600.0, state="COMPLETE", epochs=None,
+        per_seed=None):
     storage, _ = make_storage(f"journal:{campaign / f'seed{split}' / 'tuning' / journal}")
     s = optuna.create_study(study_name=f"{study}-s{split}", storage=storage, direction="maximize",
                             load_if_exists=True)
     complete = state == "COMPLETE"
     s.add_trial(optuna.trial.create_trial(
-        params=values, distributions={k: DIST[k] for k in values}, value=curve[-1] if complete else None,
+        params=values, distributions={k: DIST[k] for k in values},
+        value=(sum(per_seed) / len(per_seed) if per_seed else curve[-1]) if complete else None,
         intermediate_values=dict(zip(epochs or range(1, len(curve) + 1), curve)),
-        user_attrs={"cpu_seconds": cpu_seconds},
+        # as `ssl-ops tune --repeats R` stores a trial: each seed's last val, the value their mean
+        user_attrs={"cpu_seconds": cpu_seconds, **({"val_per_seed": per_seed} if per_seed else {})},
         state=getattr(optuna.trial.TrialState, state)))
 
 
@@ -93,3 +96,18 @@ def test_summed_curve_adds_the_splits_at_the_epochs_every_split_scored(tmp_path)
     assert epochs == [1, 3, 4]
     assert summed == pytest.approx([45.0, 60.0, 75.0])  # (0.5 + 0.4) x 50, (0.6 + 0.6) x 50, (0.7 + 0.8) x 50
     assert summed_curve(p, [0, 1, 2], 50) is None  # split 2 never ran
+
+
+def test_a_point_run_at_several_seeds_counts_their_mean_and_lists_each(tmp_path):
+    """`ssl-ops tune --repeats 3`: a split's cell is the mean of its seeds' val images with each seed's listed, the sum
+    adds the means, and a run's CPU-minutes are the trial's divided by its seeds."""
+    point = {"paws.small_crops": 2}
+    add(tmp_path, 0, "r.journal", "rep", point, [0.80] * 20, cpu_seconds=2700.0, per_seed=[0.80, 0.82, 0.78])
+    add(tmp_path, 1, "r.journal", "rep", point, [0.90] * 20, cpu_seconds=2700.0, per_seed=[0.90, 0.84, 0.86])
+    runs = next(iter(collect(tmp_path, [0, 1], 50)["rep"]["points"].values()))["runs"]
+    assert runs[0]["per_seed"] == [40, 41, 39] and runs[0]["images"] == pytest.approx(40.0)
+    assert runs[1]["images"] == pytest.approx(130 / 3) and runs[0]["cpu_min"] == pytest.approx(15.0)
+    out = tmp_path / "report"
+    main(["--campaign", str(tmp_path), "--out", str(out), "--splits", "0", "1"])
+    row = next(line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| paws."))
+    assert row.startswith("| paws.small_crops=2 | 40.0 (40 / 41 / 39) | 43.3 (45 / 42 / 43) | **83.3** | 15.0 |")
