@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 from benchmarks.common import environment
 from benchmarks.paws_label_spreading import CAMPAIGN, REPO
@@ -36,6 +37,7 @@ from ssl_ops.errors import SslOpsError
 HERE = CAMPAIGN / "seed_spread"
 EXPERIMENT = "paws-seed-spread"
 OUT = REPO / "reports" / "paws_seed_spread"
+POLL_SECONDS = 5
 VAL_SIZE = 50  # 5 val images per class x 10 classes (the campaign's split.val_per_class)
 
 
@@ -100,6 +102,12 @@ def run_all(splits: list[int], offsets: list[int], store: str, experiment: str, 
     running: list[tuple[tuple[int, int], subprocess.Popen]] = []
     failed = []
     while todo or running:
+        for pair, proc in [r for r in running if r[1].poll() is not None]:  # the ones that ended, in any order
+            running.remove((pair, proc))
+            if proc.returncode != 0:
+                failed.append(pair)
+                print(f"split {pair[0]} train.seed {pair[1]} failed: see {HERE / f's{pair[0]}-t{pair[1]}.log'}",
+                      flush=True)
         while todo and len(running) < jobs:
             s, t = todo.pop(0)
             log = HERE / f"s{s}-t{t}.log"
@@ -109,10 +117,8 @@ def run_all(splits: list[int], offsets: list[int], store: str, experiment: str, 
             running.append(((s, t), subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"),
                                                       stderr=subprocess.STDOUT)))
             print(f"started split {s} train.seed {t} -> {log}", flush=True)
-        (s, t), proc = running.pop(0)
-        if proc.wait() != 0:
-            failed.append((s, t))
-            print(f"split {s} train.seed {t} failed: see {HERE / f's{s}-t{t}.log'}", flush=True)
+        if running:
+            time.sleep(POLL_SECONDS)
     if failed:
         raise SslOpsError(f"{len(failed)} runs failed: {failed}; run again to retry them")
 

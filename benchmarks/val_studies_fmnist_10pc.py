@@ -11,8 +11,9 @@ named with the split's suffix) and, per trial, its objective (val top-1 at the l
 (Optuna's intermediate values) and its CPU seconds. A trial run at several training seeds (``ssl-ops tune
 --repeats R``) counts the mean of its seeds' val images, lists each seed's, and its curve is its first seed's.
 Points are matched across splits by their searched values. Studies run before the campaign moved to journals (their
-numbers live in the notes only) and studies of one split are not listed. Trains nothing, reads no test number. Writes reports/val_studies_fmnist_10pc.md, .json and .png (each
-point's val curve summed over the splits, one panel per study).
+numbers live in the notes only) and studies of one split are not listed. Trains nothing, reads no test number.
+Writes reports/val_studies_fmnist_10pc.md, .json and .png (each point's val curve summed over the splits, one panel
+per study).
 """
 
 from __future__ import annotations

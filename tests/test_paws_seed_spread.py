@@ -1,0 +1,69 @@
+"""benchmarks/paws_seed_spread.py without training: the runs it finds in an MLflow store (the resume rule), the variance
+split, the report's tables, and the campaign params it trains with (those of the paws@S stage, but train.seed)."""
+
+from __future__ import annotations
+
+import statistics
+
+import mlflow
+import pytest
+
+from benchmarks import paws_seed_spread as spread
+
+
+def _log(uri: str, experiment: str, split: int, seed: int, test: float, val: float, status: str = "FINISHED",
+         data: str = "fashion_mnist") -> None:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, tags={"machine": "M", "git_commit": "abc1234def"})
+    for k, v in {"split.seed": split, "train.seed": seed, "data.name": data, "paws.epochs": 60,
+                 "paws.steps_per_epoch": 50}.items():
+        client.log_param(run.info.run_id, k, v)
+    for k, v in {"paws_nn_top1": test, "paws_nn_val_top1": val, "cpu_seconds": 600.0, "loadavg_mean": 2.0}.items():
+        client.log_metric(run.info.run_id, k, v)
+    client.set_terminated(run.info.run_id, status=status)
+
+
+def test_finished_runs_are_keyed_by_split_and_seed_and_unfinished_ones_retrain(mlflow_uri):
+    _log(mlflow_uri, "spread-a", 0, 0, 0.76, 0.80)
+    _log(mlflow_uri, "spread-a", 0, 1000, 0.77, 0.82)
+    _log(mlflow_uri, "spread-a", 1, 1001, 0.70, 0.84, status="FAILED")  # a killed run: trained again
+    _log(mlflow_uri, "spread-a", 1, 1, 0.99, 0.99, data="digits")  # another dataset: not the campaign's
+    runs = spread.finished(mlflow_uri, "spread-a")
+    assert sorted(runs) == [(0, 0), (0, 1000)]
+    assert runs[(0, 1000)]["paws_nn_top1"] == 0.77 and runs[(0, 1000)]["cpu_min"] == 10.0
+    assert spread.finished(mlflow_uri, "no-such-experiment") == {}
+
+
+def test_variance_parts_separate_seeds_of_a_split_from_the_split_means():
+    runs = [{"split": 0, "paws_nn_top1": x} for x in (0.74, 0.76)] + [{"split": 1, "paws_nn_top1": x}
+                                                                       for x in (0.80, 0.82)]
+    parts = spread.variance_parts(runs)
+    assert parts["seed_sd"] == pytest.approx(statistics.stdev([74, 76]))  # both splits' seeds differ by 2 points
+    assert parts["split_means_sd"] == pytest.approx(statistics.stdev([75, 81]))
+    one_each = spread.variance_parts([{"split": 0, "paws_nn_top1": 0.7}, {"split": 1, "paws_nn_top1": 0.8}])
+    assert one_each["seed_sd"] != one_each["seed_sd"]  # NaN: no split has two seeds
+
+
+def test_report_lists_each_run_and_each_split_beside_the_ledger(mlflow_uri, tmp_path, monkeypatch):
+    for split, seed, test, val in [(0, 0, 0.76, 0.80), (0, 1000, 0.78, 0.84), (1, 1, 0.795, 0.92)]:
+        _log(mlflow_uri, "spread-b", split, seed, test, val)
+    monkeypatch.setattr(spread, "OUT", tmp_path / "paws_seed_spread")
+    out = spread.report(mlflow_uri, "spread-b")
+    md = (tmp_path / "paws_seed_spread.md").read_text()
+    assert "| 0 | 1000 | 78.00 | 42 | 10.0 | 2.0 | M | abc1234def |" in md
+    assert "| 0 | 2 | 77.00 | 76.00 to 78.00 | 41.0 |" in md  # split 0: its two seeds
+    assert f"All 3 runs: PAWS-NN test top-1 **{statistics.mean([76, 78, 79.5]):.2f} ± " in md
+    # the campaign's ledger (in git) gives the report's own paws@S runs
+    assert sorted(out["ledger"]) == [0, 1, 2] and f"| {100 * out['ledger'][0]['paws_nn_top1']:.2f} |" in md
+    with pytest.raises(spread.SslOpsError, match="no finished PAWS run"):
+        spread.report(mlflow_uri, "empty-experiment")
+
+
+def test_runs_use_the_paws_stage_params_at_another_training_seed():
+    params = spread.campaign_params(2, 1002, "x")
+    assert (params.split.seed, params.train.seed) == (2, 1002)
+    assert params.model.backbone == "convnet_deep" and params.paws.epochs == 60  # the recipe's preset, not defaults
+    assert params.split.labels_per_class == 10 and params.data.name == "fashion_mnist"  # the campaign's params.yaml
+    assert params.tracking.experiment == "x"
