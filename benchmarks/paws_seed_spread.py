@@ -50,20 +50,34 @@ def campaign_params(split: int, train_seed: int, experiment: str):
                        presets=[CAMPAIGN / "params.yaml", REPO / "presets" / "fmnist_10pc" / "paws.yaml"])
 
 
+def recipe(split: int, train_seed: int) -> dict[str, str]:
+    """What decides a run's training, as MLflow holds a run's params (flattened keys, ``str`` values): every key of
+    data, split, model, train and paws but the progress bar."""
+    from ssl_ops.params import flatten
+
+    flat = flatten(campaign_params(split, train_seed, EXPERIMENT).model_dump(mode="json"))
+    return {k: str(v) for k, v in flat.items()
+            if k.split(".")[0] in ("data", "split", "model", "train", "paws") and k != "train.progress"}
+
+
 def finished(store: str, experiment: str) -> dict[tuple[int, int], dict]:
-    """{(split seed, train seed): run} of the finished runs in the store that hold PAWS-NN's test top-1."""
+    """{(split seed, train seed): run} of the finished runs in the store that hold PAWS-NN's test top-1 and trained
+    today's recipe: a run of another one (paws.yaml edited since) is left out, so ``run`` trains the pair again."""
     import mlflow
 
     client = mlflow.MlflowClient(store)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return {}
-    runs = {}
+    runs, wanted = {}, {}
     for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'"):
         m, p, t = r.data.metrics, r.data.params, r.data.tags
-        if "paws_nn_top1" not in m or p.get("data.name") != "fashion_mnist":
+        if "paws_nn_top1" not in m or "split.seed" not in p or "train.seed" not in p:
             continue
         key = (int(p["split.seed"]), int(p["train.seed"]))
+        want = wanted.setdefault(key, recipe(*key))
+        if any(p.get(k) != v for k, v in want.items()):
+            continue
         runs.setdefault(key, {  # a pair run twice keeps its first run
             "split": key[0], "train_seed": key[1], "run_id": r.info.run_id,
             "paws_nn_top1": m["paws_nn_top1"], "paws_nn_val_top1": m["paws_nn_val_top1"],

@@ -12,24 +12,25 @@ from benchmarks import paws_seed_spread as spread
 
 
 def _log(uri: str, experiment: str, split: int, seed: int, test: float, val: float, status: str = "FINISHED",
-         data: str = "fashion_mnist") -> None:
+         **changed: str) -> None:
+    """A run as pretrain_stage logs one: the recipe's params (``changed`` overriding some), PAWS-NN's metrics."""
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     run = client.create_run(exp_id, tags={"machine": "M", "git_commit": "abc1234def"})
-    for k, v in {"split.seed": split, "train.seed": seed, "data.name": data, "paws.epochs": 60,
-                 "paws.steps_per_epoch": 50}.items():
-        client.log_param(run.info.run_id, k, v)
+    params = spread.recipe(split, seed) | {k.replace("__", "."): v for k, v in changed.items()}
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
     for k, v in {"paws_nn_top1": test, "paws_nn_val_top1": val, "cpu_seconds": 600.0, "loadavg_mean": 2.0}.items():
         client.log_metric(run.info.run_id, k, v)
     client.set_terminated(run.info.run_id, status=status)
 
 
-def test_finished_runs_are_keyed_by_split_and_seed_and_unfinished_ones_retrain(mlflow_uri):
+def test_finished_runs_of_the_recipe_are_keyed_by_split_and_seed_and_others_retrain(mlflow_uri):
     _log(mlflow_uri, "spread-a", 0, 0, 0.76, 0.80)
     _log(mlflow_uri, "spread-a", 0, 1000, 0.77, 0.82)
     _log(mlflow_uri, "spread-a", 1, 1001, 0.70, 0.84, status="FAILED")  # a killed run: trained again
-    _log(mlflow_uri, "spread-a", 1, 1, 0.99, 0.99, data="digits")  # another dataset: not the campaign's
+    _log(mlflow_uri, "spread-a", 1, 1, 0.99, 0.99, data__name="digits")  # another dataset: not the campaign's
+    _log(mlflow_uri, "spread-a", 2, 2, 0.70, 0.70, paws__epochs="40")  # an earlier recipe: trained again
     runs = spread.finished(mlflow_uri, "spread-a")
     assert sorted(runs) == [(0, 0), (0, 1000)]
     assert runs[(0, 1000)]["paws_nn_top1"] == 0.77 and runs[(0, 1000)]["cpu_min"] == 10.0
