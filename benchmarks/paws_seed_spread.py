@@ -31,6 +31,7 @@ import time
 
 from benchmarks.common import environment
 from benchmarks.paws_label_spreading import CAMPAIGN, REPO
+from benchmarks.val_studies_fmnist_10pc import FLAT_WINDOW, flatness
 from ssl_ops import io
 from ssl_ops.errors import SslOpsError
 
@@ -78,12 +79,16 @@ def finished(store: str, experiment: str) -> dict[tuple[int, int], dict]:
         want = wanted.setdefault(key, recipe(*key))
         if any(p.get(k) != v for k, v in want.items()):
             continue
-        runs.setdefault(key, {  # a pair run twice keeps its first run
+        if key in runs:  # a pair run twice keeps its first run
+            continue
+        curve = sorted(client.get_metric_history(r.info.run_id, "paws_nn_val_top1"), key=lambda x: x.step)
+        runs[key] = {
             "split": key[0], "train_seed": key[1], "run_id": r.info.run_id,
             "paws_nn_top1": m["paws_nn_top1"], "paws_nn_val_top1": m["paws_nn_val_top1"],
             "cpu_min": m["cpu_seconds"] / 60, "loadavg_mean": m.get("loadavg_mean"),
             "git_commit": t.get("git_commit", "unknown"), "machine": t.get("machine", "unknown"),
-            "epochs": int(p["paws.epochs"]), "steps_per_epoch": int(p["paws.steps_per_epoch"])})
+            "epochs": int(p["paws.epochs"]), "steps_per_epoch": int(p["paws.steps_per_epoch"]),
+            "batch_size": int(p["paws.batch_size"]), "flatness": flatness([x.value for x in curve])}
     return runs
 
 
@@ -165,17 +170,21 @@ def render(runs: list[dict], ref: dict[int, dict], env: dict) -> str:
     splits = sorted({r["split"] for r in runs})
     tests = [100 * r["paws_nn_top1"] for r in runs]
     parts = variance_parts(runs)
+    flats = [r["flatness"] for r in runs if r["flatness"] is not None]
     lines = [
         "# PAWS recipe: the spread from the training seed alone (issue 17)", "",
         ("`python -m benchmarks.paws_seed_spread run` then `report`. The campaign's `paws@<S>` command "
          "(presets/fmnist_10pc/paws.yaml) at `train.seed` = S + offset: the labeled split, its val set and the test "
          "set stay; the initialisation, views and batches change. Test is only reported: nothing here chooses."), "",
         f"Report written {env['date']} at git {env['git_commit'][:10]} on {env['machine']}.", "",
-        "| split | train.seed | PAWS-NN test top-1 | PAWS-NN val (of 50) | CPU-min | load | machine | git |",
-        "|---:|---:|---:|---:|---:|---:|---|---|"]
+        ("| split | train.seed | PAWS-NN test top-1 | PAWS-NN val (of 50) | val: last "
+         f"{FLAT_WINDOW} epochs vs {FLAT_WINDOW} before (points) | steps x batch | CPU-min | load | machine | git |"),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in sorted(runs, key=lambda r: (r["split"], r["train_seed"])):
+        flat = "-" if r["flatness"] is None else f"{r['flatness'] + 0.0:+.1f}"  # + 0.0: no "-0.0"
         lines.append(f"| {r['split']} | {r['train_seed']} | {100 * r['paws_nn_top1']:.2f} | "
-                     f"{round(r['paws_nn_val_top1'] * VAL_SIZE)} | {r['cpu_min']:.1f} | "
+                     f"{round(r['paws_nn_val_top1'] * VAL_SIZE)} | {flat} | "
+                     f"{r['epochs'] * r['steps_per_epoch']} x {r['batch_size']} | {r['cpu_min']:.1f} | "
                      f"{r['loadavg_mean'] or float('nan'):.1f} | {r['machine']} | {r['git_commit'][:10]} |")
     lines += ["", "Per split, over its training seeds, beside the campaign's report (its paws@S run, train.seed S):",
               "",
@@ -193,7 +202,9 @@ def render(runs: list[dict], ref: dict[int, dict], env: dict) -> str:
     lines += ["", f"All {len(runs)} runs: PAWS-NN test top-1 **{statistics.fmean(tests):.2f}"
               + (f" ± {statistics.stdev(tests):.2f}**" if len(tests) > 1 else "**")
               + f" (sample std); between seeds of one split, sd {parts['seed_sd']:.2f} points (the mean of the "
-              f"splits' variances); between the splits' means, sd {parts['split_means_sd']:.2f}.",
+              f"splits' variances); between the splits' means, sd {parts['split_means_sd']:.2f}."
+              + (f" Val curves at the end: the last {FLAT_WINDOW} epochs against the {FLAT_WINDOW} before moved by "
+                 f"{min(flats):+.1f} to {max(flats):+.1f} points." if flats else ""),
               f"The report's three paws@S runs: {statistics.fmean(100 * r['paws_nn_top1'] for r in ref.values()):.2f}"
               f" ± {statistics.stdev(100 * r['paws_nn_top1'] for r in ref.values()):.2f}." if len(ref) > 1 else "",
               "", "Issue 17's bar for PAWS-NN is 80 % (mean over splits 0-2)."]

@@ -12,7 +12,7 @@ from benchmarks import paws_seed_spread as spread
 
 
 def _log(uri: str, experiment: str, split: int, seed: int, test: float, val: float, status: str = "FINISHED",
-         **changed: str) -> None:
+         curve: list[float] = (), **changed: str) -> None:
     """A run as pretrain_stage logs one: the recipe's params (``changed`` overriding some), PAWS-NN's metrics."""
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -20,7 +20,9 @@ def _log(uri: str, experiment: str, split: int, seed: int, test: float, val: flo
     run = client.create_run(exp_id, tags={"machine": "M", "git_commit": "abc1234def"})
     params = spread.recipe(split, seed) | {k.replace("__", "."): v for k, v in changed.items()}
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
-    for k, v in {"paws_nn_top1": test, "paws_nn_val_top1": val, "cpu_seconds": 600.0, "loadavg_mean": 2.0}.items():
+    for epoch, v in enumerate(curve or [val], 1):  # the per-epoch val monitor, whose last value is the run's val
+        client.log_metric(run.info.run_id, "paws_nn_val_top1", v, step=epoch)
+    for k, v in {"paws_nn_top1": test, "cpu_seconds": 600.0, "loadavg_mean": 2.0}.items():
         client.log_metric(run.info.run_id, k, v)
     client.set_terminated(run.info.run_id, status=status)
 
@@ -49,11 +51,14 @@ def test_variance_parts_separate_seeds_of_a_split_from_the_split_means():
 
 def test_report_lists_each_run_and_each_split_beside_the_ledger(mlflow_uri, tmp_path, monkeypatch):
     for split, seed, test, val in [(0, 0, 0.76, 0.80), (0, 1000, 0.78, 0.84), (1, 1, 0.795, 0.92)]:
-        _log(mlflow_uri, "spread-b", split, seed, test, val)
+        _log(mlflow_uri, "spread-b", split, seed, test, val,
+             curve=[0.7] * 10 + [0.8] * 9 + [val] if seed == 1000 else [])
     monkeypatch.setattr(spread, "OUT", tmp_path / "paws_seed_spread")
     out = spread.report(mlflow_uri, "spread-b")
     md = (tmp_path / "paws_seed_spread.md").read_text()
-    assert "| 0 | 1000 | 78.00 | 42 | 10.0 | 2.0 | M | abc1234def |" in md
+    # the val curve's last 10 epochs against the 10 before: (0.8 x 9 + 0.84) / 10 - 0.7 = +10.4 points
+    assert "| 0 | 1000 | 78.00 | 42 | +10.4 | 3000 x 64 | 10.0 | 2.0 | M | abc1234def |" in md
+    assert "| 0 | 0 | 76.00 | 40 | - | 3000 x 64 |" in md  # no curve to tell
     assert "| 0 | 2 | 77.00 | 76.00 to 78.00 | 41.0 |" in md  # split 0: its two seeds
     assert f"All 3 runs: PAWS-NN test top-1 **{statistics.mean([76, 78, 79.5]):.2f} ± " in md
     # the campaign's ledger (in git) gives the report's own paws@S runs
