@@ -27,18 +27,20 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks.common import environment
 from benchmarks.paws_label_spreading import CAMPAIGN, REPO
 from benchmarks.val_studies_fmnist_10pc import FLAT_WINDOW, flatness
 from ssl_ops import io
 from ssl_ops.errors import SslOpsError
+from ssl_ops.results import read_ledger
+from ssl_ops.sections import TrackingParams
+from ssl_ops.tracking import metric_history, search_runs
 
 HERE = CAMPAIGN / "seed_spread"
 EXPERIMENT = "paws-seed-spread"
 OUT = REPO / "reports" / "paws_seed_spread"
-POLL_SECONDS = 5
 VAL_SIZE = 50  # 5 val images per class x 10 classes (the campaign's split.val_per_class)
 
 
@@ -64,31 +66,24 @@ def recipe(split: int, train_seed: int) -> dict[str, str]:
 def finished(store: str, experiment: str) -> dict[tuple[int, int], dict]:
     """{(split seed, train seed): run} of the finished runs in the store that hold PAWS-NN's test top-1 and trained
     today's recipe: a run of another one (paws.yaml edited since) is left out, so ``run`` trains the pair again."""
-    import mlflow
-
-    client = mlflow.MlflowClient(store)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return {}
+    cfg = TrackingParams(uri=store, experiment=experiment)
     runs, wanted = {}, {}
-    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'"):
-        m, p, t = r.data.metrics, r.data.params, r.data.tags
-        if "paws_nn_top1" not in m or "split.seed" not in p or "train.seed" not in p:
+    for r in search_runs(cfg):
+        m, p, t = r["metrics"], r["params"], r["tags"]
+        if r["status"] != "FINISHED" or "paws_nn_top1" not in m or "split.seed" not in p or "train.seed" not in p:
             continue
         key = (int(p["split.seed"]), int(p["train.seed"]))
         want = wanted.setdefault(key, recipe(*key))
-        if any(p.get(k) != v for k, v in want.items()):
+        if key in runs or any(p.get(k) != v for k, v in want.items()):  # a pair run twice keeps its first run
             continue
-        if key in runs:  # a pair run twice keeps its first run
-            continue
-        curve = sorted(client.get_metric_history(r.info.run_id, "paws_nn_val_top1"), key=lambda x: x.step)
+        curve = [v for _, v in metric_history(cfg, r["run_id"], "paws_nn_val_top1")]
         runs[key] = {
-            "split": key[0], "train_seed": key[1], "run_id": r.info.run_id,
+            "split": key[0], "train_seed": key[1], "run_id": r["run_id"],
             "paws_nn_top1": m["paws_nn_top1"], "paws_nn_val_top1": m["paws_nn_val_top1"],
             "cpu_min": m["cpu_seconds"] / 60, "loadavg_mean": m.get("loadavg_mean"),
             "git_commit": t.get("git_commit", "unknown"), "machine": t.get("machine", "unknown"),
             "epochs": int(p["paws.epochs"]), "steps_per_epoch": int(p["paws.steps_per_epoch"]),
-            "batch_size": int(p["paws.batch_size"]), "flatness": flatness([x.value for x in curve])}
+            "batch_size": int(p["paws.batch_size"]), "flatness": flatness(curve)}
     return runs
 
 
@@ -118,40 +113,31 @@ def run_all(splits: list[int], offsets: list[int], store: str, experiment: str, 
     todo = [(s, s + o) for o in offsets for s in splits if (s, s + o) not in done]
     print(f"{len(done)} runs in {store} ({experiment}); {len(todo)} to train: {todo}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    running: list[tuple[tuple[int, int], subprocess.Popen]] = []
-    failed = []
-    while todo or running:
-        for pair, proc in [r for r in running if r[1].poll() is not None]:  # the ones that ended, in any order
-            running.remove((pair, proc))
-            if proc.returncode != 0:
-                failed.append(pair)
-                print(f"split {pair[0]} train.seed {pair[1]} failed: see {HERE / f's{pair[0]}-t{pair[1]}.log'}",
-                      flush=True)
-        while todo and len(running) < jobs:
-            s, t = todo.pop(0)
-            log = HERE / f"s{s}-t{t}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "benchmarks.paws_seed_spread", "one", str(s), str(t), "--store", store,
-                   "--experiment", experiment]
-            running.append(((s, t), subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"),
-                                                      stderr=subprocess.STDOUT)))
-            print(f"started split {s} train.seed {t} -> {log}", flush=True)
-        if running:
-            time.sleep(POLL_SECONDS)
+
+    def train(pair: tuple[int, int]) -> bool:
+        s, t = pair
+        log = HERE / f"s{s}-t{t}.log"
+        print(f"started split {s} train.seed {t} -> {log}", flush=True)
+        with log.open("w") as out:
+            code = subprocess.run([sys.executable, "-m", "benchmarks.paws_seed_spread", "one", str(s), str(t),
+                                   "--store", store, "--experiment", experiment], cwd=REPO, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT).returncode
+        if code:
+            print(f"split {s} train.seed {t} failed: see {log}", flush=True)
+        return code == 0
+
+    with ThreadPoolExecutor(jobs) as pool:  # `jobs` subprocesses at a time, each one thread
+        failed = [pair for pair, ok in zip(todo, pool.map(train, todo)) if not ok]
     if failed:
         raise SslOpsError(f"{len(failed)} runs failed: {failed}; run again to retry them")
 
 
 def ledger() -> dict[int, dict]:
     """The report's own paws@S runs (the campaign's ledger, in git)."""
-    out = {}
-    for path in sorted((CAMPAIGN / "runs").glob("pretrain-paws-seed*.json")):
-        rec = json.loads(path.read_text())
-        m = rec["metrics"]
-        out[int(rec["params"]["split.seed"])] = {
-            "paws_nn_top1": m["paws_nn_top1"], "paws_nn_val_top1": m["paws_nn_val_top1"],
-            "cpu_min": m["cpu_seconds"] / 60, "machine": rec["tags"].get("machine", "unknown")}
-    return out
+    return {int(rec["params"]["split.seed"]): {
+        "paws_nn_top1": rec["metrics"]["paws_nn_top1"], "paws_nn_val_top1": rec["metrics"]["paws_nn_val_top1"],
+        "cpu_min": rec["metrics"]["cpu_seconds"] / 60, "machine": rec["tags"].get("machine", "unknown")}
+        for rec in read_ledger(CAMPAIGN / "runs") if rec["tags"].get("pretext") == "paws"}
 
 
 def variance_parts(runs: list[dict]) -> dict[str, float]:

@@ -73,3 +73,22 @@ def test_runs_use_the_paws_stage_params_at_another_training_seed():
     assert params.model.backbone == "convnet_deep" and params.paws.epochs == 60  # the recipe's preset, not defaults
     assert params.split.labels_per_class == 10 and params.data.name == "fashion_mnist"  # the campaign's params.yaml
     assert params.tracking.experiment == "x"
+
+
+def test_run_trains_only_the_missing_pairs_and_names_the_failed_ones(monkeypatch, tmp_path):
+    """`run` starts one `one S T` subprocess per pair the store lacks (train.seed = split + offset) and fails naming
+    the pairs whose process failed, after the others ran."""
+    monkeypatch.setattr(spread, "HERE", tmp_path)
+    monkeypatch.setattr(spread, "finished", lambda store, exp: {(0, 0): {}})
+    started = []
+
+    def fake_run(cmd, **kw):
+        split, seed = int(cmd[4]), int(cmd[5])
+        started.append((split, seed))
+        assert kw["env"]["OMP_NUM_THREADS"] == "1"
+        return type("Done", (), {"returncode": 1 if (split, seed) == (1, 1001) else 0})()
+
+    monkeypatch.setattr(spread.subprocess, "run", fake_run)
+    with pytest.raises(spread.SslOpsError, match=r"1 runs failed: \[\(1, 1001\)\]"):
+        spread.run_all([0, 1], [0, 1000], "sqlite:///x.db", "e", jobs=2)
+    assert sorted(started) == [(0, 1000), (1, 1), (1, 1001)]
