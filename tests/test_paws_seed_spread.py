@@ -79,6 +79,11 @@ def test_run_trains_only_the_missing_pairs_and_names_the_failed_ones(monkeypatch
     """`run` starts one `one S T` subprocess per pair the store lacks (train.seed = split + offset) and fails naming
     the pairs whose process failed, after the others ran."""
     monkeypatch.setattr(spread, "HERE", tmp_path)
+    # Its own split files: the check before training must not depend on what this clone has built.
+    monkeypatch.setattr(spread, "CAMPAIGN", tmp_path)
+    (tmp_path / "data" / "splits").mkdir(parents=True)
+    for s in (0, 1):
+        (tmp_path / "data" / "splits" / f"fashion_mnist-10pc-seed{s}.json").write_text("{}")
     monkeypatch.setattr(spread, "finished", lambda store, exp: {(0, 0): {}})
     started = []
 
@@ -92,3 +97,13 @@ def test_run_trains_only_the_missing_pairs_and_names_the_failed_ones(monkeypatch
     with pytest.raises(spread.SslOpsError, match=r"1 runs failed: \[\(1, 1001\)\]"):
         spread.run_all([0, 1], [0, 1000], "sqlite:///x.db", "e", jobs=2)
     assert sorted(started) == [(0, 1000), (1, 1), (1, 1001)]
+
+
+def test_run_refuses_a_missing_split_before_training_anything(monkeypatch, tmp_path):
+    """A split the campaign has not built stops `run` with the dvc command that builds it, and no process starts."""
+    monkeypatch.setattr(spread, "HERE", tmp_path)
+    monkeypatch.setattr(spread, "CAMPAIGN", spread.REPO / "no-such-campaign")
+    monkeypatch.setattr(spread.subprocess, "run", lambda *a, **k: pytest.fail("trained with a split missing"))
+    with pytest.raises(spread.SslOpsError, match=r"split 3 is missing: cd no-such-campaign && dvc repro -s prepare "
+                                                 r"split@3"):
+        spread.run_all([3], [0], "sqlite:///x.db", "e", jobs=1)
