@@ -69,6 +69,29 @@ def _model_of(campaign: Path, cmd: str) -> dict:
     return params.model.model_dump(exclude={"freeze_blocks"})
 
 
+SEARCH_OVERLAYS = sorted((ROOT / "presets" / "fmnist_10pc" / "search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", SEARCH_OVERLAYS, ids=lambda p: p.name)
+def test_every_search_overlay_still_validates_where_its_header_runs_it(overlay):
+    """Each search overlay's header gives the command that ran its study (`./run.sh S tune METHOD --preset
+    search/X.yaml`, or a train command), which a reader re-runs to check a number in the notes: layered as run.sh
+    layers it (params.yaml, the campaign's, the named method's recipe, the overlay) it must still validate, so a key
+    renamed in ssl_ops.params breaks this test, not the first re-run months later; and every search space it declares
+    replaces the method's whole (ssl_ops.params), so the study searches what the header says and nothing else."""
+    text = overlay.read_text()
+    tuned = re.search(r"run\.sh \S+ tune (\w+)", text)
+    presets = [CAMPAIGN / "params.yaml"]
+    if tuned:
+        recipe = ROOT / "presets" / "fmnist_10pc" / f"{tuned.group(1)}.yaml"
+        assert recipe.exists(), f"{overlay.name}'s header tunes {tuned.group(1)}, which has no recipe {recipe}"
+        presets.append(recipe)
+    params = load_params(ROOT / "params.yaml", [], presets=[*presets, overlay])
+    spaces = ((yaml.safe_load(text) or {}).get("tune") or {}).get("spaces") or {}
+    for method, space in spaces.items():
+        assert set(params.tune.spaces[method]) == set(space), (overlay.name, method)
+
+
 @pytest.mark.slow
 def test_every_method_has_a_recipe_and_the_graph_resolves(campaign):
     """Every stage's preset exists (run.sh refuses a method without one), and the graph orders each transfer method
