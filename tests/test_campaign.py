@@ -75,16 +75,16 @@ SEARCH_OVERLAYS = sorted((ROOT / "presets" / "fmnist_10pc" / "search").glob("*.y
 @pytest.mark.parametrize("overlay", SEARCH_OVERLAYS, ids=lambda p: p.name)
 def test_every_search_overlay_still_validates_where_its_header_runs_it(overlay):
     """Each search overlay's header gives the command that ran its study (`./run.sh S tune METHOD --preset
-    search/X.yaml`, or a train command), which a reader re-runs to check a number in the notes: layered as run.sh
-    layers it (params.yaml, the campaign's, the named method's recipe, the overlay) it must still validate, so a key
-    renamed in ssl_ops.params breaks this test, not the first re-run months later; and every search space it declares
-    replaces the method's whole (ssl_ops.params), so the study searches what the header says and nothing else."""
+    search/X.yaml`, `ssl-ops train METHOD ...`), which a reader re-runs to check a number in the notes: layered as
+    run.sh layers it (params.yaml, the campaign's, the first named method's recipe, the overlay) it must still
+    validate, so a key renamed in ssl_ops.params breaks this test, not the first re-run months later; and every search
+    space it declares replaces the method's whole (ssl_ops.params), so the study searches what the header says."""
     text = overlay.read_text()
-    tuned = re.search(r"run\.sh \S+ tune (\w+)", text)
+    tuned = re.search(r"(?:run\.sh \S+|ssl-ops) (?:tune|train|pretrain) ([a-z][a-z0-9_]*)\b", text)
     presets = [CAMPAIGN / "params.yaml"]
     if tuned:
         recipe = ROOT / "presets" / "fmnist_10pc" / f"{tuned.group(1)}.yaml"
-        assert recipe.exists(), f"{overlay.name}'s header tunes {tuned.group(1)}, which has no recipe {recipe}"
+        assert recipe.exists(), f"{overlay.name}'s header runs {tuned.group(1)}, which has no recipe {recipe}"
         presets.append(recipe)
     params = load_params(ROOT / "params.yaml", [], presets=[*presets, overlay])
     spaces = ((yaml.safe_load(text) or {}).get("tune") or {}).get("spaces") or {}
